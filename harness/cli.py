@@ -1,0 +1,41 @@
+"""The `harness` command: `harness train ...` and friends."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Callable, Optional, Sequence
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "train": ("harness.train", "run one rank of a training job (same as python -m harness.train)"),
+}
+
+
+def _usage() -> str:
+    lines = ["usage: harness COMMAND [args]", "", "commands:"]
+    lines += [f"  {name:<10} {doc}" for name, (_, doc) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help"):
+        print(_usage())
+        sys.exit(0 if args else 2)
+    command, rest = args[0], args[1:]
+    if command not in COMMANDS:
+        print(f"harness: error: unknown command {command!r}\n{_usage()}", file=sys.stderr)
+        sys.exit(2)
+    import importlib
+
+    module = importlib.import_module(COMMANDS[command][0])
+    entry: Callable[[Sequence[str]], int] = module.main
+    exit_process(entry(rest))
+
+
+def exit_process(code: int) -> None:
+    """Flush and leave without running gloo's static destructors: they abort intermittently at
+    interpreter exit (pytorch #190489), which would turn a clean run into a crash report."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)

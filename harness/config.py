@@ -1,0 +1,500 @@
+"""The run configuration: a tree of typed dataclasses, loaded from YAML, overridden from the CLI.
+
+Precedence is CLI `key.sub=value` > YAML file > the defaults below, applied in `load_config` and
+nowhere else. Each field's docstring is also its `--help` text. Everything is validated once, here,
+before any rank starts work; a mistake is a `ConfigError` naming the key and what it accepts.
+
+This module imports no torch, so launchers can check a config in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import functools
+import hashlib
+import inspect
+import json
+import os
+import textwrap
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+import yaml
+
+from harness.errors import ConfigError
+
+Precision = Literal["fp32", "bf16", "fp16"]
+NonFinite = Literal["inf", "-inf", "nan"]
+
+
+@dataclass
+class RunConfig:
+    name: str = ""
+    """Run name. Default: the config file's name without `.yaml`."""
+    dir: str = ""
+    """Folder for config.yaml, metrics.jsonl, ranks/ and checkpoints/. Default: runs/<run.name>."""
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    """Number of optimizer steps (skipped steps included)."""
+    seed: int = 0
+    """Seeds model init and the global data order. Same seed, same run, whatever the world size."""
+    micro_batch_size: int = 4
+    """Sequences per rank per forward/backward."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step. Global batch = micro_batch_size x grad_accum x world size."""
+    seq_len: int = 128
+    """Tokens per training sequence."""
+    lr: float = 3.0e-4
+    """Peak learning rate, reached at the end of warmup."""
+    min_lr: float = 0.0
+    """Learning rate at the end of the decay."""
+    warmup_steps: int = 0
+    """Linear warmup from lr/warmup_steps to lr over this many steps."""
+    lr_schedule: Literal["cosine", "linear", "constant"] = "cosine"
+    """Decay after warmup: cosine or linear down to min_lr at train.steps, or constant."""
+    weight_decay: float = 0.1
+    """AdamW decoupled weight decay, applied to matrices only (not biases or norm weights)."""
+    beta1: float = 0.9
+    """AdamW beta1."""
+    beta2: float = 0.95
+    """AdamW beta2."""
+    eps: float = 1.0e-8
+    """AdamW epsilon."""
+    grad_clip: float = 1.0
+    """Clip the global gradient norm (over all ranks' shards) to this value; 0 disables clipping."""
+
+
+@dataclass
+class EvalConfig:
+    every: int = 0
+    """Evaluate the validation loss every N steps and at the last step; 0 disables evaluation."""
+    sequences: int = 64
+    """Held-out sequences per evaluation (the same ones every time, whatever the world size)."""
+
+
+@dataclass
+class ParallelConfig:
+    backend: Literal["fsdp2"] = "fsdp2"
+    """How parameters, gradients and optimizer state are sharded across ranks."""
+    dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
+    """torch.distributed backend: auto picks nccl when CUDA is present, else gloo."""
+    reshard_after_forward: bool = True
+    """FSDP2: free gathered parameters after forward (less memory, one more all-gather in backward)."""
+    timeout_s: int = 600
+    """Collective timeout in seconds before a hung rank fails the job."""
+
+
+@dataclass
+class ModelConfig:
+    pretrained: Optional[str] = None
+    """Weights to start from: a local Hugging Face folder, a hub id, or bundled:smollm2-135m."""
+    config: dict[str, Any] = field(default_factory=dict)
+    """From scratch: kwargs for transformers.AutoConfig.for_model (model_type required). With pretrained: overrides."""
+    attn_implementation: str = "sdpa"
+    """transformers attention kernel: sdpa, eager, flash_attention_2 ..."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+
+
+@dataclass
+class DataConfig:
+    path: str = "bundled:shakespeare"
+    """Text source: bundled:shakespeare, a local file/folder/glob (.txt .md .json .jsonl .parquet) or a datasets hub name."""
+    format: Literal["auto", "text", "json", "parquet", "hub"] = "auto"
+    """How to read data.path; auto infers from file extensions, else treats it as a hub name."""
+    name: Optional[str] = None
+    """Hub dataset config name (load_dataset's second argument)."""
+    split: str = "train"
+    """Dataset split to read; validation is held out from it (data.val_fraction)."""
+    text_field: str = "text"
+    """Column holding the text (json/parquet/hub)."""
+    tokenizer: str = "bundled:gpt2"
+    """Tokenizer for AutoTokenizer: bundled:gpt2, bundled:smollm2-135m, a local folder or a hub id."""
+    val_fraction: float = 0.05
+    """Fraction of the token stream (its tail) held out for evaluation."""
+    cache_dir: str = ""
+    """Where tokenized corpora are cached. Default: $HARNESS_CACHE/tokens (HARNESS_CACHE defaults to ~/.cache/harness)."""
+    num_proc: int = 1
+    """Processes for tokenization (datasets.map num_proc)."""
+
+
+@dataclass
+class ScalerConfig:
+    init_scale: float = 65536.0
+    """fp16: initial loss scale (DeepSpeed: 2**initial_scale_power)."""
+    growth_factor: float = 2.0
+    """fp16: multiply the scale by this after growth_interval overflow-free steps."""
+    backoff_factor: float = 0.5
+    """fp16: multiply the scale by this on an overflow when the hysteresis counter is at 1."""
+    growth_interval: int = 1000
+    """fp16: overflow-free steps before the scale grows (DeepSpeed: loss_scale_window)."""
+    hysteresis: int = 2
+    """fp16: overflows tolerated before the scale backs off (DeepSpeed: hysteresis)."""
+    consecutive_hysteresis: bool = False
+    """fp16: refill the hysteresis counter after every overflow-free step, not only when the scale grows."""
+    min_scale: float = 1.0
+    """fp16: the scale never goes below this; an overflow that would take it lower aborts the run."""
+    dynamic: bool = True
+    """fp16: false keeps init_scale fixed (a static loss scale); overflowing steps are still skipped."""
+    max_consecutive_skips: int = 20
+    """Abort after this many consecutive skipped (non-finite) steps, in every precision."""
+
+
+@dataclass
+class FaultsConfig:
+    nonfinite_grad_steps: list[int] = field(default_factory=list)
+    """Steps (1-based) at which a non-finite value is written into one rank's gradients. For tests and drills."""
+    nonfinite_grad_rank: int = 0
+    """The rank whose gradients are corrupted."""
+    nonfinite_value: Union[NonFinite, list[NonFinite]] = "inf"
+    """The value written: inf, -inf or nan, or a list with one value per step in nonfinite_grad_steps."""
+    nonfinite_grad_param: Optional[str] = None
+    """Dotted parameter name (as in named_parameters) to corrupt. Default: the first one with a local shard."""
+
+
+@dataclass
+class LogConfig:
+    per_rank: bool = False
+    """Every rank r also writes ranks/rank-r.jsonl (step, loss_scale, skipped, grad_norm) to check agreement."""
+    every: int = 10
+    """Print a progress line every N steps when stderr is not a terminal (Slurm logs)."""
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    """auto: a progress bar on a terminal, plain lines otherwise."""
+    peak_tflops: Optional[float] = None
+    """Per-device peak TFLOP/s for MFU on hardware the built-in table does not know. MFU is null without one."""
+
+
+@dataclass
+class Config:
+    run: RunConfig = field(default_factory=RunConfig)
+    """Where the run lives."""
+    train: TrainConfig = field(default_factory=TrainConfig)
+    """Optimization and batch shape."""
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    """Held-out loss."""
+    precision: Precision = "bf16"
+    """Compute dtype: fp32, bf16 or fp16 (fp16 uses dynamic loss scaling). Master weights are always fp32."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """Sharding backend and process group."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The causal LM."""
+    data: DataConfig = field(default_factory=DataConfig)
+    """The text corpus and tokenizer."""
+    scaler: ScalerConfig = field(default_factory=ScalerConfig)
+    """Loss scaling and the non-finite step guard."""
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
+    """Fault injection for tests and drills."""
+    log: LogConfig = field(default_factory=LogConfig)
+    """Console and metrics output."""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def fingerprint(self) -> str:
+        """A short hash of the resolved config, for manifests and cache keys."""
+        blob = json.dumps(self.to_dict(), sort_keys=True, default=str).encode()
+        return hashlib.sha256(blob).hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
+    """Read `path`, apply `key.sub=value` overrides, build and validate the Config."""
+    raw = _read_yaml(Path(path))
+    for override in overrides:
+        key, value = _parse_override(override)
+        _set_dotted(raw, key, value)
+    cfg = _build(Config, raw, prefix="")
+    _fill_defaults(cfg, Path(path))
+    validate(cfg)
+    return cfg
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ConfigError(f"config file {str(path)!r} not found; pass a YAML file such as configs/tiny.yaml")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"config file {str(path)!r} is not valid YAML{where}: fix the syntax") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {str(path)!r} must be a mapping of sections (run:, train:, ...)")
+    return raw
+
+
+def _parse_override(text: str) -> tuple[str, Any]:
+    key, sep, value = text.partition("=")
+    if not sep or not key or key.startswith("-"):
+        raise ConfigError(f"override {text!r} is not of the form key.sub=value (e.g. train.steps=20)")
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    return key.strip(), parsed
+
+
+def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
+    parts = key.split(".")
+    node = raw
+    for i, part in enumerate(parts[:-1]):
+        child = node.get(part)
+        if child is None:
+            child = node[part] = {}
+        if not isinstance(child, dict):
+            raise ConfigError(f"override {key}=... goes inside {'.'.join(parts[: i + 1])}, which is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """The attribute docstrings of a dataclass (the string literal under each field)."""
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, following in zip(body, body[1:]):
+        if (
+            isinstance(node, ast.AnnAssign)
+            and isinstance(node.target, ast.Name)
+            and isinstance(following, ast.Expr)
+            and isinstance(following.value, ast.Constant)
+            and isinstance(following.value.value, str)
+        ):
+            docs[node.target.id] = " ".join(following.value.value.split())
+    return docs
+
+
+def _build(cls: type, raw: Any, prefix: str) -> Any:
+    where = prefix.rstrip(".") or "the config"
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{where} must be a mapping of keys, got {_show(raw)}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    unknown = [k for k in raw if k not in names]
+    if unknown:
+        key = unknown[0]
+        close = difflib.get_close_matches(str(key), names, n=1)
+        hint = f"did you mean {prefix}{close[0]}? " if close else ""
+        raise ConfigError(f"unknown config key {prefix}{key}: {hint}valid keys here: {', '.join(names)}")
+    values = {}
+    for name in names:
+        if name not in raw:
+            continue
+        values[name] = _coerce(hints[name], raw[name], f"{prefix}{name}")
+    return cls(**values)
+
+
+def _coerce(tp: Any, value: Any, key: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if dataclasses.is_dataclass(tp):
+        return _build(tp, value if value is not None else {}, key + ".")
+    if origin is typing.Union:
+        if value is None and type(None) in args:
+            return None
+        alternatives = [a for a in args if a is not type(None)]
+        for alternative in alternatives[1:]:
+            try:
+                return _coerce(alternative, value, key)
+            except ConfigError:
+                pass
+        return _coerce(alternatives[0], value, key)
+    if origin is Literal:
+        if isinstance(value, bool):
+            # YAML 1.1 reads a bare off/on/no/yes as a boolean.
+            value = {False: "off", True: "on"}[value] if ({"off", "on"} & set(args)) else value
+        if value not in args:
+            allowed = ", ".join(str(a) for a in args)
+            raise ConfigError(f"{key} must be one of {allowed} (got {_show(value)})")
+        return value
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{key} must be a list such as [1, 2] (got {_show(value)})")
+        return [_coerce(args[0], item, f"{key}[{i}]") for i, item in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key} must be a mapping (got {_show(value)})")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{key} must be true or false (got {_show(value)})")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{key} must be an integer (got {_show(value)})")
+        return value
+    if tp is float:
+        # YAML 1.1 reads 3e-4 (no dot) as a string; users write it anyway.
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key} must be a number (got {_show(value)})")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{key} must be a string (got {_show(value)})")
+        return value
+    raise TypeError(f"config field {key} has unsupported type {tp}")
+
+
+def _show(value: Any) -> str:
+    return f"{type(value).__name__} {value!r}"
+
+
+def _fill_defaults(cfg: Config, path: Path) -> None:
+    if not cfg.run.name:
+        cfg.run.name = path.stem
+    if not cfg.run.dir:
+        cfg.run.dir = str(Path("runs") / cfg.run.name)
+
+
+# --------------------------------------------------------------------------------------------
+# Validation
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+def validate(cfg: Config) -> None:
+    """Checks that need more than one field's type. Raises ConfigError naming the key."""
+    t = cfg.train
+    _require(t.steps >= 1, f"train.steps must be >= 1 (got {t.steps})")
+    _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1 (got {t.micro_batch_size})")
+    _require(t.grad_accum >= 1, f"train.grad_accum must be >= 1 (got {t.grad_accum})")
+    _require(t.seq_len >= 2, f"train.seq_len must be >= 2 (got {t.seq_len})")
+    _require(t.lr > 0, f"train.lr must be > 0 (got {t.lr})")
+    _require(0 <= t.min_lr <= t.lr, f"train.min_lr must be between 0 and train.lr={t.lr} (got {t.min_lr})")
+    _require(
+        0 <= t.warmup_steps <= t.steps,
+        f"train.warmup_steps must be between 0 and train.steps={t.steps} (got {t.warmup_steps})",
+    )
+    _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables clipping; got {t.grad_clip})")
+    _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {t.weight_decay})")
+    for name in ("beta1", "beta2"):
+        beta = getattr(t, name)
+        _require(0 <= beta < 1, f"train.{name} must be in [0, 1) (got {beta})")
+    _require(t.eps > 0, f"train.eps must be > 0 (got {t.eps})")
+
+    _require(cfg.eval.every >= 0, f"eval.every must be >= 0 (0 disables evaluation; got {cfg.eval.every})")
+    _require(cfg.eval.sequences >= 1, f"eval.sequences must be >= 1 (got {cfg.eval.sequences})")
+
+    d = cfg.data
+    _require(0 <= d.val_fraction < 1, f"data.val_fraction must be in [0, 1) (got {d.val_fraction})")
+    _require(
+        cfg.eval.every == 0 or d.val_fraction > 0,
+        f"eval.every={cfg.eval.every} needs held-out data: set data.val_fraction > 0 (e.g. 0.05) or eval.every=0",
+    )
+    _require(d.num_proc >= 1, f"data.num_proc must be >= 1 (got {d.num_proc})")
+    _require(bool(d.path), "data.path is empty: use bundled:shakespeare, a local file/folder, or a hub dataset name")
+    _require(bool(d.tokenizer), "data.tokenizer is empty: use bundled:gpt2, a local folder or a hub id")
+
+    m = cfg.model
+    _require(
+        m.pretrained is not None or "model_type" in m.config,
+        "model.config.model_type is required when model.pretrained is not set (e.g. model.config.model_type=gpt2)",
+    )
+
+    s = cfg.scaler
+    _require(s.init_scale > 0, f"scaler.init_scale must be > 0 (got {s.init_scale})")
+    _require(s.growth_factor >= 1, f"scaler.growth_factor must be >= 1 (got {s.growth_factor})")
+    _require(0 < s.backoff_factor < 1, f"scaler.backoff_factor must be in (0, 1) (got {s.backoff_factor})")
+    _require(s.growth_interval >= 1, f"scaler.growth_interval must be >= 1 (got {s.growth_interval})")
+    _require(s.hysteresis >= 1, f"scaler.hysteresis must be >= 1 (got {s.hysteresis})")
+    _require(
+        0 < s.min_scale <= s.init_scale,
+        f"scaler.min_scale must be in (0, scaler.init_scale={s.init_scale}] (got {s.min_scale})",
+    )
+    _require(
+        s.max_consecutive_skips >= 1, f"scaler.max_consecutive_skips must be >= 1 (got {s.max_consecutive_skips})"
+    )
+
+    f = cfg.faults
+    for step in f.nonfinite_grad_steps:
+        _require(
+            1 <= step <= t.steps,
+            f"faults.nonfinite_grad_steps has step {step}, outside 1..train.steps={t.steps}",
+        )
+    if isinstance(f.nonfinite_value, list):
+        _require(
+            len(f.nonfinite_value) == len(f.nonfinite_grad_steps),
+            f"faults.nonfinite_value has {len(f.nonfinite_value)} values for "
+            f"{len(f.nonfinite_grad_steps)} faults.nonfinite_grad_steps; give one value, or one per step",
+        )
+    _require(f.nonfinite_grad_rank >= 0, f"faults.nonfinite_grad_rank must be >= 0 (got {f.nonfinite_grad_rank})")
+
+    _require(cfg.log.every >= 1, f"log.every must be >= 1 (got {cfg.log.every})")
+    _require(
+        cfg.log.peak_tflops is None or cfg.log.peak_tflops > 0,
+        f"log.peak_tflops must be > 0 or null (got {cfg.log.peak_tflops})",
+    )
+    _require(cfg.parallel.timeout_s >= 1, f"parallel.timeout_s must be >= 1 (got {cfg.parallel.timeout_s})")
+
+
+def validate_for_world(cfg: Config, world_size: int) -> None:
+    """Checks that depend on the number of ranks the job was started with."""
+    rank = cfg.faults.nonfinite_grad_rank
+    _require(
+        rank < world_size,
+        f"faults.nonfinite_grad_rank={rank} but the job has {world_size} rank(s): use 0..{world_size - 1}",
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Output
+
+
+def dump_yaml(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def help_text(cls: type = Config, prefix: str = "") -> str:
+    """Every key with its type, default and docstring; `harness train --help` prints this."""
+    lines = []
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}{f.name}"
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            lines.append(f"\n{key}: {docs.get(f.name, '')}")
+            lines.append(help_text(tp, key + "."))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        lines.append(f"  {key} = {json.dumps(default)}  [{_type_name(tp)}]")
+        lines.append(f"      {docs.get(f.name, '')}")
+    return "\n".join(lines)
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is Literal:
+        return " | ".join(str(a) for a in args)
+    if origin is typing.Union:
+        names = [_type_name(a) for a in args if a is not type(None)]
+        if type(None) in args:
+            names.append("null")
+        return " or ".join(names)
+    if origin is list:
+        return f"list of {_type_name(args[0])}"
+    if origin is dict:
+        return "mapping"
+    return getattr(tp, "__name__", str(tp))

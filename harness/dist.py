@@ -1,0 +1,168 @@
+"""Who am I in the job, and the process group.
+
+Every launcher we support describes the rank in the environment: torchrun, the deepspeed launcher
+and `accelerate launch` set RANK/WORLD_SIZE/LOCAL_RANK/MASTER_ADDR/MASTER_PORT; Slurm's srun sets
+SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID/... With none of them, the process is a world of one.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+
+from harness.errors import HarnessError
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_world_size: int
+    master_addr: str
+    master_port: int
+    launcher: str
+    """Which environment described the rank: torchrun, slurm or none."""
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def rank_info_from_env(env: Mapping[str, str] = os.environ) -> RankInfo:
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return _from_torch_env(env)
+    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env and int(env["SLURM_NTASKS"]) > 1:
+        return _from_slurm_env(env)
+    return RankInfo(0, 1, 0, 1, "127.0.0.1", 0, "none")
+
+
+def _int_env(env: Mapping[str, str], name: str, default: int | None = None) -> int:
+    value = env.get(name)
+    if value is None:
+        if default is None:
+            raise HarnessError(f"environment variable {name} is missing; start ranks with torchrun, srun or deepspeed")
+        return default
+    try:
+        return int(value)
+    except ValueError:
+        raise HarnessError(f"environment variable {name}={value!r} is not an integer") from None
+
+
+def _from_torch_env(env: Mapping[str, str]) -> RankInfo:
+    world = _int_env(env, "WORLD_SIZE")
+    rank = _int_env(env, "RANK")
+    if not 0 <= rank < world:
+        raise HarnessError(f"RANK={rank} is outside WORLD_SIZE={world}; check the launcher's settings")
+    if world > 1 and "MASTER_ADDR" not in env:
+        raise HarnessError("MASTER_ADDR is not set; torchrun/deepspeed set it, or export it with MASTER_PORT")
+    return RankInfo(
+        rank=rank,
+        world_size=world,
+        local_rank=_int_env(env, "LOCAL_RANK", 0),
+        local_world_size=_int_env(env, "LOCAL_WORLD_SIZE", world),
+        master_addr=env.get("MASTER_ADDR", "127.0.0.1"),
+        master_port=_int_env(env, "MASTER_PORT", 29500),
+        launcher="torchrun",
+    )
+
+
+def _from_slurm_env(env: Mapping[str, str]) -> RankInfo:
+    job_id = _int_env(env, "SLURM_JOB_ID", 0)
+    nodelist = env.get("SLURM_STEP_NODELIST") or env.get("SLURM_JOB_NODELIST", "127.0.0.1")
+    return RankInfo(
+        rank=_int_env(env, "SLURM_PROCID"),
+        world_size=_int_env(env, "SLURM_NTASKS"),
+        local_rank=_int_env(env, "SLURM_LOCALID", 0),
+        local_world_size=_local_tasks(env),
+        master_addr=env.get("MASTER_ADDR") or first_host(nodelist),
+        master_port=_int_env(env, "MASTER_PORT", port_for_job(job_id)),
+        launcher="slurm",
+    )
+
+
+def _local_tasks(env: Mapping[str, str]) -> int:
+    # SLURM_TASKS_PER_NODE looks like "2(x3),1"; the first entry is this job's first node.
+    spec = env.get("SLURM_STEP_TASKS_PER_NODE") or env.get("SLURM_TASKS_PER_NODE") or "1"
+    match = re.match(r"(\d+)", spec)
+    return int(match.group(1)) if match else 1
+
+
+def port_for_job(job_id: int) -> int:
+    """A rendezvous port derived from the job id, so concurrent jobs on a node do not collide."""
+    return 20000 + job_id % 20000
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a Slurm nodelist such as 'node[03-05,9],gpu1'."""
+    try:
+        out = subprocess.run(
+            ["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.split()
+        if out:
+            return out[0]
+    except (OSError, subprocess.SubprocessError):
+        pass
+    match = re.match(r"([^,\[]+)(?:\[(\d+))?", nodelist)
+    if not match:
+        return nodelist
+    return match.group(1) + (match.group(2) or "")
+
+
+# --------------------------------------------------------------------------------------------
+
+
+def pick_dist_backend(requested: str) -> str:
+    if requested == "auto":
+        return "nccl" if torch.cuda.is_available() else "gloo"
+    if requested == "nccl" and not torch.cuda.is_available():
+        raise HarnessError("parallel.dist_backend=nccl needs CUDA, and no GPU is visible; use gloo or auto")
+    return requested
+
+
+def device_for(info: RankInfo, dist_backend: str) -> torch.device:
+    if dist_backend == "nccl":
+        torch.cuda.set_device(info.local_rank)
+        return torch.device("cuda", info.local_rank)
+    return torch.device("cpu")
+
+
+def init_process_group(info: RankInfo, dist_backend: str, timeout_s: int, device: torch.device) -> None:
+    timeout = timedelta(seconds=timeout_s)
+    if info.world_size == 1 and info.launcher == "none":
+        # A world of one needs no rendezvous port; FSDP2 still wants a process group.
+        dist.init_process_group(dist_backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        return
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
+    try:
+        dist.init_process_group(
+            dist_backend,
+            init_method=f"tcp://{info.master_addr}:{info.master_port}",
+            rank=info.rank,
+            world_size=info.world_size,
+            timeout=timeout,
+            **kwargs,
+        )
+    except (RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HarnessError(
+            f"rank {info.rank} could not join the process group at {info.master_addr}:{info.master_port} "
+            f"({first}); check MASTER_ADDR/MASTER_PORT and that every rank was started"
+        ) from None
+
+
+def shutdown() -> None:
+    """Leave the process group cleanly. gloo can abort at interpreter exit otherwise (pytorch #190489)."""
+    if dist.is_initialized():
+        try:
+            dist.barrier()
+        except RuntimeError:
+            pass
+        dist.destroy_process_group()

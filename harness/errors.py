@@ -1,0 +1,29 @@
+"""The one exception type for problems a user can fix.
+
+Anything raised as `HarnessError` is caught once at the entry point, printed as one line and
+turned into a non-zero exit code; everything else is a bug and keeps its traceback.
+"""
+
+
+class HarnessError(Exception):
+    """A user-fixable problem (config, data, checkpoint, environment). One line: what and how to fix.
+
+    Every rank usually meets the same problem, so only rank 0 prints it; `rank_local=True` marks
+    one that only this rank can see, which that rank then prints itself.
+    """
+
+    exit_code = 2
+
+    def __init__(self, message: str, rank_local: bool = False) -> None:
+        super().__init__(message)
+        self.rank_local = rank_local
+
+
+class ConfigError(HarnessError):
+    """The config (file or CLI overrides) is invalid."""
+
+
+class TrainingAborted(HarnessError):
+    """Training cannot continue (e.g. the fp16 loss scale hit its floor). Not bad input: exit 3."""
+
+    exit_code = 3

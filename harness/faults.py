@@ -1,0 +1,53 @@
+"""Deliberate non-finite gradients, for tests and drills of the skip/scale machinery."""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+
+from harness.config import FaultsConfig
+from harness.errors import HarnessError
+
+_VALUES = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
+
+
+class FaultInjector:
+    def __init__(self, cfg: FaultsConfig, rank: int) -> None:
+        names = cfg.nonfinite_value
+        if isinstance(names, str):
+            names = [names] * len(cfg.nonfinite_grad_steps)
+        self.value_at = dict(zip(cfg.nonfinite_grad_steps, names))
+        self.active = rank == cfg.nonfinite_grad_rank and bool(self.value_at)
+        self.param = cfg.nonfinite_grad_param
+
+    def maybe_corrupt(self, step: int, named_grads: Sequence[tuple[str, torch.Tensor]]) -> Optional[str]:
+        """Write the step's value into one element of one local gradient shard.
+
+        Returns a description ("inf into <param>") when it did, None otherwise."""
+        if not self.active or step not in self.value_at:
+            return None
+        name, grad = self._pick(named_grads)
+        value = self.value_at[step]
+        grad.view(-1)[0] = _VALUES[value]
+        return f"{value} into the gradient of {name}"
+
+    def _pick(self, named_grads: Sequence[tuple[str, torch.Tensor]]) -> tuple[str, torch.Tensor]:
+        if self.param is None:
+            for name, grad in named_grads:
+                if grad.numel() > 0:
+                    return name, grad
+            raise HarnessError("faults: this rank holds no gradient shard to corrupt", rank_local=True)
+        for name, grad in named_grads:
+            if name == self.param:
+                if grad.numel() == 0:
+                    raise HarnessError(
+                        f"faults.nonfinite_grad_param={self.param!r} has no elements on this rank; pick another rank",
+                        rank_local=True,
+                    )
+                return name, grad
+        known = ", ".join(name for name, _ in list(named_grads)[:5])
+        raise HarnessError(
+            f"faults.nonfinite_grad_param={self.param!r} is not a parameter with a gradient (e.g. {known}, ...)"
+        )

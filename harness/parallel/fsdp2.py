@@ -1,0 +1,68 @@
+"""FSDP2 (torch.distributed.fsdp.fully_shard): each transformer block, then the root.
+
+Parameters stay fp32 DTensors sharded on dim 0; MixedPrecisionPolicy gathers them in the compute
+dtype for forward/backward and reduce-scatters gradients in fp32, so what the optimizer sees is
+fp32 master weights and fp32 gradient shards.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+from harness.config import ParallelConfig, TrainConfig
+from harness.model import transformer_blocks
+from harness.optim import build_adamw, param_groups
+from harness.parallel.base import ParallelBackend
+from harness.precision import PrecisionPolicy
+
+
+class FSDP2Backend(ParallelBackend):
+    name = "fsdp2"
+
+    def __init__(self, cfg: ParallelConfig, policy: PrecisionPolicy, device: torch.device, world_size: int) -> None:
+        self.cfg = cfg
+        self.policy = policy
+        self.device = device
+        self.world_size = world_size
+
+    def setup(self, model: nn.Module, train_cfg: TrainConfig) -> None:
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        mp_policy = MixedPrecisionPolicy(
+            param_dtype=self.policy.compute_dtype if self.policy.is_mixed else None,
+            reduce_dtype=self.policy.reduce_dtype,
+        )
+        for block in transformer_blocks(model):
+            fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=self.cfg.reshard_after_forward)
+        # The root holds what is left (embeddings, final norm, a tied head); it is needed again
+        # right at the start of backward, so keeping it gathered saves one all-gather.
+        fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+        self.model = model
+        self.optimizer = build_adamw(param_groups(model, train_cfg.weight_decay), train_cfg, self.device)
+
+    def backward(self, loss: torch.Tensor, loss_scale: float) -> None:
+        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+
+    def local_grad_shards(self) -> list[tuple[str, torch.Tensor]]:
+        return [(name, p.grad.to_local()) for name, p in self.model.named_parameters() if p.grad is not None]
+
+    def local_param_shards(self) -> list[tuple[str, torch.Tensor]]:
+        return [(name, p.to_local()) for name, p in self.model.named_parameters()]
+
+    def optimizer_step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_state_shards(self) -> list[torch.Tensor]:
+        tensors = []
+        for state in self.optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.numel() > 1:
+                    tensors.append(value.to_local() if hasattr(value, "to_local") else value)
+        return tensors

@@ -1,0 +1,82 @@
+"""`python -m harness.train CONFIG.yaml [key.sub=value ...]`: run ONE rank of a training job.
+
+The rank comes from the launcher's environment (torchrun, deepspeed, accelerate, srun); without
+one this process is a world of one. `--check` validates the config and exits, importing no torch,
+which is what the launch scripts do before they start any rank.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Optional, Sequence
+
+from harness.config import help_text, load_config, validate_for_world
+from harness.errors import HarnessError
+
+USAGE = "python -m harness.train CONFIG.yaml [key.sub=value ...] [--check [--world-size N]]"
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="harness train",
+        usage=USAGE,
+        description="Train a causal LM. Config keys (override any with key.sub=value; values are YAML):",
+        epilog=help_text(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=20")
+    parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument("--world-size", type=int, default=None, help="with --check: the number of ranks to expect")
+    return parser.parse_args(argv)
+
+
+def _env_rank() -> int:
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    rank = _env_rank()
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.check:
+            validate_for_world(cfg, args.world_size or 1)
+            print(f"config ok: {args.config} -> run.dir={cfg.run.dir}")
+            return 0
+        return _run(cfg)
+    except HarnessError as exc:
+        if rank == 0 or exc.rank_local:
+            prefix = f"[rank {rank}] " if exc.rank_local else ""
+            print(f"{prefix}harness: error: {exc}", file=sys.stderr, flush=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+
+
+def _run(cfg) -> int:
+    from harness import dist
+    from harness.trainer import build_trainer
+
+    info = dist.rank_info_from_env()
+    validate_for_world(cfg, info.world_size)
+    backend = dist.pick_dist_backend(cfg.parallel.dist_backend)
+    device = dist.device_for(info, backend)
+    dist.init_process_group(info, backend, cfg.parallel.timeout_s, device)
+    trainer = build_trainer(cfg, info, device)
+    summary = trainer.fit()
+    if info.is_main:
+        print(summary.table(), flush=True)
+    dist.shutdown()
+    return 0
+
+
+if __name__ == "__main__":
+    from harness.cli import exit_process
+
+    exit_process(main())

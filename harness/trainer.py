@@ -1,0 +1,215 @@
+"""The training loop. Components are built from the config in `build_trainer`; the loop itself
+reads like the single-GPU recipe: scale the loss, backward, unscale + clip + decide, step or skip.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from harness.config import Config, dump_yaml
+from harness.console import Progress, RunSummary, print0
+from harness.data import BatchShape, PackedSequences, TrainBatches, eval_batches, load_corpus
+from harness.dist import RankInfo
+from harness.errors import TrainingAborted
+from harness.faults import FaultInjector
+from harness.grad_scale import GradScaler, StepDecision, build_grad_scaler
+from harness.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
+from harness.model import build_model, flops_per_token, next_token_loss, per_sequence_loss
+from harness.optim import lr_at
+from harness.parallel import ParallelBackend, build_backend
+from harness.precision import check_device_supports, precision_policy
+
+
+@dataclass
+class Trainer:
+    cfg: Config
+    info: RankInfo
+    device: torch.device
+    backend: ParallelBackend
+    scaler: GradScaler
+    batches: TrainBatches
+    eval_data: list[tuple[torch.Tensor, torch.Tensor]]
+    faults: FaultInjector
+    metrics: MetricsWriter
+    flops_per_token: float
+    peak_tflops: Optional[float]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.batches.shape.global_batch * self.cfg.train.seq_len
+
+    def fit(self) -> RunSummary:
+        cfg = self.cfg
+        progress = Progress(self.info.rank, cfg.train.steps, cfg.log.progress, cfg.log.every)
+        started = time.perf_counter()
+        losses: list[Optional[float]] = []
+        eval_loss = None
+        steady_tokens, steady_time = 0, 0.0
+        row: dict = {}
+        try:
+            for step in range(1, cfg.train.steps + 1):
+                row, decision = self.train_step(step)
+                if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+                    eval_loss = row["eval_loss"] = self.evaluate()
+                self.metrics.write(row)
+                progress.update(row)
+                losses.append(row["loss"])
+                if step > 1 or cfg.train.steps == 1:
+                    steady_tokens += self.tokens_per_step
+                    steady_time += row["step_time_s"]
+                if decision.abort_reason:
+                    raise TrainingAborted(f"step {step}: {decision.abort_reason}")
+        finally:
+            progress.close()
+        tokens_per_s = steady_tokens / steady_time if steady_time > 0 else 0.0
+        return RunSummary(
+            steps=cfg.train.steps,
+            skipped=self.scaler.total_skips,
+            first_loss=losses[0] if losses else None,
+            final_loss=losses[-1] if losses else None,
+            eval_loss=eval_loss,
+            tokens=cfg.train.steps * self.tokens_per_step,
+            tokens_per_s=tokens_per_s,
+            mfu=self._mfu(tokens_per_s),
+            peak_mem_gb=peak_memory_gb(self.device),
+            wall_s=time.perf_counter() - started,
+            run_dir=cfg.run.dir,
+        )
+
+    def train_step(self, step: int) -> tuple[dict, StepDecision]:
+        started = time.perf_counter()
+        lr = lr_at(step, self.cfg.train)
+        local_loss = self.forward_backward(step, self.scaler.scale)
+        decision = self.apply_gradients(step, lr)
+        mean_loss = self._global_mean(local_loss)
+        step_time = time.perf_counter() - started
+        tokens_per_s = self.tokens_per_step / step_time
+        row = {
+            "step": step,
+            "loss": mean_loss,
+            "lr": lr,
+            "grad_norm": decision.grad_norm,
+            "loss_scale": decision.loss_scale,
+            "skipped": decision.skipped,
+            "tokens": step * self.tokens_per_step,
+            "tokens_per_s": tokens_per_s,
+            "mfu": self._mfu(tokens_per_s),
+            "mem_gb": peak_memory_gb(self.device),
+            "step_time_s": step_time,
+        }
+        return row, decision
+
+    def forward_backward(self, step: int, loss_scale: float) -> torch.Tensor:
+        """Accumulate this rank's gradients for step `step`; returns its mean (unscaled) loss."""
+        micro_batches = self.batches.micro_batches(step)
+        loss_sum = torch.zeros((), device=self.device)
+        for batch in micro_batches:
+            loss = next_token_loss(self.backend.model, batch.to(self.device, non_blocking=True))
+            self.backend.backward(loss / len(micro_batches), loss_scale)
+            loss_sum += loss.detach()
+        return loss_sum / len(micro_batches)
+
+    def apply_gradients(self, step: int, lr: float) -> StepDecision:
+        decision = self.unscale_and_clip(step)
+        self.step_or_skip(decision, lr)
+        return decision
+
+    def unscale_and_clip(self, step: int) -> StepDecision:
+        """One decision for all ranks: non-finite check, global norm, clip (in place)."""
+        grads = self.backend.local_grad_shards()
+        corrupted = self.faults.maybe_corrupt(step, grads)
+        if corrupted:
+            self._warn(f"step {step}: fault injected: {corrupted}")
+        decision = self.scaler.unscale_clip_and_decide(grads)
+        if decision.local_nonfinite:
+            self._warn(
+                f"step {step}: non-finite gradient in {', '.join(decision.local_nonfinite[:3])}"
+                f"{' ...' if len(decision.local_nonfinite) > 3 else ''} (loss scale {decision.loss_scale:g}); "
+                "step skipped on every rank"
+            )
+        return decision
+
+    def step_or_skip(self, decision: StepDecision, lr: float) -> None:
+        if not decision.skipped:
+            self.backend.optimizer_step(lr)
+        self.backend.zero_grad()
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean next-token loss over the fixed held-out sequences, identical for any world size."""
+        model = self.backend.model
+        model.eval()
+        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for batch, weights in self.eval_data:
+            losses = per_sequence_loss(model, batch.to(self.device))
+            weights = weights.to(self.device)
+            totals[0] += (losses.double() * weights).sum()
+            totals[1] += weights.sum()
+        model.train()
+        dist.all_reduce(totals)
+        return (totals[0] / totals[1]).item()
+
+    def _global_mean(self, local: torch.Tensor) -> float:
+        value = local.detach().reshape(1).to(torch.float64)
+        dist.all_reduce(value)
+        return value.item() / self.info.world_size
+
+    def _mfu(self, tokens_per_s: float) -> Optional[float]:
+        if self.peak_tflops is None:
+            return None
+        return self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * self.info.world_size)
+
+    def _warn(self, message: str) -> None:
+        print(f"[rank {self.info.rank}] {message}", flush=True)
+
+
+def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
+    policy = precision_policy(cfg.precision)
+    check_device_supports(policy, device)
+    run_dir = Path(cfg.run.dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+
+    corpus = load_corpus(cfg.data)
+    print0(info.rank, f"data: {corpus.description}; {len(corpus.train):,} train / {len(corpus.val):,} val tokens")
+    model = build_model(cfg.model, corpus.vocab_size, cfg.train.seed)
+    model_name = type(model).__name__
+    n_params = sum(p.numel() for p in model.parameters())
+    fpt = flops_per_token(model, cfg.train.seq_len)
+    backend = build_backend(cfg, policy, device, info.world_size)
+    backend.setup(model, cfg.train)
+    print0(
+        info.rank,
+        f"model: {model_name}, {n_params:,} parameters; {backend.name} over {info.world_size} rank(s), "
+        f"compute {cfg.precision}, master weights fp32",
+    )
+    # Dropout and other training-time randomness differ per rank; the init above did not.
+    torch.manual_seed(cfg.train.seed + 1 + info.rank)
+
+    shape = BatchShape(cfg.train.micro_batch_size, cfg.train.grad_accum, info.world_size)
+    batches = TrainBatches(PackedSequences(corpus.train, cfg.train.seq_len), cfg.train.seed, shape, info.rank)
+    eval_data = []
+    if cfg.eval.every:
+        val = PackedSequences(corpus.val, cfg.train.seq_len)
+        eval_data = eval_batches(val, cfg.eval.sequences, cfg.train.micro_batch_size, info.rank, info.world_size)
+
+    return Trainer(
+        cfg=cfg,
+        info=info,
+        device=device,
+        backend=backend,
+        scaler=build_grad_scaler(cfg.scaler, policy.uses_loss_scaling, cfg.train.grad_clip, device),
+        batches=batches,
+        eval_data=eval_data,
+        faults=FaultInjector(cfg.faults, info.rank),
+        metrics=MetricsWriter(run_dir, info.rank, cfg.log.per_rank, fresh=True),
+        flops_per_token=fpt,
+        peak_tflops=device_peak_tflops(device, policy, cfg.log.peak_tflops),
+    )

@@ -1,0 +1,160 @@
+"""Data: real files through datasets + AutoTokenizer, packing, and the world-size-free global order."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+
+import numpy as np
+import pytest
+
+from harness.config import DataConfig
+from harness.data import BatchShape, PackedSequences, TrainBatches, eval_batches, load_corpus
+from harness.errors import HarnessError
+
+SPLITS = [(1, 4, 1), (1, 2, 2), (2, 2, 1), (2, 1, 2), (4, 1, 1)]  # (world, micro, accum), global batch 4
+
+
+def _sequences(n_tokens: int = 1000, seq_len: int = 8) -> PackedSequences:
+    return PackedSequences(np.arange(n_tokens, dtype=np.uint16), seq_len)
+
+
+def _step_sets(seed: int, step: int) -> list[Counter]:
+    sets = []
+    seqs = _sequences()
+    for world, micro, accum in SPLITS:
+        shape = BatchShape(micro, accum, world)
+        seen = Counter()
+        for rank in range(world):
+            batches = TrainBatches(seqs, seed, shape, rank).micro_batches(step)
+            assert len(batches) == accum and all(b.shape == (micro, 9) for b in batches)
+            for b in batches:
+                seen.update(int(row[0]) // 8 for row in b)
+        sets.append(seen)
+    return sets
+
+
+@pytest.mark.parametrize("step", [1, 2, 17, 40])
+def test_global_batch_is_the_same_for_any_world_size_and_split(step):
+    sets = _step_sets(seed=3, step=step)
+    assert all(s == sets[0] for s in sets)
+    assert sum(sets[0].values()) == 4 and max(sets[0].values()) == 1  # ranks' shards are disjoint
+
+
+def test_order_depends_on_seed_and_is_deterministic():
+    seqs = _sequences()
+    shape = BatchShape(2, 1, 2)
+    a = TrainBatches(seqs, 0, shape, 0).global_indices(5)
+    b = TrainBatches(seqs, 0, shape, 0).global_indices(5)
+    c = TrainBatches(seqs, 1, shape, 0).global_indices(5)
+    assert list(a) == list(b) and list(a) != list(c)
+
+
+def test_an_epoch_visits_every_sequence_once_then_reshuffles():
+    seqs = _sequences(n_tokens=81, seq_len=8)  # 10 sequences
+    assert len(seqs) == 10
+    batches = TrainBatches(seqs, 0, BatchShape(1, 1, 2), 0)
+    first = np.concatenate([batches.global_indices(s) for s in range(1, 6)])
+    second = np.concatenate([batches.global_indices(s) for s in range(6, 11)])
+    assert sorted(first) == list(range(10)) and sorted(second) == list(range(10))
+    assert list(first) != list(second)
+    # A global batch that straddles the epoch boundary takes the tail of one, head of the next.
+    odd = TrainBatches(seqs, 0, BatchShape(3, 1, 1), 0)
+    stream = np.concatenate([odd.global_indices(s) for s in range(1, 5)])  # 12 positions
+    assert sorted(stream[:10]) == list(range(10))
+
+
+def test_packing_is_inputs_plus_next_token():
+    seqs = _sequences(n_tokens=50, seq_len=8)
+    assert len(seqs) == 6  # (50 - 1) // 8
+    batch = seqs.batch(np.array([0, 5]))
+    assert batch.tolist()[0] == list(range(0, 9))
+    assert batch.tolist()[1] == list(range(40, 49))
+
+
+@pytest.mark.parametrize("world", [1, 2, 3])
+def test_eval_set_is_the_same_for_any_world_size(world):
+    seqs = _sequences()
+    seen = Counter()
+    counts = []
+    for rank in range(world):
+        batches = eval_batches(seqs, count=7, micro_batch_size=2, rank=rank, world_size=world)
+        counts.append(len(batches))
+        for batch, weights in batches:
+            for row, w in zip(batch, weights):
+                if w > 0:
+                    seen[int(row[0]) // 8] += 1
+    assert seen == Counter(range(7))
+    assert len(set(counts)) == 1  # same number of forward passes on every rank
+
+
+def _write_corpus(tmp_path, kind: str):
+    texts = [f"Document {i}: to be or not to be, that is question number {i}.\n" * 20 for i in range(6)]
+    folder = tmp_path / kind
+    folder.mkdir()
+    if kind == "text":
+        for i, t in enumerate(texts):
+            (folder / f"doc{i}.txt").write_text(t)
+    elif kind == "jsonl":
+        (folder / "docs.jsonl").write_text("".join(json.dumps({"body": t}) + "\n" for t in texts))
+    elif kind == "parquet":
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        pq.write_table(pa.table({"body": texts}), folder / "docs.parquet")
+    return folder, texts
+
+
+@pytest.mark.parametrize("kind", ["text", "jsonl", "parquet"])
+def test_local_files_tokenize_with_eos_between_documents(tmp_path, kind):
+    from harness.data import load_tokenizer
+
+    folder, texts = _write_corpus(tmp_path, kind)
+    cfg = DataConfig(path=str(folder), text_field="body", val_fraction=0.1, cache_dir=str(tmp_path / "cache"))
+    corpus = load_corpus(cfg)
+    tok = load_tokenizer("bundled:gpt2")
+    expected = []
+    for t in texts:
+        expected += tok(t, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    everything = np.concatenate([corpus.train, corpus.val]).tolist()
+    assert everything == expected
+    assert len(corpus.val) == int(len(expected) * 0.1)
+    assert corpus.vocab_size == 50257
+    # The second load is served from the cache file.
+    cached = list((tmp_path / "cache").glob("*.npy"))
+    assert len(cached) == 1
+    mtime = cached[0].stat().st_mtime_ns
+    again = load_corpus(cfg)
+    assert cached[0].stat().st_mtime_ns == mtime and len(again.train) == len(corpus.train)
+
+
+def test_bundled_shakespeare_is_the_default(tmp_path):
+    corpus = load_corpus(DataConfig(cache_dir=str(tmp_path)))
+    assert len(corpus.train) + len(corpus.val) > 1_500_000
+    assert corpus.description.startswith("bundled:shakespeare (38 files")
+
+
+@pytest.mark.parametrize(
+    "cfg, message",
+    [
+        (dict(path="./no/such/dir"), "does not exist"),
+        (dict(path="/tmp/*.nothing-matches-this"), "matches no files"),
+        (dict(path="bundled:poetry"), "unknown 'bundled:poetry'"),
+        (dict(text_field="content"), "data.text_field='content' is not a column"),
+        (dict(tokenizer="./missing-tokenizer"), "data.tokenizer './missing-tokenizer' could not be loaded"),
+    ],
+)
+def test_bad_data_configs_are_one_line_errors(tmp_path, cfg, message):
+    folder, _ = _write_corpus(tmp_path, "jsonl")
+    base = dict(path=str(folder), text_field="body", cache_dir=str(tmp_path / "cache"))
+    base.update(cfg)
+    if "text_field" in cfg:
+        base["path"] = str(folder)
+    with pytest.raises(HarnessError) as err:
+        load_corpus(DataConfig(**base))
+    assert message in str(err.value) and "\n" not in str(err.value)
+
+
+def test_too_little_data_for_one_global_batch():
+    with pytest.raises(HarnessError, match="fewer than one global batch"):
+        TrainBatches(_sequences(n_tokens=30, seq_len=8), 0, BatchShape(4, 1, 2), 0)

@@ -1,0 +1,55 @@
+"""Rank discovery from each launcher's environment."""
+
+from __future__ import annotations
+
+import pytest
+
+from harness.dist import first_host, port_for_job, rank_info_from_env
+from harness.errors import HarnessError
+
+
+def test_no_launcher_is_a_world_of_one():
+    info = rank_info_from_env({})
+    assert (info.rank, info.world_size, info.launcher) == (0, 1, "none")
+
+
+def test_torchrun_and_deepspeed_launcher_env():
+    env = dict(RANK="3", WORLD_SIZE="8", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2", MASTER_ADDR="n1", MASTER_PORT="2345")
+    info = rank_info_from_env(env)
+    assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (3, 8, 1, 2)
+    assert (info.master_addr, info.master_port, info.launcher) == ("n1", 2345, "torchrun")
+
+
+def test_slurm_srun_env():
+    env = dict(
+        SLURM_PROCID="5", SLURM_NTASKS="8", SLURM_LOCALID="1", SLURM_JOB_ID="4242",
+        SLURM_TASKS_PER_NODE="4(x2)", SLURM_JOB_NODELIST="gpu-node-does-not-exist[07-08]",
+    )
+    info = rank_info_from_env(env)
+    assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (5, 8, 1, 4)
+    assert info.master_addr == "gpu-node-does-not-exist07"
+    assert info.master_port == port_for_job(4242) == 24242
+    assert info.launcher == "slurm"
+
+
+def test_torch_env_wins_over_slurm_when_torchrun_runs_inside_srun():
+    env = dict(RANK="1", WORLD_SIZE="2", MASTER_ADDR="x", MASTER_PORT="1", SLURM_PROCID="0", SLURM_NTASKS="1")
+    assert rank_info_from_env(env).launcher == "torchrun"
+
+
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        (dict(RANK="2", WORLD_SIZE="2", MASTER_ADDR="x"), "RANK=2 is outside WORLD_SIZE=2"),
+        (dict(RANK="a", WORLD_SIZE="2"), "RANK='a' is not an integer"),
+        (dict(RANK="1", WORLD_SIZE="2"), "MASTER_ADDR is not set"),
+    ],
+)
+def test_bad_rank_env(env, message):
+    with pytest.raises(HarnessError, match=message):
+        rank_info_from_env(env)
+
+
+def test_first_host_parsing_without_scontrol():
+    assert first_host("a-nonexistent-host") == "a-nonexistent-host"
+    assert first_host("nonexistent[3-5,9],other") == "nonexistent3"

@@ -1,0 +1,31 @@
+"""Metric files and the MFU peak table."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from harness.metrics import MetricsWriter, device_peak_tflops, strict_json
+from harness.precision import precision_policy
+
+
+def test_non_finite_floats_become_null():
+    assert strict_json({"a": float("inf"), "b": float("nan"), "c": 1.5}) == {"a": None, "b": None, "c": 1.5}
+
+
+def test_rank0_writes_main_file_every_rank_its_own(tmp_path):
+    row = {"step": 1, "loss": 2.0, "loss_scale": 8.0, "skipped": False, "grad_norm": float("nan"), "mem_gb": 1.0,
+           "lr": 0.1}
+    MetricsWriter(tmp_path, rank=0, per_rank=True, fresh=True).write(row)
+    MetricsWriter(tmp_path, rank=1, per_rank=True, fresh=True).write(row)
+    main = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert main == [dict(row, grad_norm=None)]
+    rank1 = json.loads((tmp_path / "ranks/rank-1.jsonl").read_text())
+    assert rank1 == {"step": 1, "loss": 2.0, "loss_scale": 8.0, "skipped": False, "grad_norm": None, "mem_gb": 1.0}
+
+
+def test_mfu_peak_is_none_on_cpu_unless_configured():
+    cpu = torch.device("cpu")
+    assert device_peak_tflops(cpu, precision_policy("bf16"), None) is None
+    assert device_peak_tflops(cpu, precision_policy("bf16"), 1.5) == 1.5
