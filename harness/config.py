@@ -81,8 +81,12 @@ class EvalConfig:
 
 @dataclass
 class ParallelConfig:
-    backend: Literal["fsdp2"] = "fsdp2"
-    """How parameters, gradients and optimizer state are sharded across ranks."""
+    backend: Literal["fsdp2", "deepspeed"] = "fsdp2"
+    """How parameters, gradients and optimizer state are sharded across ranks: fsdp2 or deepspeed (ZeRO)."""
+    zero_stage: Literal[1, 2, 3] = 3
+    """DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    deepspeed_config: Optional[str] = None
+    """A DeepSpeed JSON as users write it ("auto" allowed). Its batch, precision, fp16 loss-scale, clipping, ZeRO and AdamW settings map onto this config, on any backend."""
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend: auto picks nccl when CUDA is present, else gloo."""
     reshard_after_forward: bool = True
@@ -215,8 +219,23 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
         _set_dotted(raw, key, value)
     cfg = _build(Config, raw, prefix="")
     _fill_defaults(cfg, Path(path))
+    if cfg.parallel.deepspeed_config:
+        from harness.parallel.deepspeed_json import merge_into_config
+
+        merge_into_config(cfg, explicit=set(_leaf_keys(raw)))
     validate(cfg)
     return cfg
+
+
+def _leaf_keys(raw: dict[str, Any], prefix: str = "") -> list[str]:
+    """The dotted keys a file or the CLI set explicitly (what a DeepSpeed JSON may not contradict)."""
+    keys = []
+    for key, value in raw.items():
+        if isinstance(value, dict) and key != "config":
+            keys += _leaf_keys(value, f"{prefix}{key}.")
+        else:
+            keys.append(f"{prefix}{key}")
+    return keys
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
@@ -455,6 +474,10 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
         rank < world_size,
         f"faults.nonfinite_grad_rank={rank} but the job has {world_size} rank(s): use 0..{world_size - 1}",
     )
+    if cfg.parallel.deepspeed_config:
+        from harness.parallel.deepspeed_json import check_train_batch_size
+
+        check_train_batch_size(cfg, world_size)
 
 
 # --------------------------------------------------------------------------------------------

@@ -6,13 +6,14 @@ Per optimizer step, after backward has left this rank's (sharded, fp32, still sc
   2. ONE all-reduce (MAX) of "this rank saw a non-finite value" -> the same skip decision everywhere;
   3. if finite: ONE all-reduce (SUM) of the local sums of squares -> the global norm, bit-identical
      on every rank and equal to the norm of the unsharded gradient;
-  4. one in-place multiply that unscales and clips together (scales are powers of two, so folding
-     1/scale into the clip coefficient changes no bits);
+  4. one multiplier that unscales and clips together (scales are powers of two, so folding 1/scale
+     into the clip coefficient changes no bits), which the backend applies to its gradients;
   5. the loss scale is updated with DeepSpeed's DynamicLossScaler rules, so a user's DeepSpeed
      fp16 settings (initial_scale_power, loss_scale_window, hysteresis, consecutive_hysteresis,
      min_loss_scale) produce the same scale trajectory here.
 
-Backends only hand over their local gradient shards; they never decide anything themselves.
+Backends only hand over their local gradient shards and apply the multiplier; they never decide
+anything themselves.
 bf16 and fp32 run with a fixed scale of 1 and the same non-finite detection and skip logic.
 """
 
@@ -98,7 +99,9 @@ class StepDecision:
     grad_norm: Optional[float]
     """Global L2 norm of the unscaled gradient before clipping; None when the step had non-finite values."""
     clip_coef: float
-    """Factor the gradient was multiplied by after unscaling (1.0 when not clipped)."""
+    """Clipping factor applied after unscaling (1.0 when not clipped)."""
+    grad_multiplier: float
+    """What the backend multiplies the (scaled) gradients by: clip_coef / loss_scale."""
     local_nonfinite: tuple[str, ...] = ()
     """Names of this rank's gradient shards that held inf/nan (empty on other ranks)."""
     abort_reason: Optional[str] = None
@@ -128,11 +131,9 @@ class GradScaler:
     def scale(self) -> float:
         return self.loss_scale.scale
 
-    def scale_loss(self, loss: torch.Tensor) -> torch.Tensor:
-        return loss * self.scale if self.scale != 1.0 else loss
-
-    def unscale_clip_and_decide(self, named_grads: Sequence[tuple[str, torch.Tensor]]) -> StepDecision:
-        """Runs on every rank with that rank's local gradient shards (disjoint across ranks)."""
+    def decide(self, named_grads: Sequence[tuple[str, torch.Tensor]]) -> StepDecision:
+        """Runs on every rank with that rank's local gradient shards (disjoint across ranks).
+        Reads the gradients only; the backend applies `grad_multiplier` (or skips)."""
         names = [name for name, _ in named_grads]
         grads = [grad for _, grad in named_grads]
         used_scale = self.scale
@@ -159,12 +160,15 @@ class GradScaler:
         if self.grad_clip > 0:
             # Same coefficient as torch.nn.utils.clip_grad_norm_.
             clip_coef = min(1.0, self.grad_clip / (grad_norm + 1e-6))
-        multiplier = clip_coef / used_scale
-        if multiplier != 1.0 and grads:
-            torch._foreach_mul_(grads, multiplier)
         self.loss_scale.update(overflow=False)
         self.consecutive_skips = 0
-        return StepDecision(skipped=False, loss_scale=used_scale, grad_norm=grad_norm, clip_coef=clip_coef)
+        return StepDecision(
+            skipped=False,
+            loss_scale=used_scale,
+            grad_norm=grad_norm,
+            clip_coef=clip_coef,
+            grad_multiplier=clip_coef / used_scale,
+        )
 
     def _skip(self, used_scale: float, local_bad: tuple[str, ...]) -> StepDecision:
         self.consecutive_skips += 1
@@ -189,6 +193,7 @@ class GradScaler:
             loss_scale=used_scale,
             grad_norm=None,
             clip_coef=0.0,
+            grad_multiplier=0.0,
             local_nonfinite=local_bad,
             abort_reason=abort,
         )

@@ -22,7 +22,8 @@ from harness.grad_scale import GradScaler, StepDecision, build_grad_scaler
 from harness.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
 from harness.model import build_model, flops_per_token, next_token_loss, per_sequence_loss
 from harness.optim import lr_at
-from harness.parallel import ParallelBackend, build_backend
+from harness.parallel import build_backend
+from harness.parallel.base import ParallelBackend
 from harness.precision import check_device_supports, precision_policy
 
 
@@ -109,9 +110,10 @@ class Trainer:
         """Accumulate this rank's gradients for step `step`; returns its mean (unscaled) loss."""
         micro_batches = self.batches.micro_batches(step)
         loss_sum = torch.zeros((), device=self.device)
-        for batch in micro_batches:
+        for i, batch in enumerate(micro_batches):
             loss = next_token_loss(self.backend.model, batch.to(self.device, non_blocking=True))
-            self.backend.backward(loss / len(micro_batches), loss_scale)
+            last = i == len(micro_batches) - 1
+            self.backend.backward(loss / len(micro_batches), loss_scale, last_micro_batch=last)
             loss_sum += loss.detach()
         return loss_sum / len(micro_batches)
 
@@ -121,12 +123,14 @@ class Trainer:
         return decision
 
     def unscale_and_clip(self, step: int) -> StepDecision:
-        """One decision for all ranks: non-finite check, global norm, clip (in place)."""
+        """One decision for all ranks: non-finite check, global norm, then unscale + clip."""
         grads = self.backend.local_grad_shards()
         corrupted = self.faults.maybe_corrupt(step, grads)
         if corrupted:
             self._warn(f"step {step}: fault injected: {corrupted}")
-        decision = self.scaler.unscale_clip_and_decide(grads)
+        decision = self.scaler.decide(grads)
+        if not decision.skipped:
+            self.backend.scale_grads(decision.grad_multiplier)
         if decision.local_nonfinite:
             self._warn(
                 f"step {step}: non-finite gradient in {', '.join(decision.local_nonfinite[:3])}"
@@ -136,9 +140,10 @@ class Trainer:
         return decision
 
     def step_or_skip(self, decision: StepDecision, lr: float) -> None:
-        if not decision.skipped:
+        if decision.skipped:
+            self.backend.skip_step()
+        else:
             self.backend.optimizer_step(lr)
-        self.backend.zero_grad()
 
     @torch.no_grad()
     def evaluate(self) -> float:

@@ -8,33 +8,9 @@ import random
 
 import pytest
 import torch
-import torch.distributed as dist
 
 from harness.config import ScalerConfig
 from harness.grad_scale import DynamicLossScale, GradScaler, build_grad_scaler
-
-
-@pytest.fixture(scope="module")
-def world_of_one():
-    created = not dist.is_initialized()
-    if created:
-        dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
-    yield
-    if created:
-        dist.destroy_process_group()
-
-
-@pytest.fixture(scope="module")
-def deepspeed_scaler_cls(world_of_one):
-    import deepspeed
-    import deepspeed.comm
-
-    # Avoid JIT-compiling DeepSpeed's shared-memory op; a world of one never uses it.
-    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-    deepspeed.comm.init_distributed(dist_backend="gloo")
-    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler
-
-    return DynamicLossScaler
 
 
 def _schedules():
@@ -134,32 +110,34 @@ def _fp16_scaler(**overrides) -> GradScaler:
     return build_grad_scaler(cfg, uses_loss_scaling=True, grad_clip=1.0, device=torch.device("cpu"))
 
 
-def test_unscale_and_clip_in_one_multiply(world_of_one):
+def test_unscale_and_clip_fold_into_one_multiplier(world_of_one):
     scaler = _fp16_scaler(init_scale=1024.0)
     true_grads = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]])]  # global norm 5
     scaled = [g * 1024.0 for g in true_grads]
-    decision = scaler.unscale_clip_and_decide([("a", scaled[0]), ("b", scaled[1])])
+    decision = scaler.decide([("a", scaled[0]), ("b", scaled[1])])
     assert not decision.skipped
     assert decision.loss_scale == 1024.0
     assert decision.grad_norm == pytest.approx(5.0)
     assert decision.clip_coef == pytest.approx(1.0 / (5.0 + 1e-6))
+    assert decision.grad_multiplier == decision.clip_coef / 1024.0
+    torch.testing.assert_close(scaled[0], true_grads[0] * 1024.0)  # deciding reads, never writes
     for got, want in zip(scaled, true_grads):
-        torch.testing.assert_close(got, want / (5.0 + 1e-6))
+        torch.testing.assert_close(got * decision.grad_multiplier, want / (5.0 + 1e-6))
 
 
 def test_no_clip_below_threshold_and_scale_one_is_untouched(world_of_one):
     scaler = build_grad_scaler(ScalerConfig(), uses_loss_scaling=False, grad_clip=10.0, device=torch.device("cpu"))
     grad = torch.tensor([0.3, 0.4])
-    decision = scaler.unscale_clip_and_decide([("w", grad)])
+    decision = scaler.decide([("w", grad)])
     assert decision.grad_norm == pytest.approx(0.5) and decision.clip_coef == 1.0
-    torch.testing.assert_close(grad, torch.tensor([0.3, 0.4]))
+    assert decision.grad_multiplier == 1.0
 
 
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 def test_nonfinite_skips_names_the_tensor_and_backs_off(world_of_one, bad):
     scaler = _fp16_scaler(init_scale=256.0, hysteresis=1)
     grads = [("ok", torch.ones(3)), ("broken", torch.tensor([1.0, bad]))]
-    decision = scaler.unscale_clip_and_decide(grads)
+    decision = scaler.decide(grads)
     assert decision.skipped and decision.grad_norm is None
     assert decision.local_nonfinite == ("broken",)
     assert decision.loss_scale == 256.0 and scaler.scale == 128.0
@@ -169,9 +147,9 @@ def test_nonfinite_skips_names_the_tensor_and_backs_off(world_of_one, bad):
 def test_abort_when_scale_is_at_its_floor(world_of_one):
     scaler = _fp16_scaler(init_scale=2.0, min_scale=1.0, hysteresis=1)
     bad = [("w", torch.tensor([float("inf")]))]
-    first = scaler.unscale_clip_and_decide(bad)
+    first = scaler.decide(bad)
     assert first.abort_reason is None and scaler.scale == 1.0
-    second = scaler.unscale_clip_and_decide([("w", torch.tensor([float("inf")]))])
+    second = scaler.decide([("w", torch.tensor([float("inf")]))])
     assert second.skipped
     assert "floor" in second.abort_reason and "scaler.min_scale=1" in second.abort_reason
 
@@ -181,26 +159,26 @@ def test_abort_after_too_many_consecutive_skips_in_bf16(world_of_one):
     scaler = build_grad_scaler(cfg, uses_loss_scaling=False, grad_clip=1.0, device=torch.device("cpu"))
     reasons = []
     for _ in range(3):
-        decision = scaler.unscale_clip_and_decide([("w", torch.tensor([float("nan")]))])
+        decision = scaler.decide([("w", torch.tensor([float("nan")]))])
         assert decision.loss_scale == 1.0
         reasons.append(decision.abort_reason)
     assert reasons[:2] == [None, None]
     assert "3 consecutive steps" in reasons[2]
     # A clean step resets the count.
-    scaler.unscale_clip_and_decide([("w", torch.tensor([1.0]))])
+    scaler.decide([("w", torch.tensor([1.0]))])
     assert scaler.consecutive_skips == 0 and scaler.total_skips == 3
 
 
 def test_static_scale_never_moves(world_of_one):
     scaler = _fp16_scaler(init_scale=128.0, dynamic=False)
     for grad in ([float("inf")], [1.0], [float("nan")]):
-        scaler.unscale_clip_and_decide([("w", torch.tensor(grad))])
+        scaler.decide([("w", torch.tensor(grad))])
     assert scaler.scale == 128.0
 
 
 def test_guard_state_dict_round_trip(world_of_one):
     a = _fp16_scaler(init_scale=64.0, hysteresis=1)
-    a.unscale_clip_and_decide([("w", torch.tensor([float("inf")]))])
+    a.decide([("w", torch.tensor([float("inf")]))])
     b = _fp16_scaler()
     b.load_state_dict(a.state_dict())
     assert (b.scale, b.total_skips, b.consecutive_skips) == (32.0, 1, 1)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from tests.distributed import run_on_ranks
+from tests.reference import reference_fp32
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
@@ -88,36 +89,8 @@ def ranks(tmp_path_factory):
     return run_on_ranks(_rank_scenarios, 2, str(tmp_path_factory.mktemp("fsdp2")))
 
 
-def _reference_fp32(run_dir: str) -> tuple[list[float], list[float]]:
-    """A plain single-process torch loop over the same model, data order and hyper-parameters."""
-    from harness.config import load_config
-    from harness.data import BatchShape, PackedSequences, TrainBatches, load_corpus
-    from harness.model import build_model, next_token_loss
-    from harness.optim import lr_at, param_groups
-
-    cfg = load_config(TINY, _overrides(run_dir, "fp32", f"train.steps={PARITY_STEPS}"))
-    t = cfg.train
-    corpus = load_corpus(cfg.data)
-    model = build_model(cfg.model, corpus.vocab_size, t.seed)
-    optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
-    sequences = PackedSequences(corpus.train, t.seq_len)
-    order = TrainBatches(sequences, t.seed, BatchShape(t.micro_batch_size, t.grad_accum, 2), rank=0)
-    losses, norms = [], []
-    for step in range(1, PARITY_STEPS + 1):
-        batch = sequences.batch(order.global_indices(step))
-        loss = next_token_loss(model, batch)
-        loss.backward()
-        norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), t.grad_clip).item())
-        for group in optimizer.param_groups:
-            group["lr"] = lr_at(step, t)
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
-    return losses, norms
-
-
 def test_fp32_fsdp2_matches_single_process_reference(ranks, tmp_path):
-    ref_losses, ref_norms = _reference_fp32(str(tmp_path / "ref"))
+    ref_losses, ref_norms = reference_fp32(TINY, _overrides(str(tmp_path / "ref"), "fp32", f"train.steps={PARITY_STEPS}"))
     for r in ranks:
         assert len(r["fp32_losses"]) == PARITY_STEPS
         for step, (got, want) in enumerate(zip(r["fp32_losses"], ref_losses), start=1):

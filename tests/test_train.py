@@ -172,3 +172,21 @@ def test_smollm2_pretrained_weights_fine_tune(tmp_path):
     got = rows(tmp_path / "metrics.jsonl")
     assert len(got) == 2
     assert got[0]["loss"] < 6.0 and got[-1]["eval_loss"] < 6.0
+
+
+def test_deepspeed_launcher_runs_a_2_rank_zero3_job_from_a_user_json(tmp_path):
+    result = run_cmd(["launch/deepspeed.sh", "--num_gpus", "2", "configs/tiny-ds-json.yaml", f"run.dir={tmp_path}",
+                      "log.per_rank=true", "log.progress=lines"])
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "deepspeed ZeRO-3 over 2 rank(s), compute fp32" in result.stdout
+    got = rows(tmp_path / "metrics.jsonl")
+    assert [r["step"] for r in got] == list(range(1, 9)) and got[-1]["loss"] < got[0]["loss"]
+    assert rows(tmp_path / "ranks/rank-1.jsonl")[-1]["grad_norm"] == got[-1]["grad_norm"]
+    saved = (tmp_path / "config.yaml").read_text()
+    assert "lr_schedule: linear" in saved  # WarmupDecayLR from the JSON
+
+
+def test_deepspeed_launcher_config_error_is_one_line():
+    result = run_cmd(["launch/deepspeed.sh", "--num_gpus", "2", "configs/tiny-ds-json.yaml", "precision=fp9"])
+    assert result.returncode == 2
+    assert result.stderr.strip() == "harness: error: precision must be one of fp32, bf16, fp16 (got str 'fp9')"

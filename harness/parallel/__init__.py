@@ -6,11 +6,14 @@ and the checkpoint code only ever talk to a `ParallelBackend`.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
-from harness.config import Config
-from harness.parallel.base import ParallelBackend
-from harness.precision import PrecisionPolicy
+if TYPE_CHECKING:  # this package is imported by config.py, which must not import torch
+    import torch
+
+    from harness.config import Config
+    from harness.parallel.base import ParallelBackend
+    from harness.precision import PrecisionPolicy
 
 
 def build_backend(cfg: Config, policy: PrecisionPolicy, device: torch.device, world_size: int) -> ParallelBackend:
@@ -18,7 +21,8 @@ def build_backend(cfg: Config, policy: PrecisionPolicy, device: torch.device, wo
         from harness.parallel.fsdp2 import FSDP2Backend
 
         return FSDP2Backend(cfg.parallel, policy, device, world_size)
+    if cfg.parallel.backend == "deepspeed":
+        from harness.parallel.deepspeed import DeepSpeedBackend
+
+        return DeepSpeedBackend(cfg, policy, device, world_size)
     raise AssertionError(f"config validation let through parallel.backend={cfg.parallel.backend!r}")
-
-
-__all__ = ["ParallelBackend", "build_backend"]

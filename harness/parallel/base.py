@@ -27,8 +27,9 @@ class ParallelBackend(ABC):
         """Shard `model` (fp32, on the CPU, identical on every rank) and build the optimizer."""
 
     @abstractmethod
-    def backward(self, loss: torch.Tensor, loss_scale: float) -> None:
-        """Accumulate d(loss * loss_scale)/d(params) into this rank's fp32 gradient shards."""
+    def backward(self, loss: torch.Tensor, loss_scale: float, last_micro_batch: bool) -> None:
+        """Accumulate d(loss * loss_scale)/d(params) into this rank's gradient shards.
+        `last_micro_batch` marks the end of gradient accumulation for this optimizer step."""
 
     @abstractmethod
     def local_grad_shards(self) -> list[tuple[str, torch.Tensor]]:
@@ -40,12 +41,16 @@ class ParallelBackend(ABC):
         """(parameter name, this rank's piece of its fp32 master weight)."""
 
     @abstractmethod
-    def optimizer_step(self, lr: float) -> None:
-        """Apply the (already unscaled and clipped) gradients with learning rate `lr`."""
+    def scale_grads(self, multiplier: float) -> None:
+        """Multiply the gradients by `multiplier` (unscale and clip) before optimizer_step."""
 
     @abstractmethod
-    def zero_grad(self) -> None:
-        """Drop the gradients, after a step or a skip."""
+    def optimizer_step(self, lr: float) -> None:
+        """Apply the scaled gradients with learning rate `lr`, then clear them."""
+
+    @abstractmethod
+    def skip_step(self) -> None:
+        """Discard this step's (non-finite) gradients without touching weights or optimizer state."""
 
     @abstractmethod
     def optimizer_state_shards(self) -> list[torch.Tensor]:

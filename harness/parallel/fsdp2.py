@@ -42,7 +42,9 @@ class FSDP2Backend(ParallelBackend):
         self.model = model
         self.optimizer = build_adamw(param_groups(model, train_cfg.weight_decay), train_cfg, self.device)
 
-    def backward(self, loss: torch.Tensor, loss_scale: float) -> None:
+    def backward(self, loss: torch.Tensor, loss_scale: float, last_micro_batch: bool) -> None:
+        # Gradients are reduce-scattered after every micro-batch and accumulate in the fp32
+        # shards; skipping the sync would accumulate unsharded grads in the compute dtype.
         (loss * loss_scale if loss_scale != 1.0 else loss).backward()
 
     def local_grad_shards(self) -> list[tuple[str, torch.Tensor]]:
@@ -51,12 +53,18 @@ class FSDP2Backend(ParallelBackend):
     def local_param_shards(self) -> list[tuple[str, torch.Tensor]]:
         return [(name, p.to_local()) for name, p in self.model.named_parameters()]
 
+    def scale_grads(self, multiplier: float) -> None:
+        grads = [grad for _, grad in self.local_grad_shards()]
+        if multiplier != 1.0 and grads:
+            torch._foreach_mul_(grads, multiplier)
+
     def optimizer_step(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
 
-    def zero_grad(self) -> None:
+    def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
     def optimizer_state_shards(self) -> list[torch.Tensor]:

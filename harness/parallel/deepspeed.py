@@ -1,0 +1,122 @@
+"""DeepSpeed ZeRO stages 1, 2 and 3 behind the same interface as FSDP2.
+
+DeepSpeed keeps the fp32 master weights and optimizer state partitioned across ranks and runs
+forward/backward in the compute dtype. It does not decide anything about loss scaling or
+clipping: harness.grad_scale reads the gradient partitions DeepSpeed holds after backward
+(`averaged_gradients`), makes the one global decision, and drives DeepSpeed through its external
+loss scale (`override_loss_scale`):
+
+- backward runs with harness's current scale;
+- a step runs with scale / clip_coef, so DeepSpeed's own unscale multiplies the fp32 gradient
+  partitions by exactly harness's clip_coef / scale (DeepSpeed's gradient_clipping is 0);
+- a skip leaves the non-finite values in place, so DeepSpeed's own overflow check (global, on the
+  same data) skips too. Both outcomes are checked with `was_step_applied()` after every step.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+
+import torch
+from torch import nn
+
+from harness.config import Config, TrainConfig
+from harness.optim import build_adamw, param_groups
+from harness.parallel.base import ParallelBackend
+from harness.parallel.deepspeed_json import runtime_config
+from harness.precision import PrecisionPolicy
+
+
+def _import_deepspeed(device: torch.device):
+    if device.type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    # DeepSpeed still calls collectives torch has renamed; the warning is about its code, not ours.
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.utils import logger
+
+    # harness reports skipped steps itself; DeepSpeed would repeat each one as a warning.
+    logger.setLevel(logging.ERROR)
+    if device.type == "cpu":
+        # DeepSpeed's CPU accelerator reports fp16 unsupported although CPU fp16 math works,
+        # and initialize() then refuses fp16 ("Type fp16 is not supported on your device").
+        get_accelerator().is_fp16_supported = lambda: True
+        # The shared-memory comm op is JIT-compiled on first init (~35 s on 2 cores) and only
+        # speeds up intra-node CPU collectives; gloo needs nothing from it.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    return deepspeed
+
+
+class DeepSpeedBackend(ParallelBackend):
+    name = "deepspeed"
+
+    def __init__(self, cfg: Config, policy: PrecisionPolicy, device: torch.device, world_size: int) -> None:
+        self.cfg = cfg
+        self.policy = policy
+        self.device = device
+        self.world_size = world_size
+        self.stage = cfg.parallel.zero_stage
+        self._step_scale = 1.0
+
+    def setup(self, model: nn.Module, train_cfg: TrainConfig) -> None:
+        deepspeed = _import_deepspeed(self.device)
+        self._names = {id(p): name for name, p in model.named_parameters()}
+        ds_config = runtime_config(self.cfg, self.world_size, hidden_size=model.config.hidden_size)
+        optimizer = build_adamw(param_groups(model, train_cfg.weight_decay), train_cfg, self.device)
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
+        )
+        self.model = self.engine
+        self.zero = self.engine.optimizer
+        self.name = f"deepspeed ZeRO-{self.stage}"
+
+    def backward(self, loss: torch.Tensor, loss_scale: float, last_micro_batch: bool) -> None:
+        self.zero.override_loss_scale(loss_scale)
+        self.engine.set_gradient_accumulation_boundary(last_micro_batch)
+        # harness already divided the loss by the number of micro-batches.
+        self.engine.backward(loss, scale_wrt_gas=False)
+
+    def local_grad_shards(self) -> list[tuple[str, torch.Tensor]]:
+        # ZeRO-1/2: this rank's slices of the flat gradient partition, one per parameter it
+        # (partly) owns. ZeRO-3: each parameter's gradient partition. Disjoint across ranks.
+        groups = self.zero.fp16_groups if self.stage == 3 else self.zero.params_in_partition
+        grads = self.zero.averaged_gradients
+        shards = []
+        for i, params in enumerate(groups):
+            group_grads = grads.get(i) if isinstance(grads, dict) else (grads[i] if i < len(grads) else None)
+            if group_grads is None:
+                continue
+            shards += [(self._names.get(id(p), f"group{i}.param{j}"), g) for j, (p, g) in enumerate(zip(params, group_grads))]
+        return shards
+
+    def local_param_shards(self) -> list[tuple[str, torch.Tensor]]:
+        flats = self.zero.fp32_partitioned_groups_flat if self.stage == 3 else self.zero.single_partition_of_fp32_groups
+        return [(f"fp32_partition.group{i}", flat) for i, flat in enumerate(flats)]
+
+    def optimizer_state_shards(self) -> list[torch.Tensor]:
+        return [
+            value
+            for state in self.zero.optimizer.state.values()
+            for value in state.values()
+            if isinstance(value, torch.Tensor) and value.numel() > 1
+        ]
+
+    def scale_grads(self, multiplier: float) -> None:
+        # Applied inside DeepSpeed's step, on the fp32 partitions: it divides by the loss scale.
+        self._step_scale = 1.0 / multiplier
+
+    def optimizer_step(self, lr: float) -> None:
+        for group in self.zero.param_groups:
+            group["lr"] = lr
+        self.zero.override_loss_scale(self._step_scale)
+        self.engine.step()
+        if not self.engine.was_step_applied():
+            raise RuntimeError("DeepSpeed skipped a step that harness's global check found finite")
+
+    def skip_step(self) -> None:
+        self.engine.step()
+        if self.engine.was_step_applied():
+            raise RuntimeError("DeepSpeed applied a step whose gradients harness found non-finite")

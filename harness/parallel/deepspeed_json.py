@@ -1,0 +1,303 @@
+"""Users' DeepSpeed JSON, read the way HF Trainer reads it, and the JSON harness hands DeepSpeed.
+
+`merge_into_config`: every DeepSpeed setting that has a harness equivalent (batch sizes, precision,
+the fp16 loss-scale knobs, gradient clipping, ZeRO stage, AdamW and warmup/decay schedule) lands
+in the harness config, so FSDP2 and ZeRO runs of the same config mean the same thing. "auto" takes
+the harness value. A concrete value is adopted unless the harness config set that key itself and
+disagrees, which is an error naming both values.
+
+`runtime_config`: what deepspeed.initialize receives. Loss scaling, clipping, the optimizer and the
+learning rate belong to harness (grad_scale.py, optim.py), so DeepSpeed gets a static loss scale
+that harness overrides every step, no clipping and a client optimizer; the user's other settings
+(ZeRO bucket sizes, overlap_comm, ...) pass through, with "auto" sizes filled as HF Trainer does.
+
+Pure Python on purpose: config.py uses it, and config.py imports no torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from harness.errors import ConfigError
+
+AUTO = "auto"
+_OWNED_BY_HARNESS = (
+    "train_batch_size",
+    "train_micro_batch_size_per_gpu",
+    "gradient_accumulation_steps",
+    "gradient_clipping",
+    "fp16",
+    "bf16",
+    "bfloat16",
+    "optimizer",
+    "scheduler",
+)
+_SCHEDULES = {"warmuplr": "constant", "warmupdecaylr": "linear", "warmupcosinelr": "cosine"}
+_UNSUPPORTED_ZERO_KEYS = ("offload_optimizer", "offload_param", "cpu_offload")
+
+
+def read_json(path: str) -> dict[str, Any]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise ConfigError(f"parallel.deepspeed_config {path!r} not found; point it at a DeepSpeed JSON file")
+    try:
+        data = json.loads(p.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"parallel.deepspeed_config {path!r} is not valid JSON (line {exc.lineno}: {exc.msg}); fix the file"
+        ) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"parallel.deepspeed_config {path!r} must hold a JSON object")
+    return data
+
+
+def _get(data: dict[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+class _Merger:
+    def __init__(self, cfg, explicit: set[str], source: str) -> None:
+        self.cfg = cfg
+        self.explicit = explicit
+        self.source = source
+
+    def harness_value(self, key: str) -> Any:
+        section, _, name = key.rpartition(".")
+        node = getattr(self.cfg, section) if section else self.cfg
+        return getattr(node, name)
+
+    def _set(self, key: str, value: Any) -> None:
+        section, _, name = key.rpartition(".")
+        node = getattr(self.cfg, section) if section else self.cfg
+        setattr(node, name, value)
+
+    def adopt(self, ds_key: str, ds_value: Any, key: str, value: Any) -> None:
+        """Make harness `key` equal `value` (derived from DeepSpeed's `ds_key`), or fail if it was set otherwise."""
+        current = self.harness_value(key)
+        if key in self.explicit and not _same(current, value):
+            raise ConfigError(
+                f"{self.source} {ds_key}={json.dumps(ds_value)} contradicts {key}={current} from the harness "
+                f'config; make them equal or write "auto" in the JSON'
+            )
+        self._set(key, value)
+
+    def number(self, data: dict[str, Any], ds_key: str, key: str, convert: Callable[[Any], Any] = float) -> None:
+        ds_value = _get(data, ds_key)
+        if ds_value is None or ds_value == AUTO:
+            return
+        try:
+            value = convert(ds_value)
+        except (TypeError, ValueError):
+            raise ConfigError(f'{self.source} {ds_key}={json.dumps(ds_value)} is not a number (or "auto")') from None
+        self.adopt(ds_key, ds_value, key, value)
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
+    return a == b
+
+
+def _integer(value: Any) -> int:
+    if isinstance(value, bool) or float(value) != int(float(value)):
+        raise ValueError(value)
+    return int(float(value))
+
+
+def merge_into_config(cfg, explicit: set[str]) -> None:
+    """Fold the JSON at cfg.parallel.deepspeed_config into cfg (see the module docstring)."""
+    path = cfg.parallel.deepspeed_config
+    data = read_json(path)
+    m = _Merger(cfg, explicit, f"deepspeed_config {Path(path).name}:")
+
+    m.number(data, "train_micro_batch_size_per_gpu", "train.micro_batch_size", _integer)
+    m.number(data, "gradient_accumulation_steps", "train.grad_accum", _integer)
+    m.number(data, "gradient_clipping", "train.grad_clip")
+    _merge_precision(data, m)
+    _merge_fp16_scaler(data, m)
+    _merge_zero(data, m)
+    _merge_optimizer(data, m)
+    _merge_scheduler(data, m)
+
+
+def _enabled(data: dict[str, Any], section: str) -> Optional[bool]:
+    value = _get(data, f"{section}.enabled")
+    if value is None or value == AUTO:
+        return None
+    if not isinstance(value, bool):
+        raise ConfigError(f'deepspeed_config {section}.enabled must be true, false or "auto" (got {value!r})')
+    return value
+
+
+def _merge_precision(data: dict[str, Any], m: _Merger) -> None:
+    fp16 = _enabled(data, "fp16")
+    bf16 = _enabled(data, "bf16")
+    if bf16 is None:
+        bf16 = _enabled(data, "bfloat16")
+    if fp16 and bf16:
+        raise ConfigError(f'{m.source} enables both fp16 and bf16; enable one (or write "auto")')
+    if fp16:
+        m.adopt("fp16.enabled", True, "precision", "fp16")
+        return
+    if bf16:
+        m.adopt("bf16.enabled", True, "precision", "bf16")
+        return
+    disabled = [name for name, flag in (("fp16", fp16), ("bf16", bf16)) if flag is False]
+    if not disabled:
+        return
+    # What DeepSpeed itself would run with these sections is fp32; a harness precision the JSON
+    # does not mention (bf16 beside "fp16": false) is no contradiction and stands.
+    current = m.harness_value("precision")
+    if "precision" in m.explicit and current not in disabled:
+        return
+    m.adopt(f"{disabled[0]}.enabled", False, "precision", "fp32")
+
+
+def _merge_fp16_scaler(data: dict[str, Any], m: _Merger) -> None:
+    power = _get(data, "fp16.initial_scale_power")
+    if power is not None and power != AUTO:
+        m.adopt("fp16.initial_scale_power", power, "scaler.init_scale", float(2.0 ** _integer(power)))
+    m.number(data, "fp16.loss_scale_window", "scaler.growth_interval", _integer)
+    m.number(data, "fp16.hysteresis", "scaler.hysteresis", _integer)
+    m.number(data, "fp16.min_loss_scale", "scaler.min_scale")
+    consecutive = _get(data, "fp16.consecutive_hysteresis")
+    if isinstance(consecutive, bool):
+        m.adopt("fp16.consecutive_hysteresis", consecutive, "scaler.consecutive_hysteresis", consecutive)
+    static = _get(data, "fp16.loss_scale")
+    if static is not None and static != AUTO:
+        if float(static) > 0:
+            # DeepSpeed: loss_scale > 0 is a static scale of that value.
+            m.adopt("fp16.loss_scale", static, "scaler.dynamic", False)
+            m.adopt("fp16.loss_scale", static, "scaler.init_scale", float(static))
+        else:
+            m.adopt("fp16.loss_scale", static, "scaler.dynamic", True)
+
+
+def _merge_zero(data: dict[str, Any], m: _Merger) -> None:
+    zero = data.get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        raise ConfigError(f"{m.source} zero_optimization must be an object")
+    stage = zero.get("stage")
+    if stage is not None and stage != AUTO:
+        if stage not in (1, 2, 3):
+            raise ConfigError(
+                f"{m.source} zero_optimization.stage={stage!r}: harness runs ZeRO stages 1, 2 or 3 "
+                "(stage 0 is plain data parallel: use parallel.backend=fsdp2)"
+            )
+        m.adopt("zero_optimization.stage", stage, "parallel.zero_stage", stage)
+    for key in _UNSUPPORTED_ZERO_KEYS:
+        value = zero.get(key)
+        if value and (not isinstance(value, dict) or value.get("device", "none") not in ("none", None)):
+            raise ConfigError(
+                f"{m.source} zero_optimization.{key} is not supported by harness yet (its gradients live in a "
+                "host buffer the shared loss-scale/clip module does not read); remove it"
+            )
+
+
+def _merge_optimizer(data: dict[str, Any], m: _Merger) -> None:
+    optimizer = data.get("optimizer")
+    if not optimizer:
+        return
+    kind = str(optimizer.get("type", "")).lower()
+    if kind not in ("adam", "adamw"):
+        raise ConfigError(f"{m.source} optimizer.type={optimizer.get('type')!r}: harness trains with AdamW; use Adam/AdamW")
+    params = optimizer.get("params") or {}
+    m.number(params, "lr", "train.lr")
+    m.number(params, "eps", "train.eps")
+    m.number(params, "weight_decay", "train.weight_decay")
+    betas = params.get("betas")
+    if isinstance(betas, list) and len(betas) == 2:
+        for i, key in enumerate(("train.beta1", "train.beta2")):
+            if betas[i] != AUTO:
+                m.adopt(f"optimizer.params.betas[{i}]", betas[i], key, float(betas[i]))
+
+
+def _merge_scheduler(data: dict[str, Any], m: _Merger) -> None:
+    scheduler = data.get("scheduler")
+    if not scheduler:
+        return
+    kind = str(scheduler.get("type", ""))
+    if kind.lower() not in _SCHEDULES:
+        supported = ", ".join(("WarmupLR", "WarmupDecayLR", "WarmupCosineLR"))
+        raise ConfigError(f"{m.source} scheduler.type={kind!r} has no harness equivalent; use one of {supported}")
+    m.adopt("scheduler.type", kind, "train.lr_schedule", _SCHEDULES[kind.lower()])
+    params = scheduler.get("params") or {}
+    m.number(params, "warmup_num_steps", "train.warmup_steps", _integer)
+    m.number(params, "warmup_max_lr", "train.lr")
+    m.number(params, "total_num_steps", "train.steps", _integer)
+    ratio = params.get("cos_min_ratio")
+    if ratio is not None and ratio != AUTO:
+        m.adopt("scheduler.params.cos_min_ratio", ratio, "train.min_lr", float(ratio) * m.harness_value("train.lr"))
+
+
+def check_train_batch_size(cfg, world_size: int) -> None:
+    """train_batch_size needs the world size, so it is checked when the job starts."""
+    if not cfg.parallel.deepspeed_config:
+        return
+    value = read_json(cfg.parallel.deepspeed_config).get("train_batch_size")
+    if value is None or value == AUTO:
+        return
+    t = cfg.train
+    ours = t.micro_batch_size * t.grad_accum * world_size
+    if value != ours:
+        raise ConfigError(
+            f"deepspeed_config train_batch_size={value} contradicts train.micro_batch_size x train.grad_accum x "
+            f"world size = {t.micro_batch_size} x {t.grad_accum} x {world_size} = {ours}; fix one, or write \"auto\""
+        )
+
+
+def runtime_config(cfg, world_size: int, hidden_size: int) -> dict[str, Any]:
+    """The dict passed to deepspeed.initialize for this run."""
+    user = read_json(cfg.parallel.deepspeed_config) if cfg.parallel.deepspeed_config else {}
+    ds = {k: copy.deepcopy(v) for k, v in user.items() if k not in _OWNED_BY_HARNESS}
+    t = cfg.train
+    ds["train_micro_batch_size_per_gpu"] = t.micro_batch_size
+    ds["gradient_accumulation_steps"] = t.grad_accum
+    ds["train_batch_size"] = t.micro_batch_size * t.grad_accum * world_size
+    # harness clips (grad_scale.py) and folds the clip into the loss scale it gives DeepSpeed.
+    ds["gradient_clipping"] = 0.0
+    if cfg.precision == "fp16":
+        # A static scale that harness overrides before every backward and step.
+        ds["fp16"] = {"enabled": True, "loss_scale": 1.0}
+    elif cfg.precision == "bf16":
+        ds["bf16"] = {"enabled": True}
+    # Reduce gradients in fp32, as FSDP2 does here, unless the user chose otherwise.
+    ds.setdefault("communication_data_type", "fp32")
+    ds.setdefault("steps_per_print", 2**31 - 1)
+    ds.setdefault("wall_clock_breakdown", False)
+    zero = dict(ds.get("zero_optimization") or {})
+    zero["stage"] = cfg.parallel.zero_stage
+    _fill_auto_sizes(zero, hidden_size)
+    ds["zero_optimization"] = zero
+    _drop_remaining_auto(ds)
+    return ds
+
+
+def _fill_auto_sizes(zero: dict[str, Any], hidden: int) -> None:
+    # The same fills as HF Trainer's HfTrainerDeepSpeedConfig.
+    fills = {
+        "reduce_bucket_size": hidden * hidden,
+        "stage3_prefetch_bucket_size": int(0.9 * hidden * hidden),
+        "stage3_param_persistence_threshold": 10 * hidden,
+    }
+    for key, value in fills.items():
+        if zero.get(key) == AUTO:
+            zero[key] = value
+
+
+def _drop_remaining_auto(node: dict[str, Any]) -> None:
+    """Any "auto" harness has no value for falls back to DeepSpeed's default."""
+    for key in list(node):
+        if node[key] == AUTO:
+            del node[key]
+        elif isinstance(node[key], dict):
+            _drop_remaining_auto(node[key])

@@ -1,0 +1,191 @@
+"""DeepSpeed ZeRO-1/2/3 on 2 real gloo ranks against FSDP2 and a single-process loop: fp32 parity,
+the same skip/scale decisions under one fault schedule, global norm, clipping, sharded fp32
+state. All scenarios share one spawn (each rank pays the imports once)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tests.distributed import run_on_ranks
+from tests.reference import reference_fp32
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+STEPS = 6
+BACKENDS = {
+    "fsdp2": ["parallel.backend=fsdp2"],
+    "zero1": ["parallel.backend=deepspeed", "parallel.zero_stage=1"],
+    "zero2": ["parallel.backend=deepspeed", "parallel.zero_stage=2"],
+    "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
+}
+DRILL = [
+    "precision=fp16",
+    "train.steps=10",
+    "log.per_rank=true",
+    "scaler.init_scale=1024",
+    "scaler.hysteresis=2",
+    "scaler.growth_interval=2",
+    "faults.nonfinite_grad_steps=[2,3,6]",
+    "faults.nonfinite_value=[inf,inf,nan]",
+    "faults.nonfinite_grad_rank=1",
+]
+
+
+def _common(run_dir: str, *extra: str) -> list[str]:
+    return [f"run.dir={run_dir}", "log.progress=off", "eval.every=0", *extra]
+
+
+def _full_grad_norm(trainer, backend: str) -> float:
+    params = [p for p in trainer.backend.model.parameters()]
+    if backend == "fsdp2":
+        grads = [p.grad.full_tensor() for p in params]
+    else:
+        from deepspeed.utils import safe_get_full_grad
+
+        grads = [safe_get_full_grad(p) for p in params]
+    return math.sqrt(sum(g.double().square().sum().item() for g in grads))
+
+
+def _full_params(trainer, backend: str) -> np.ndarray:
+    named = list(trainer.backend.model.named_parameters())
+    if backend == "fsdp2":
+        tensors = [p.full_tensor() for _, p in named]
+    else:
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        tensors = [safe_get_full_fp32_param(p) for _, p in named]
+    return torch.cat([t.detach().float().reshape(-1) for t in tensors]).numpy()
+
+
+def _rank_scenarios(run_root: str) -> dict:
+    from harness import dist as hdist
+    from harness.config import load_config
+    from harness.optim import lr_at
+    from harness.trainer import build_trainer
+
+    info = hdist.rank_info_from_env()
+    device = torch.device("cpu")
+    hdist.init_process_group(info, "gloo", 120, device)
+    out: dict = {"rank": info.rank, "parity": {}, "train": {}}
+
+    parity_runs = dict(BACKENDS, zero2_accum=BACKENDS["zero2"] + ["train.micro_batch_size=1", "train.grad_accum=2"])
+    for label, backend_args in parity_runs.items():
+        backend = label.split("_")[0]
+        cfg = load_config(TINY, _common(f"{run_root}/{label}", "precision=fp32", f"train.steps={STEPS}", *backend_args))
+        trainer = build_trainer(cfg, info, device)
+        losses, norms, unsharded = [], [], []
+        for step in range(1, STEPS + 1):
+            local_loss = trainer.forward_backward(step, loss_scale=1.0)
+            unsharded.append(_full_grad_norm(trainer, backend))
+            decision = trainer.unscale_and_clip(step)
+            trainer.step_or_skip(decision, lr_at(step, cfg.train))
+            losses.append(trainer._global_mean(local_loss))
+            norms.append(decision.grad_norm)
+        params = _full_params(trainer, backend)  # collective: every rank gathers
+        out["parity"][label] = {
+            "losses": losses,
+            "norms": norms,
+            "unsharded": unsharded,
+            "params": params if info.rank == 0 else None,
+        }
+
+    for label, backend_args in BACKENDS.items():
+        cfg = load_config(TINY, _common(f"{run_root}/drill-{label}", *DRILL, *backend_args))
+        build_trainer(cfg, info, device).fit()
+
+    for precision in ("bf16", "fp16"):
+        cfg = load_config(
+            TINY,
+            _common(f"{run_root}/{precision}", f"precision={precision}", "train.steps=12", "train.lr=1.0e-2",
+                    *BACKENDS["zero3"]),
+        )
+        trainer = build_trainer(cfg, info, device)
+        summary = trainer.fit()
+        backend = trainer.backend
+        out["train"][precision] = {
+            "first_loss": summary.first_loss,
+            "final_loss": summary.final_loss,
+            "module_dtypes": sorted({str(p.dtype) for p in backend.model.module.parameters()}),
+            "master": [(str(t.dtype), t.numel()) for _, t in backend.local_param_shards()],
+            "state": [(str(t.dtype), t.numel()) for t in backend.optimizer_state_shards()],
+            "full_numel": sum(p.ds_numel for p in backend.model.module.parameters()),
+        }
+    return out
+
+
+@pytest.fixture(scope="module")
+def ranks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("deepspeed")
+    return root, run_on_ranks(_rank_scenarios, 2, str(root))
+
+
+def test_fp32_zero_stages_match_fsdp2_and_the_single_process_reference(ranks, tmp_path):
+    _, results = ranks
+    ref_losses, ref_norms = reference_fp32(TINY, _common(str(tmp_path), "precision=fp32", f"train.steps={STEPS}"))
+    for r in results:
+        for label, run in r["parity"].items():
+            assert run["losses"] == pytest.approx(ref_losses, abs=1e-5), label
+            assert run["losses"] == pytest.approx(r["parity"]["fsdp2"]["losses"], abs=1e-5), label
+            assert run["norms"][0] == pytest.approx(ref_norms[0], rel=1e-5), label
+            assert run["norms"] == pytest.approx(ref_norms, rel=1e-3), label
+
+
+def test_global_norm_is_unsharded_norm_identical_on_ranks_and_clipping_applied(ranks):
+    _, results = ranks
+    for r in results:
+        for label, run in r["parity"].items():
+            assert run["norms"] == pytest.approx(run["unsharded"], rel=1e-6), label
+            assert all(n > 1.0 for n in run["norms"]), "grad_clip=1.0 must be active in these steps"
+    for label in results[0]["parity"]:
+        assert results[0]["parity"][label]["norms"] == results[1]["parity"][label]["norms"], label
+    # After 6 clipped AdamW steps every backend holds the same fp32 master weights.
+    reference = results[0]["parity"]["fsdp2"]["params"]
+    for label, run in results[0]["parity"].items():
+        np.testing.assert_allclose(run["params"], reference, atol=2e-5, err_msg=label)
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_same_fault_schedule_gives_same_decisions_on_every_backend_and_rank(ranks):
+    root, _ = ranks
+    expected_skips = [s in (2, 3, 6) for s in range(1, 11)]
+    # init 1024, hysteresis 2: step 2 spends it, 3 halves, 6 halves (no growth in between to
+    # refill), then growth every 2 clean steps counted DeepSpeed's way (at steps 9 ...).
+    expected_scales = [1024, 1024, 1024, 512, 512, 512, 256, 256, 256, 512]
+    decisions = {}
+    for label in BACKENDS:
+        main = _rows(root / f"drill-{label}" / "metrics.jsonl")
+        assert [r["skipped"] for r in main] == expected_skips, label
+        assert [r["loss_scale"] for r in main] == expected_scales, label
+        for rank in (0, 1):
+            rows = _rows(root / f"drill-{label}" / "ranks" / f"rank-{rank}.jsonl")
+            decisions[(label, rank)] = [(r["step"], r["skipped"], r["loss_scale"]) for r in rows]
+            assert [r["grad_norm"] is None for r in rows] == expected_skips
+    assert len(set(map(tuple, decisions.values()))) == 1
+    fsdp2 = [r["grad_norm"] for r in _rows(root / "drill-fsdp2" / "metrics.jsonl") if not r["skipped"]]
+    for label in ("zero1", "zero2", "zero3"):
+        norms = [r["grad_norm"] for r in _rows(root / f"drill-{label}" / "metrics.jsonl") if not r["skipped"]]
+        assert norms == pytest.approx(fsdp2, rel=2e-3), label
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_zero3_mixed_precision_trains_with_sharded_fp32_master_and_state(ranks, precision):
+    _, results = ranks
+    compute = {"bf16": "torch.bfloat16", "fp16": "torch.float16"}[precision]
+    for r in results:
+        run = r["train"][precision]
+        assert run["final_loss"] < run["first_loss"] - 0.3, run
+        assert run["module_dtypes"] == [compute]  # the working copy DeepSpeed computes with
+        master_numel = sum(n for _, n in run["master"])
+        assert {d for d, _ in run["master"]} == {"torch.float32"}
+        assert abs(master_numel - run["full_numel"] / 2) <= 0.01 * run["full_numel"]
+        assert {d for d, _ in run["state"]} == {"torch.float32"}
+        assert sum(n for _, n in run["state"]) == 2 * master_numel
