@@ -176,6 +176,26 @@ class LogConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    every: int = 0
+    """Save a sharded checkpoint every N steps (and at the last step); 0 disables saving."""
+    keep_last: int = 3
+    """Keep the newest K complete checkpoints; older ones are deleted after each successful save."""
+    dir: str = ""
+    """Folder of step-<N> checkpoints. Default: <run.dir>/checkpoints."""
+
+
+@dataclass
+class ResumeConfig:
+    path: str = "none"
+    """auto: the newest complete checkpoint in checkpoint.dir (falling back past damaged ones); none; or a step-<N> folder. `resume=auto` is short for resume.path=auto."""
+    weights_only: bool = False
+    """Load only the model weights and start a new run from step 0 (fresh optimizer, scaler and data order)."""
+    allow_new_global_batch: bool = False
+    """Allow resuming with a different global batch (micro_batch_size x grad_accum x world size); the data position carries on from the sequences already consumed."""
+
+
+@dataclass
 class Config:
     run: RunConfig = field(default_factory=RunConfig)
     """Where the run lives."""
@@ -197,6 +217,10 @@ class Config:
     """Fault injection for tests and drills."""
     log: LogConfig = field(default_factory=LogConfig)
     """Console and metrics output."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    """Sharded checkpoints."""
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
+    """Where to resume from (resume=auto|none|PATH)."""
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -217,6 +241,8 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     for override in overrides:
         key, value = _parse_override(override)
         _set_dotted(raw, key, value)
+    if isinstance(raw.get("resume"), str):
+        raw["resume"] = {"path": raw["resume"]}  # resume=auto is short for resume.path=auto
     cfg = _build(Config, raw, prefix="")
     _fill_defaults(cfg, Path(path))
     if cfg.parallel.deepspeed_config:
@@ -267,6 +293,11 @@ def _parse_override(text: str) -> tuple[str, Any]:
 
 def _set_dotted(raw: dict[str, Any], key: str, value: Any) -> None:
     parts = key.split(".")
+    if parts[0] == "resume":  # resume=X is short for resume.path=X; both forms mix freely
+        if isinstance(raw.get("resume"), str):
+            raw["resume"] = {"path": raw["resume"]}
+        if len(parts) == 1 and isinstance(value, str):
+            parts = ["resume", "path"]
     node = raw
     for i, part in enumerate(parts[:-1]):
         child = node.get(part)
@@ -381,6 +412,8 @@ def _fill_defaults(cfg: Config, path: Path) -> None:
         cfg.run.name = path.stem
     if not cfg.run.dir:
         cfg.run.dir = str(Path("runs") / cfg.run.name)
+    if not cfg.checkpoint.dir:
+        cfg.checkpoint.dir = str(Path(cfg.run.dir) / "checkpoints")
 
 
 # --------------------------------------------------------------------------------------------
@@ -464,6 +497,10 @@ def validate(cfg: Config) -> None:
         cfg.log.peak_tflops is None or cfg.log.peak_tflops > 0,
         f"log.peak_tflops must be > 0 or null (got {cfg.log.peak_tflops})",
     )
+    c = cfg.checkpoint
+    _require(c.every >= 0, f"checkpoint.every must be >= 0 (0 disables checkpoints; got {c.every})")
+    _require(c.keep_last >= 1, f"checkpoint.keep_last must be >= 1 (got {c.keep_last})")
+    _require(bool(cfg.resume.path), "resume must be auto, none or a checkpoint folder (got an empty string)")
     _require(cfg.parallel.timeout_s >= 1, f"parallel.timeout_s must be >= 1 (got {cfg.parallel.timeout_s})")
 
 

@@ -20,14 +20,16 @@ bf16 and fp32 run with a fixed scale of 1 and the same non-finite detection and 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import dataclasses
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
 
+from harness.config import ScalerConfig
 
-@dataclass
+
 class DynamicLossScale:
     """DeepSpeed's DynamicLossScaler state machine (deepspeed/runtime/fp16/loss_scaler.py), as data.
 
@@ -36,47 +38,41 @@ class DynamicLossScale:
     `growth_interval` overflow-free steps have passed since the last overflow, exactly as
     DeepSpeed counts them. The counter refills when the scale grows, or after every overflow-free
     step with `consecutive_hysteresis`. An overflow at `min_scale` is fatal, as in DeepSpeed.
+    The settings are the `scaler.*` config; the rest is state.
     """
 
-    scale: float
-    growth_factor: float = 2.0
-    backoff_factor: float = 0.5
-    growth_interval: int = 1000
-    hysteresis: int = 2
-    consecutive_hysteresis: bool = False
-    min_scale: float = 1.0
-    dynamic: bool = True
-    iteration: int = 0
-    last_overflow_iteration: int = -1
-    hysteresis_left: int = field(default=-1)
-
-    def __post_init__(self) -> None:
-        if self.hysteresis_left < 0:
-            self.hysteresis_left = self.hysteresis
+    def __init__(self, settings: ScalerConfig) -> None:
+        self.settings = settings
+        self.scale = settings.init_scale
+        self.iteration = 0
+        self.last_overflow_iteration = -1
+        self.hysteresis_left = settings.hysteresis
 
     def at_floor(self) -> bool:
         """True when an overflow now would have to push the scale below min_scale."""
-        return self.dynamic and self.scale <= self.min_scale and (self.hysteresis == 1 or self.hysteresis_left == 1)
+        s = self.settings
+        return s.dynamic and self.scale <= s.min_scale and (s.hysteresis == 1 or self.hysteresis_left == 1)
 
     def update(self, overflow: bool) -> None:
-        if not self.dynamic:
+        s = self.settings
+        if not s.dynamic:
             self.iteration += 1
             return
         if overflow:
-            if self.hysteresis == 1 or self.hysteresis_left == 1:
-                self.scale = max(self.scale * self.backoff_factor, self.min_scale)
+            if s.hysteresis == 1 or self.hysteresis_left == 1:
+                self.scale = max(self.scale * s.backoff_factor, s.min_scale)
             else:
                 self.hysteresis_left -= 1
             self.last_overflow_iteration = self.iteration
         else:
-            if self.consecutive_hysteresis:
-                self.hysteresis_left = self.hysteresis
+            if s.consecutive_hysteresis:
+                self.hysteresis_left = s.hysteresis
             # DeepSpeed counts the steps strictly between the last overflow and this one.
             stable_steps = self.iteration - self.last_overflow_iteration - 1
-            if stable_steps > 0 and stable_steps % self.growth_interval == 0:
-                if not self.consecutive_hysteresis:
-                    self.hysteresis_left = self.hysteresis
-                self.scale *= self.growth_factor
+            if stable_steps > 0 and stable_steps % s.growth_interval == 0:
+                if not s.consecutive_hysteresis:
+                    self.hysteresis_left = s.hysteresis
+                self.scale *= s.growth_factor
         self.iteration += 1
 
     _STATE = ("scale", "iteration", "last_overflow_iteration", "hysteresis_left")
@@ -176,7 +172,7 @@ class GradScaler:
         abort = None
         if self.loss_scale.at_floor():
             abort = (
-                f"fp16 loss scale is at its floor (scaler.min_scale={self.loss_scale.min_scale:g}) and the "
+                f"fp16 loss scale is at its floor (scaler.min_scale={self.loss_scale.settings.min_scale:g}) and the "
                 f"gradients still overflow; the run is diverging: lower train.lr, check the data, "
                 f"or use precision=bf16"
             )
@@ -212,20 +208,8 @@ class GradScaler:
 
 
 def build_grad_scaler(
-    scaler_cfg, uses_loss_scaling: bool, grad_clip: float, device: torch.device
+    scaler_cfg: ScalerConfig, uses_loss_scaling: bool, grad_clip: float, device: torch.device
 ) -> GradScaler:
     """fp16: the configured dynamic (or static) scale. bf16/fp32: a fixed scale of 1."""
-    if uses_loss_scaling:
-        loss_scale = DynamicLossScale(
-            scale=scaler_cfg.init_scale,
-            growth_factor=scaler_cfg.growth_factor,
-            backoff_factor=scaler_cfg.backoff_factor,
-            growth_interval=scaler_cfg.growth_interval,
-            hysteresis=scaler_cfg.hysteresis,
-            consecutive_hysteresis=scaler_cfg.consecutive_hysteresis,
-            min_scale=scaler_cfg.min_scale,
-            dynamic=scaler_cfg.dynamic,
-        )
-    else:
-        loss_scale = DynamicLossScale(scale=1.0, dynamic=False)
-    return GradScaler(loss_scale, grad_clip, scaler_cfg.max_consecutive_skips, device)
+    settings = scaler_cfg if uses_loss_scaling else dataclasses.replace(scaler_cfg, init_scale=1.0, dynamic=False)
+    return GradScaler(DynamicLossScale(settings), grad_clip, scaler_cfg.max_consecutive_skips, device)

@@ -42,11 +42,13 @@ def test_scale_trajectory_equals_deepspeed_dynamic_loss_scaler(deepspeed_scaler_
         raise_error_at_min_scale=True,
     )
     ours = DynamicLossScale(
-        scale=2.0 ** case["init_power"],
-        growth_interval=case["window"],
-        hysteresis=case["hysteresis"],
-        consecutive_hysteresis=case["consecutive"],
-        min_scale=case["min_scale"],
+        ScalerConfig(
+            init_scale=2.0 ** case["init_power"],
+            growth_interval=case["window"],
+            hysteresis=case["hysteresis"],
+            consecutive_hysteresis=case["consecutive"],
+            min_scale=case["min_scale"],
+        )
     )
     rng = random.Random(case["seed"])
     for i in range(80):
@@ -62,7 +64,7 @@ def test_scale_trajectory_equals_deepspeed_dynamic_loss_scaler(deepspeed_scaler_
 
 
 def test_hysteresis_rule_by_hand():
-    s = DynamicLossScale(scale=1024.0, growth_interval=2, hysteresis=2)
+    s = DynamicLossScale(ScalerConfig(init_scale=1024.0, growth_interval=2, hysteresis=2))
     trajectory = []
     for overflow in [True, True, False, False, False, True, True]:
         s.update(overflow)
@@ -79,25 +81,25 @@ def test_hysteresis_rule_by_hand():
 
 
 def test_consecutive_hysteresis_refills_after_every_clean_step():
-    s = DynamicLossScale(scale=1024.0, growth_interval=100, hysteresis=2, consecutive_hysteresis=True)
+    s = DynamicLossScale(ScalerConfig(init_scale=1024.0, growth_interval=100, hysteresis=2, consecutive_hysteresis=True))
     for overflow in [True, False, True, False, True]:
         s.update(overflow)
     assert s.scale == 1024.0  # never two overflows in a row, so never a back-off
 
 
 def test_min_scale_floor_and_at_floor():
-    s = DynamicLossScale(scale=4.0, hysteresis=1, min_scale=2.0)
+    s = DynamicLossScale(ScalerConfig(init_scale=4.0, hysteresis=1, min_scale=2.0))
     assert not s.at_floor()
     s.update(True)
     assert s.scale == 2.0 and s.at_floor()
 
 
 def test_state_dict_round_trip_continues_identically():
-    a = DynamicLossScale(scale=2.0**16, growth_interval=3, hysteresis=2)
+    a = DynamicLossScale(ScalerConfig(init_scale=2.0**16, growth_interval=3, hysteresis=2))
     pattern = [False, True, False, False, True, True, False, False, False, False]
     for overflow in pattern:
         a.update(overflow)
-    b = DynamicLossScale(scale=1.0, growth_interval=3, hysteresis=2)
+    b = DynamicLossScale(ScalerConfig(init_scale=1.0, growth_interval=3, hysteresis=2))
     b.load_state_dict(a.state_dict())
     for overflow in pattern:
         a.update(overflow)
