@@ -8,6 +8,7 @@ from typing import Callable, Optional, Sequence
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("harness.train", "run one rank of a training job (same as python -m harness.train)"),
+    "export": ("harness.export", "write a Hugging Face folder from a checkpoint (any backend, any world size)"),
 }
 
 
@@ -28,6 +29,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.exit(2)
     import importlib
 
+    from harness import quiet_deepspeed_without_gpus
+
+    quiet_deepspeed_without_gpus()
     module = importlib.import_module(COMMANDS[command][0])
     entry: Callable[[Sequence[str]], int] = module.main
     exit_process(entry(rest))

@@ -161,6 +161,8 @@ class FaultsConfig:
     """The value written: inf, -inf or nan, or a list with one value per step in nonfinite_grad_steps."""
     nonfinite_grad_param: Optional[str] = None
     """Dotted parameter name (as in named_parameters) to corrupt. Default: the first one with a local shard."""
+    kill_at_step: int = 0
+    """Every rank SIGKILLs itself right after step N (and its checkpoint, if one is due): a crash drill. 0: never."""
 
 
 @dataclass
@@ -490,6 +492,7 @@ def validate(cfg: Config) -> None:
             f"faults.nonfinite_value has {len(f.nonfinite_value)} values for "
             f"{len(f.nonfinite_grad_steps)} faults.nonfinite_grad_steps; give one value, or one per step",
         )
+    _require(0 <= f.kill_at_step <= t.steps, f"faults.kill_at_step must be in 0..train.steps={t.steps} (got {f.kill_at_step})")
     _require(f.nonfinite_grad_rank >= 0, f"faults.nonfinite_grad_rank must be >= 0 (got {f.nonfinite_grad_rank})")
 
     _require(cfg.log.every >= 1, f"log.every must be >= 1 (got {cfg.log.every})")

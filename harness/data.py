@@ -244,9 +244,21 @@ class BatchShape:
 
 
 class TrainBatches:
-    """This rank's micro-batches for any step, computed from the step number alone."""
+    """This rank's micro-batches for any step, computed from the step number alone.
 
-    def __init__(self, sequences: PackedSequences, seed: int, shape: BatchShape, rank: int) -> None:
+    A resumed run starts at (`start_step`, `start_offset`): the step it resumes after and how
+    many sequences the run had consumed by then, so the stream continues with no sequence
+    repeated or skipped, even if the global batch changed on resume."""
+
+    def __init__(
+        self,
+        sequences: PackedSequences,
+        seed: int,
+        shape: BatchShape,
+        rank: int,
+        start_step: int = 0,
+        start_offset: int = 0,
+    ) -> None:
         if len(sequences) < shape.global_batch:
             raise HarnessError(
                 f"the training split has {len(sequences)} sequences of {sequences.seq_len + 1} tokens, fewer than "
@@ -256,11 +268,16 @@ class TrainBatches:
         self.order = GlobalOrder(len(sequences), seed)
         self.shape = shape
         self.rank = rank
+        self.start_step = start_step
+        self.start_offset = start_offset
+
+    def consumed_after(self, step: int) -> int:
+        """Sequences the run has consumed once step `step` is done."""
+        return self.start_offset + (step - self.start_step) * self.shape.global_batch
 
     def global_indices(self, step: int) -> np.ndarray:
         """The sequence indices of step `step` (1-based), in global-batch order."""
-        g = self.shape.global_batch
-        return self.order.take((step - 1) * g, g)
+        return self.order.take(self.consumed_after(step - 1), self.shape.global_batch)
 
     def micro_batches(self, step: int) -> list[torch.Tensor]:
         per_rank = self.shape.micro_batch_size * self.shape.grad_accum

@@ -137,6 +137,10 @@ def device_for(info: RankInfo, dist_backend: str) -> torch.device:
 def init_process_group(info: RankInfo, dist_backend: str, timeout_s: int, device: torch.device) -> None:
     timeout = timedelta(seconds=timeout_s)
     if info.world_size == 1 and info.launcher == "none":
+        # Libraries that read the launcher's variables (DeepSpeed asserts on LOCAL_RANK) see a
+        # world of one, as torchrun would describe it.
+        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
+            os.environ.setdefault(name, value)
         # A world of one needs no rendezvous port; FSDP2 still wants a process group.
         dist.init_process_group(dist_backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         return

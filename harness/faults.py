@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import math
+import os
+import signal
+import sys
 from typing import Optional, Sequence
 
 import torch
@@ -21,6 +24,14 @@ class FaultInjector:
         self.value_at = dict(zip(cfg.nonfinite_grad_steps, names))
         self.active = rank == cfg.nonfinite_grad_rank and bool(self.value_at)
         self.param = cfg.nonfinite_grad_param
+        self.kill_at_step = cfg.kill_at_step
+
+    def maybe_kill(self, step: int) -> None:
+        """The crash drill: die the way a preempted or OOM-killed job dies, with no cleanup."""
+        if step == self.kill_at_step:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
 
     def maybe_corrupt(self, step: int, named_grads: Sequence[tuple[str, torch.Tensor]]) -> Optional[str]:
         """Write the step's value into one element of one local gradient shard.

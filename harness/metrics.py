@@ -57,18 +57,33 @@ def strict_json(value: Any) -> Any:
     return value
 
 
+def _rows_up_to(path: Path, step: int) -> list[str]:
+    if not path.exists():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            if json.loads(line)["step"] <= step:
+                kept.append(line)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            continue  # a line cut off by the interruption
+    return kept
+
+
 class MetricsWriter:
     """Appends rows to metrics.jsonl on rank 0 and, with per_rank, ranks/rank-<r>.jsonl everywhere."""
 
-    def __init__(self, run_dir: Path, rank: int, per_rank: bool, fresh: bool) -> None:
+    def __init__(self, run_dir: Path, rank: int, per_rank: bool, resume_step: Optional[int] = None) -> None:
+        """A fresh run starts the files empty; a run resumed after step k keeps rows 1..k and
+        drops the rows an interrupted attempt wrote after its last checkpoint."""
         self.main_path = run_dir / "metrics.jsonl" if rank == 0 else None
         self.rank_path = run_dir / "ranks" / f"rank-{rank}.jsonl" if per_rank else None
         for path in (self.main_path, self.rank_path):
             if path is None:
                 continue
             path.parent.mkdir(parents=True, exist_ok=True)
-            if fresh:
-                path.write_text("")
+            kept = _rows_up_to(path, resume_step) if resume_step is not None else []
+            path.write_text("".join(line + "\n" for line in kept))
 
     def write(self, row: dict[str, Any]) -> None:
         if self.main_path is not None:

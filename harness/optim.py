@@ -7,6 +7,7 @@ same on every rank and after any resume.
 from __future__ import annotations
 
 import math
+from typing import Iterable, Optional
 
 import torch
 from torch import nn
@@ -44,3 +45,35 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     if cfg.lr_schedule == "linear":
         return cfg.lr - (cfg.lr - cfg.min_lr) * progress
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def ensure_adam_state(optimizer: torch.optim.Optimizer, params: Optional[Iterable[torch.Tensor]] = None) -> None:
+    """Create AdamW's state (zero moments, step 0) where no step has created it yet, exactly as
+    AdamW's first step would, so a checkpoint can be loaded into a fresh optimizer. `params`
+    defaults to the optimizer's param groups (DeepSpeed ZeRO-3 fills those only during step)."""
+    on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
+    if params is None:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+    for p in params:
+        if "exp_avg" in optimizer.state.get(p, {}):
+            continue
+        step = torch.zeros((), dtype=torch.float32, device=p.device) if on_device else torch.tensor(0.0)
+        optimizer.state[p] = {
+            "step": step,
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format),
+        }
+
+
+def adam_step_count(optimizer: torch.optim.Optimizer) -> int:
+    """How many steps AdamW has applied (skipped steps excluded); the same for every parameter."""
+    for state in optimizer.state.values():
+        if "step" in state:
+            return int(state["step"])
+    return 0
+
+
+def set_adam_step_count(optimizer: torch.optim.Optimizer, count: int) -> None:
+    for state in optimizer.state.values():
+        if "step" in state:
+            state["step"].fill_(count)

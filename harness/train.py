@@ -60,7 +60,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _run(cfg) -> int:
-    from harness import dist
+    from harness import dist, quiet_deepspeed_without_gpus
+
+    quiet_deepspeed_without_gpus()
     from harness.trainer import build_trainer
 
     info = dist.rank_info_from_env()

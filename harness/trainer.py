@@ -12,6 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from harness.checkpoint import choose_resume, load_checkpoint, save_checkpoint, trainer_state_for
 from harness.config import Config, dump_yaml
 from harness.console import Progress, RunSummary, print0
 from harness.data import BatchShape, PackedSequences, TrainBatches, eval_batches, load_corpus
@@ -40,6 +41,9 @@ class Trainer:
     metrics: MetricsWriter
     flops_per_token: float
     peak_tflops: Optional[float]
+    model_config_json: str
+    start_step: int = 0
+    """The step a resumed run continues after (0 for a fresh run)."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -53,19 +57,24 @@ class Trainer:
         eval_loss = None
         steady_tokens, steady_time = 0, 0.0
         row: dict = {}
+        first = self.start_step + 1
         try:
-            for step in range(1, cfg.train.steps + 1):
+            for step in range(first, cfg.train.steps + 1):
                 row, decision = self.train_step(step)
                 if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                     eval_loss = row["eval_loss"] = self.evaluate()
                 self.metrics.write(row)
                 progress.update(row)
                 losses.append(row["loss"])
-                if step > 1 or cfg.train.steps == 1:
+                if step > first or cfg.train.steps == first:
                     steady_tokens += self.tokens_per_step
                     steady_time += row["step_time_s"]
                 if decision.abort_reason:
                     raise TrainingAborted(f"step {step}: {decision.abort_reason}")
+                every = cfg.checkpoint.every
+                if every and (step % every == 0 or step == cfg.train.steps):
+                    self.save_checkpoint(step)
+                self.faults.maybe_kill(step)
         finally:
             progress.close()
         tokens_per_s = steady_tokens / steady_time if steady_time > 0 else 0.0
@@ -75,7 +84,7 @@ class Trainer:
             first_loss=losses[0] if losses else None,
             final_loss=losses[-1] if losses else None,
             eval_loss=eval_loss,
-            tokens=cfg.train.steps * self.tokens_per_step,
+            tokens=self.batches.consumed_after(cfg.train.steps) * cfg.train.seq_len,
             tokens_per_s=tokens_per_s,
             mfu=self._mfu(tokens_per_s),
             peak_mem_gb=peak_memory_gb(self.device),
@@ -98,13 +107,31 @@ class Trainer:
             "grad_norm": decision.grad_norm,
             "loss_scale": decision.loss_scale,
             "skipped": decision.skipped,
-            "tokens": step * self.tokens_per_step,
+            "tokens": self.batches.consumed_after(step) * self.cfg.train.seq_len,
             "tokens_per_s": tokens_per_s,
             "mfu": self._mfu(tokens_per_s),
             "mem_gb": peak_memory_gb(self.device),
             "step_time_s": step_time,
         }
         return row, decision
+
+    def save_checkpoint(self, step: int) -> Path:
+        started = time.perf_counter()
+        state = trainer_state_for(
+            step=step,
+            consumed=self.batches.consumed_after(step),
+            global_batch=self.batches.shape.global_batch,
+            world_size=self.info.world_size,
+            scaler_state=self.scaler.state_dict(),
+            backend=self.backend,
+        )
+        path = save_checkpoint(
+            Path(self.cfg.checkpoint.dir), step, self.backend, state, self.cfg, self.model_config_json,
+            self.info, self.device, self.cfg.checkpoint.keep_last,
+        )
+        size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
+        print0(self.info.rank, f"checkpoint {path} saved ({size:.1f} MiB, {time.perf_counter() - started:.1f}s)")
+        return path
 
     def forward_backward(self, step: int, loss_scale: float) -> torch.Tensor:
         """Accumulate this rank's gradients for step `step`; returns its mean (unscaled) loss."""
@@ -186,6 +213,7 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
     print0(info.rank, f"data: {corpus.description}; {len(corpus.train):,} train / {len(corpus.val):,} val tokens")
     model = build_model(cfg.model, corpus.vocab_size, cfg.train.seed)
     model_name = type(model).__name__
+    model_config_json = model.config.to_json_string()
     n_params = sum(p.numel() for p in model.parameters())
     fpt = flops_per_token(model, cfg.train.seq_len)
     backend = build_backend(cfg, policy, device, info.world_size)
@@ -199,7 +227,20 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
     torch.manual_seed(cfg.train.seed + 1 + info.rank)
 
     shape = BatchShape(cfg.train.micro_batch_size, cfg.train.grad_accum, info.world_size)
-    batches = TrainBatches(PackedSequences(corpus.train, cfg.train.seq_len), cfg.train.seed, shape, info.rank)
+    scaler = build_grad_scaler(cfg.scaler, policy.uses_loss_scaling, cfg.train.grad_clip, device)
+    start_step, start_offset = 0, 0
+    resume_path = choose_resume(cfg, info)
+    if resume_path is not None:
+        state = load_checkpoint(resume_path, backend, cfg, info, device, shape.global_batch)
+        if state is None:
+            print0(info.rank, f"resume: weights from {resume_path}; a new run from step 0")
+        else:
+            start_step, start_offset = state.step, state.sequences_consumed
+            scaler.load_state_dict(state.scaler)
+            print0(info.rank, f"resume: continuing after step {state.step} of {resume_path}")
+    batches = TrainBatches(
+        PackedSequences(corpus.train, cfg.train.seq_len), cfg.train.seed, shape, info.rank, start_step, start_offset
+    )
     eval_data = []
     if cfg.eval.every:
         val = PackedSequences(corpus.val, cfg.train.seq_len)
@@ -210,11 +251,13 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
         info=info,
         device=device,
         backend=backend,
-        scaler=build_grad_scaler(cfg.scaler, policy.uses_loss_scaling, cfg.train.grad_clip, device),
+        scaler=scaler,
         batches=batches,
         eval_data=eval_data,
         faults=FaultInjector(cfg.faults, info.rank),
-        metrics=MetricsWriter(run_dir, info.rank, cfg.log.per_rank, fresh=True),
+        metrics=MetricsWriter(run_dir, info.rank, cfg.log.per_rank, resume_step=start_step if resume_path else None),
         flops_per_token=fpt,
         peak_tflops=device_peak_tflops(device, policy, cfg.log.peak_tflops),
+        model_config_json=model_config_json,
+        start_step=start_step,
     )

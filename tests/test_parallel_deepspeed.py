@@ -112,8 +112,11 @@ def _rank_scenarios(run_root: str) -> dict:
             "first_loss": summary.first_loss,
             "final_loss": summary.final_loss,
             "module_dtypes": sorted({str(p.dtype) for p in backend.model.module.parameters()}),
-            "master": [(str(t.dtype), t.numel()) for _, t in backend.local_param_shards()],
-            "state": [(str(t.dtype), t.numel()) for t in backend.optimizer_state_shards()],
+            # The flat fp32 partitions AdamW steps on, and its moments, as the optimizer holds them.
+            "master": [(str(flat.dtype), flat.numel()) for flat in backend.torch_optimizer.state],
+            "state": [(str(v.dtype), v.numel()) for st in backend.torch_optimizer.state.values()
+                      for v in st.values() if v.numel() > 1],
+            "pieces": sum(piece.numel for piece in backend.state_pieces()),
             "full_numel": sum(p.ds_numel for p in backend.model.module.parameters()),
         }
     return out
@@ -189,3 +192,4 @@ def test_zero3_mixed_precision_trains_with_sharded_fp32_master_and_state(ranks, 
         assert abs(master_numel - run["full_numel"] / 2) <= 0.01 * run["full_numel"]
         assert {d for d, _ in run["state"]} == {"torch.float32"}
         assert sum(n for _, n in run["state"]) == 2 * master_numel
+        assert abs(run["pieces"] - run["full_numel"] / 2) <= 0.01 * run["full_numel"]

@@ -56,11 +56,12 @@ def _rank_scenarios(run_root: str) -> dict:
     out["param_types"] = sorted({(type(p).__name__, str(p.dtype)) for p in params})
     out["placements"] = sorted({str(p.placements) for p in params if isinstance(p, DTensor)})
     out["all_shard0"] = all(isinstance(p, DTensor) and p.placements == (Shard(0),) for p in params)
-    out["local_param_numel"] = sum(t.numel() for _, t in trainer.backend.local_param_shards())
+    out["local_param_numel"] = sum(p.to_local().numel() for p in params)
     out["full_param_numel"] = sum(p.numel() for p in params)
-    state = trainer.backend.optimizer_state_shards()
+    state = [v for st in trainer.backend.torch_optimizer.state.values() for v in st.values() if v.numel() > 1]
     out["optim_state_dtypes"] = sorted({str(t.dtype) for t in state})
-    out["optim_state_numel"] = sum(t.numel() for t in state)
+    out["optim_state_numel"] = sum(t.to_local().numel() for t in state)
+    out["piece_numel"] = sum(piece.numel for piece in trainer.backend.state_pieces())
 
     # bf16 / fp16: whole runs through fit(); the compute dtype is observed inside a block.
     for precision in ("bf16", "fp16"):
@@ -79,7 +80,7 @@ def _rank_scenarios(run_root: str) -> dict:
             "skipped": summary.skipped,
             "block_output_dtypes": sorted(seen),
             "param_dtypes": sorted({str(p.dtype) for p in trainer.backend.model.parameters()}),
-            "local_numel": sum(t.numel() for _, t in trainer.backend.local_param_shards()),
+            "local_numel": sum(p.to_local().numel() for p in trainer.backend.model.parameters()),
         }
     return out
 
@@ -123,6 +124,7 @@ def test_params_and_optimizer_state_are_fp32_and_sharded(ranks):
         assert abs(r["local_param_numel"] - full / 2) <= 0.01 * full
         assert r["optim_state_dtypes"] == ["torch.float32"]
         assert r["optim_state_numel"] == 2 * r["local_param_numel"]  # exp_avg + exp_avg_sq
+        assert r["piece_numel"] == r["local_param_numel"]
     assert sum(r["local_param_numel"] for r in ranks) == full
 
 

@@ -3,11 +3,36 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from harness.config import TrainConfig
+
+STATE_KINDS = ("param", "exp_avg", "exp_avg_sq")
+"""What a checkpoint holds per parameter: the fp32 master weight and AdamW's two moments."""
+
+
+@dataclass
+class StatePiece:
+    """This rank's contiguous piece of one parameter, in the parameter's flattened element space.
+
+    Every backend's sharding (FSDP2 dim-0 shards, ZeRO-3 per-parameter partitions, ZeRO-1/2
+    slices of a flat buffer) is a set of such pieces, which is what lets a checkpoint written by
+    one backend and world size be read by any other."""
+
+    name: str
+    shape: tuple[int, ...]
+    """The full (unsharded) shape."""
+    offset: int
+    """Index of this piece's first element in the flattened full tensor."""
+    tensors: dict[str, torch.Tensor]
+    """STATE_KINDS -> writable 1-D fp32 views of equal length into the live state."""
+
+    @property
+    def numel(self) -> int:
+        return self.tensors["param"].numel()
 
 
 class ParallelBackend(ABC):
@@ -36,9 +61,6 @@ class ParallelBackend(ABC):
         """(parameter name, this rank's piece of its gradient); pieces are disjoint across ranks,
         so sums over them add up to the full gradient. Writable in place."""
 
-    @abstractmethod
-    def local_param_shards(self) -> list[tuple[str, torch.Tensor]]:
-        """(parameter name, this rank's piece of its fp32 master weight)."""
 
     @abstractmethod
     def scale_grads(self, multiplier: float) -> None:
@@ -52,6 +74,15 @@ class ParallelBackend(ABC):
     def skip_step(self) -> None:
         """Discard this step's (non-finite) gradients without touching weights or optimizer state."""
 
+    @property
     @abstractmethod
-    def optimizer_state_shards(self) -> list[torch.Tensor]:
-        """This rank's optimizer state tensors (e.g. Adam moments), for memory accounting and tests."""
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        """The torch AdamW holding this rank's fp32 master partitions and moments."""
+
+    @abstractmethod
+    def state_pieces(self) -> list[StatePiece]:
+        """This rank's pieces of every parameter's master weight and moments (moments are created,
+        zero, if no step has run yet). Writing into the views changes the live state."""
+
+    def after_state_load(self) -> None:
+        """Called after state_pieces() views were overwritten (e.g. refresh low-precision copies)."""

@@ -23,15 +23,15 @@ import torch
 from torch import nn
 
 from harness.config import Config, TrainConfig
-from harness.optim import build_adamw, param_groups
-from harness.parallel.base import ParallelBackend
+from harness.optim import build_adamw, ensure_adam_state, param_groups
+from harness.parallel.base import STATE_KINDS, ParallelBackend, StatePiece
 from harness.parallel.deepspeed_json import runtime_config
 from harness.precision import PrecisionPolicy
 
 
 def _import_deepspeed(device: torch.device):
     if device.type == "cpu":
-        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # a CPU run on a GPU node stays on the CPU
     # DeepSpeed still calls collectives torch has renamed; the warning is about its code, not ours.
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     import deepspeed
@@ -92,17 +92,63 @@ class DeepSpeedBackend(ParallelBackend):
             shards += [(self._names.get(id(p), f"group{i}.param{j}"), g) for j, (p, g) in enumerate(zip(params, group_grads))]
         return shards
 
-    def local_param_shards(self) -> list[tuple[str, torch.Tensor]]:
-        flats = self.zero.fp32_partitioned_groups_flat if self.stage == 3 else self.zero.single_partition_of_fp32_groups
-        return [(f"fp32_partition.group{i}", flat) for i, flat in enumerate(flats)]
+    @property
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        return self.zero.optimizer
 
-    def optimizer_state_shards(self) -> list[torch.Tensor]:
-        return [
-            value
-            for state in self.zero.optimizer.state.values()
-            for value in state.values()
-            if isinstance(value, torch.Tensor) and value.numel() > 1
-        ]
+    def state_pieces(self) -> list[StatePiece]:
+        ensure_adam_state(self.zero.optimizer, self._fp32_flats())
+        return self._zero3_pieces() if self.stage == 3 else self._zero12_pieces()
+
+    def _fp32_flats(self) -> list[torch.Tensor]:
+        """The fp32 master partitions AdamW steps on (one per parameter group / ZeRO-3 sub-group)."""
+        if self.stage == 3:
+            return list(self.zero.fp32_partitioned_groups_flat)
+        return list(self.zero.single_partition_of_fp32_groups)
+
+    def _zero3_pieces(self) -> list[StatePiece]:
+        # Each parameter is split into world-size partitions of partition_numel() elements (the
+        # last one padded); this rank's lies at grad_position inside its sub-group's fp32 flat.
+        z = self.zero
+        pieces = []
+        for group in z.fp16_groups:
+            for p in group:
+                group_idx, start, partition_numel = z.grad_position[z.get_param_id(p)]
+                offset = z._get_param_partition_rank(p) * partition_numel
+                length = max(0, min(partition_numel, p.ds_numel - offset))
+                flat = z.fp32_partitioned_groups_flat[group_idx]
+                state = z.optimizer.state[flat]
+                tensors = {"param": flat.narrow(0, start, length)}
+                tensors.update({kind: state[kind].narrow(0, start, length) for kind in STATE_KINDS[1:]})
+                pieces.append(StatePiece(self._names[id(p)], tuple(p.ds_shape), offset, tensors))
+        return pieces
+
+    def _zero12_pieces(self) -> list[StatePiece]:
+        # Each rank owns a slice of the flattened parameter groups; DeepSpeed maps every
+        # parameter it (partly) owns to that slice in `_hp_mapping` (None where it owns nothing).
+        z = self.zero
+        pieces = []
+        for group in z.bit16_groups:
+            for p in group:
+                fragment = getattr(p, "_hp_mapping", None)
+                if fragment is None:
+                    continue
+                flat = z.single_partition_of_fp32_groups[fragment.param_group_index]
+                state = z.optimizer.state[flat]
+                start, length = fragment.hp_fragment_address.start, fragment.hp_fragment_address.numel
+                tensors = {"param": flat.narrow(0, start, length)}
+                tensors.update({kind: state[kind].narrow(0, start, length) for kind in STATE_KINDS[1:]})
+                offset = fragment.lp_fragment_address.start
+                pieces.append(StatePiece(self._names[id(p)], tuple(p.shape), offset, tensors))
+        return pieces
+
+    def after_state_load(self) -> None:
+        # The compute-dtype working copies are derived from the fp32 masters just loaded.
+        if self.stage == 3:
+            for sub_group in range(len(self.zero.fp16_groups)):
+                self.zero._reassign_or_swap_out_partitioned_parameters(sub_group)
+        else:
+            self.zero.update_lp_params()
 
     def scale_grads(self, multiplier: float) -> None:
         # Applied inside DeepSpeed's step, on the fp32 partitions: it divides by the loss scale.

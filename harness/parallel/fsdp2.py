@@ -7,15 +7,18 @@ fp32 master weights and fp32 gradient shards.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from harness.config import ParallelConfig, TrainConfig
 from harness.model import transformer_blocks
-from harness.optim import build_adamw, param_groups
-from harness.parallel.base import ParallelBackend
+from harness.optim import build_adamw, ensure_adam_state, param_groups
+from harness.parallel.base import STATE_KINDS, ParallelBackend, StatePiece
 from harness.precision import PrecisionPolicy
 
 
@@ -50,8 +53,6 @@ class FSDP2Backend(ParallelBackend):
     def local_grad_shards(self) -> list[tuple[str, torch.Tensor]]:
         return [(name, p.grad.to_local()) for name, p in self.model.named_parameters() if p.grad is not None]
 
-    def local_param_shards(self) -> list[tuple[str, torch.Tensor]]:
-        return [(name, p.to_local()) for name, p in self.model.named_parameters()]
 
     def scale_grads(self, multiplier: float) -> None:
         grads = [grad for _, grad in self.local_grad_shards()]
@@ -67,10 +68,22 @@ class FSDP2Backend(ParallelBackend):
     def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def optimizer_state_shards(self) -> list[torch.Tensor]:
-        tensors = []
-        for state in self.optimizer.state.values():
-            for value in state.values():
-                if isinstance(value, torch.Tensor) and value.numel() > 1:
-                    tensors.append(value.to_local() if hasattr(value, "to_local") else value)
-        return tensors
+    @property
+    def torch_optimizer(self) -> torch.optim.Optimizer:
+        return self.optimizer
+
+    def state_pieces(self) -> list[StatePiece]:
+        # Parameters must be the sharded DTensors, not an unsharded view left by a forward.
+        for module in self.model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
+        ensure_adam_state(self.optimizer)
+        pieces = []
+        for name, p in self.model.named_parameters():
+            _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+            row_numel = math.prod(p.shape[1:])
+            state = self.optimizer.state[p]
+            tensors = {"param": p.to_local().view(-1)}
+            tensors.update({kind: state[kind].to_local().view(-1) for kind in STATE_KINDS[1:]})
+            pieces.append(StatePiece(name, tuple(p.shape), global_offset[0] * row_numel, tensors))
+        return pieces

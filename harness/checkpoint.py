@@ -1,0 +1,465 @@
+"""Sharded, verified, backend- and world-size-independent checkpoints.
+
+Layout of one checkpoint, `<checkpoint.dir>/step-<N>/`:
+
+    manifest.json                     step, world size, backend, config hash, trainer state
+                                      (scaler, data position, AdamW step), and every file's
+                                      size and sha256
+    config.yaml                       the resolved harness config that wrote it
+    model_config.json                 the Hugging Face model config (for `harness export`)
+    rank-<r>-of-<W>.safetensors       what rank r holds: for every parameter piece it owns,
+                                      the fp32 master weight and both AdamW moments, as three
+                                      flat tensors plus an index (name, full shape, offset in
+                                      the flattened parameter, length); and its RNG states
+
+Every rank writes only its own pieces; nothing is gathered. Because a piece is "elements
+[offset, offset + length) of the flattened parameter", any backend (FSDP2 dim-0 shards, ZeRO-3
+partitions, ZeRO-1/2 flat-buffer slices) at any world size can find the elements it needs.
+
+Atomicity: ranks write into `step-<N>.tmp/`; once every rank reported success, rank 0 writes the
+manifest last and renames the folder. A folder without a valid manifest, or whose files do not
+match it, is never resumed from; `resume=auto` falls back to the previous good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from harness.config import Config, dump_yaml
+from harness.console import print0
+from harness.dist import RankInfo
+from harness.errors import HarnessError
+from harness.optim import adam_step_count, set_adam_step_count
+from harness.parallel.base import STATE_KINDS, ParallelBackend
+
+FORMAT = "harness-checkpoint/1"
+MANIFEST = "manifest.json"
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+# Settings that define which sequences exist and in what order; a resume that changes them
+# cannot continue the same data stream.
+_DATA_KEYS = ("train.seed", "train.seq_len", "data.path", "data.name", "data.split", "data.text_field",
+              "data.tokenizer", "data.val_fraction")
+
+
+class CheckpointError(HarnessError):
+    """A checkpoint cannot be written or read."""
+
+
+@dataclass
+class TrainerState:
+    """Everything besides model and optimizer tensors that an exact resume needs."""
+
+    step: int
+    sequences_consumed: int
+    global_batch: int
+    world_size: int
+    scaler: dict
+    adam_steps: int
+
+
+def step_dir_name(step: int) -> str:
+    return f"step-{step:08d}"
+
+
+def rank_file_name(rank: int, world_size: int) -> str:
+    return f"rank-{rank:05d}-of-{world_size:05d}.safetensors"
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _config_value(cfg_dict: dict, dotted: str) -> Any:
+    node: Any = cfg_dict
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+# --------------------------------------------------------------------------------------------
+# Saving
+
+
+def _write_rank_file(path: Path, backend: ParallelBackend, device: torch.device) -> None:
+    from safetensors.torch import save_file
+
+    index, flats = [], {kind: [] for kind in STATE_KINDS}
+    at = 0
+    for piece in backend.state_pieces():
+        index.append({"name": piece.name, "shape": list(piece.shape), "offset": piece.offset,
+                      "length": piece.numel, "at": at})
+        at += piece.numel
+        for kind in STATE_KINDS:
+            flats[kind].append(piece.tensors[kind].detach().to("cpu", torch.float32))
+    tensors = {kind: torch.cat(parts) if parts else torch.zeros(0) for kind, parts in flats.items()}
+    tensors["rng.cpu"] = torch.get_rng_state()
+    if device.type == "cuda":
+        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    save_file(tensors, str(path), metadata={"format": FORMAT, "index": json.dumps(index)})
+    _fsync(path)
+
+
+def save_checkpoint(
+    root: Path,
+    step: int,
+    backend: ParallelBackend,
+    state: TrainerState,
+    cfg: Config,
+    model_config_json: str,
+    info: RankInfo,
+    device: torch.device,
+    keep_last: int,
+) -> Path:
+    """Write step-<step> atomically (collective: every rank calls it). Raises CheckpointError on
+    any rank's failure, on every rank, with the previous checkpoints left untouched."""
+    final = root / step_dir_name(step)
+    staging = root / (step_dir_name(step) + ".tmp")
+    problem = None
+    if info.is_main:
+        try:
+            shutil.rmtree(staging, ignore_errors=True)
+            staging.mkdir(parents=True)
+        except OSError as exc:
+            problem = f"cannot create {staging}: {exc.strerror or exc}"
+    problem = _agree(problem)
+    if problem is None:
+        from safetensors import SafetensorError
+
+        name = rank_file_name(info.rank, info.world_size)
+        try:
+            _write_rank_file(staging / name, backend, device)
+            entry = {"file": name, "bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
+        except (OSError, SafetensorError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            entry, problem = None, f"rank {info.rank} could not write {name}: {reason}"
+        gathered: list = [None] * info.world_size
+        dist.all_gather_object(gathered, (entry, problem))
+        problems = [p for _, p in gathered if p]
+        problem = problems[0] if problems else None
+        if problem is None and info.is_main:
+            try:
+                _finish(staging, final, step, [e for e, _ in gathered], state, cfg, model_config_json, backend)
+            except OSError as exc:
+                problem = f"rank 0 could not finish {final.name}: {exc.strerror or exc}"
+        problem = _agree(problem)
+    if problem is not None:
+        if info.is_main:
+            shutil.rmtree(staging, ignore_errors=True)
+        previous = latest_complete(root)
+        kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
+        raise CheckpointError(f"checkpoint save at step {step} failed: {problem}; {kept}")
+    if info.is_main:
+        _prune(root, keep_last)
+    dist.barrier()
+    return final
+
+
+def _agree(problem: Optional[str]) -> Optional[str]:
+    """Rank 0's verdict, shared with every rank."""
+    box = [problem]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def _finish(staging: Path, final: Path, step: int, files: list, state: TrainerState, cfg: Config,
+            model_config_json: str, backend: ParallelBackend) -> None:
+    (staging / "config.yaml").write_text(dump_yaml(cfg))
+    (staging / "model_config.json").write_text(model_config_json)
+    extras = {}
+    for name in ("config.yaml", "model_config.json"):
+        extras[name] = {"file": name, "bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
+    manifest = {
+        "format": FORMAT,
+        "step": step,
+        "world_size": state.world_size,
+        "backend": backend.name,
+        "precision": cfg.precision,
+        "config_hash": cfg.fingerprint(),
+        "trainer_state": asdict(state),
+        "files": files + list(extras.values()),
+    }
+    manifest_path = staging / MANIFEST
+    manifest_path.write_text(json.dumps(manifest, indent=2))
+    for path in staging.iterdir():
+        _fsync(path)
+    if final.exists():  # re-saving a step after resuming from an earlier one
+        replaced = final.with_name(final.name + ".replaced")
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.rename(final, replaced)
+        os.rename(staging, final)
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        os.rename(staging, final)
+    _fsync(final.parent)
+
+
+def complete_checkpoints(root: Path) -> list[Path]:
+    """step-<N> folders (not staging ones), oldest first."""
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if p.is_dir() and (m := _STEP_DIR.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
+def latest_complete(root: Path) -> Optional[Path]:
+    good = [p for p in complete_checkpoints(root) if verify(p) is None]
+    return good[-1] if good else None
+
+
+def _prune(root: Path, keep_last: int) -> None:
+    checkpoints = complete_checkpoints(root)
+    for old in checkpoints[: max(0, len(checkpoints) - keep_last)]:
+        shutil.rmtree(old, ignore_errors=True)
+    for stale in root.glob("step-*.tmp"):
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------
+# Verifying and choosing
+
+
+def read_manifest(path: Path) -> dict:
+    manifest_path = path / MANIFEST
+    if not manifest_path.is_file():
+        raise CheckpointError(f"{path} has no {MANIFEST}: it is incomplete or not a harness checkpoint")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+    except json.JSONDecodeError:
+        raise CheckpointError(f"{path}/{MANIFEST} is not valid JSON: the checkpoint is damaged") from None
+    if manifest.get("format") != FORMAT:
+        raise CheckpointError(f"{path} has format {manifest.get('format')!r}; this harness reads {FORMAT}")
+    return manifest
+
+
+def verify(path: Path) -> Optional[str]:
+    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    try:
+        manifest = read_manifest(path)
+    except CheckpointError as exc:
+        return str(exc)
+    for entry in manifest["files"]:
+        file = path / entry["file"]
+        if not file.is_file():
+            return f"{file.name} is missing"
+        size = file.stat().st_size
+        if size != entry["bytes"]:
+            return f"{file.name} has {size} bytes, the manifest says {entry['bytes']} (truncated or replaced)"
+        if _sha256(file) != entry["sha256"]:
+            return f"{file.name} does not match its sha256 in the manifest (corrupted)"
+    return None
+
+
+def choose_resume(cfg: Config, info: RankInfo) -> Optional[Path]:
+    """The checkpoint to resume from (rank 0 checks, every rank gets the same answer)."""
+    choice, problem = None, None
+    if info.is_main:
+        try:
+            choice = _choose(cfg)
+        except CheckpointError as exc:
+            problem = str(exc)
+    box = [(str(choice) if choice else None, problem)]
+    dist.broadcast_object_list(box, src=0)
+    chosen, problem = box[0]
+    if problem:
+        raise CheckpointError(problem)
+    return Path(chosen) if chosen else None
+
+
+def _choose(cfg: Config) -> Optional[Path]:
+    wanted = cfg.resume.path
+    if wanted == "none":
+        return None
+    if wanted != "auto":
+        path = Path(wanted)
+        if not path.is_dir():
+            raise CheckpointError(f"resume={wanted}: no such checkpoint folder; use resume=auto or a step-<N> folder")
+        problem = verify(path)
+        if problem:
+            raise CheckpointError(f"resume={wanted}: the checkpoint is damaged: {problem}")
+        return path
+    root = Path(cfg.checkpoint.dir)
+    candidates = complete_checkpoints(root)
+    if not candidates:
+        print(f"resume=auto: no checkpoint in {root}; starting from step 0", flush=True)
+        return None
+    for path in reversed(candidates):
+        problem = verify(path)
+        if problem is None:
+            print(f"resume=auto: resuming from {path}", flush=True)
+            return path
+        print(f"resume=auto: skipping damaged checkpoint {path.name}: {problem}", flush=True)
+    raise CheckpointError(
+        f"resume=auto: every checkpoint in {root} is damaged (see above); move them away to start over, "
+        "or set resume=none"
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Loading
+
+
+class ShardReader:
+    """Reads any element range of any saved parameter, whichever ranks wrote it."""
+
+    def __init__(self, path: Path, manifest: dict) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        self.files = [e["file"] for e in manifest["files"] if e["file"].endswith(".safetensors")]
+        self.handles = []
+        self.segments: dict[str, list[tuple[int, dict]]] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for i, name in enumerate(self.files):
+            handle = safe_open(str(path / name), framework="pt")
+            self.handles.append(handle)
+            for seg in json.loads(handle.metadata()["index"]):
+                self.segments.setdefault(seg["name"], []).append((i, seg))
+                self.shapes[seg["name"]] = tuple(seg["shape"])
+
+    def names(self) -> list[str]:
+        return list(self.segments)
+
+    def read_into(self, name: str, offset: int, kind: str, out: torch.Tensor) -> None:
+        """Fill `out` (1-D) with elements [offset, offset + len(out)) of `name`'s `kind`."""
+        if name not in self.segments:
+            raise CheckpointError(f"{self.path.name} has no parameter {name}; was it written for another model?")
+        end = offset + out.numel()
+        covered = 0
+        for i, seg in self.segments[name]:
+            lo, hi = max(offset, seg["offset"]), min(end, seg["offset"] + seg["length"])
+            if lo >= hi:
+                continue
+            start = seg["at"] + lo - seg["offset"]
+            data = self.handles[i].get_slice(kind)[start : start + hi - lo]
+            out[lo - offset : hi - offset].copy_(data)
+            covered += hi - lo
+        if covered != out.numel():
+            raise CheckpointError(
+                f"{self.path.name} covers {covered} of elements [{offset}, {end}) of {name}: a shard is missing"
+            )
+
+    def full_tensor(self, name: str, kind: str = "param") -> torch.Tensor:
+        shape = self.shapes[name]
+        out = torch.empty(int(torch.Size(shape).numel()), dtype=torch.float32)
+        self.read_into(name, 0, kind, out)
+        return out.view(shape)
+
+    def rng_state(self, rank: int, world_size: int, key: str) -> Optional[torch.Tensor]:
+        target = rank_file_name(rank, world_size)
+        if target not in self.files:
+            return None
+        handle = self.handles[self.files.index(target)]
+        return handle.get_tensor(key) if key in handle.keys() else None
+
+
+def check_compatible(path: Path, manifest: dict, cfg: Config, global_batch: int) -> None:
+    """Refuse resumes that cannot continue the same run."""
+    import yaml
+
+    saved_cfg = yaml.safe_load((path / "config.yaml").read_text())
+    now = cfg.to_dict()
+    for key in _DATA_KEYS:
+        before, after = _config_value(saved_cfg, key), _config_value(now, key)
+        if before != after:
+            raise CheckpointError(
+                f"the checkpoint was written with {key}={before!r} and this run has {after!r}: the data position "
+                "cannot carry over; restore the setting, or set resume.weights_only=true to start a new run "
+                "from these weights"
+            )
+    saved_batch = manifest["trainer_state"]["global_batch"]
+    if saved_batch != global_batch and not cfg.resume.allow_new_global_batch:
+        t = cfg.train
+        raise CheckpointError(
+            f"the checkpoint was trained with a global batch of {saved_batch} sequences; this run has "
+            f"{global_batch} (train.micro_batch_size={t.micro_batch_size} x train.grad_accum={t.grad_accum} x "
+            f"world size): keep {saved_batch} (adjust train.grad_accum) or set resume.allow_new_global_batch=true"
+        )
+
+
+def load_checkpoint(
+    path: Path, backend: ParallelBackend, cfg: Config, info: RankInfo, device: torch.device, global_batch: int
+) -> Optional[TrainerState]:
+    """Load `path` into the live backend state. Returns the trainer state to continue from, or
+    None with resume.weights_only (a new run that starts from these weights)."""
+    manifest = read_manifest(path)
+    weights_only = cfg.resume.weights_only
+    if not weights_only:
+        check_compatible(path, manifest, cfg, global_batch)
+    reader = ShardReader(path, manifest)
+    kinds = ("param",) if weights_only else STATE_KINDS
+    with torch.no_grad():
+        pieces = backend.state_pieces()
+        model_names = {piece.name for piece in pieces}
+        for piece in pieces:
+            saved_shape = reader.shapes.get(piece.name)
+            if saved_shape is not None and saved_shape != piece.shape:
+                raise CheckpointError(
+                    f"{path.name}: {piece.name} has shape {list(saved_shape)} in the checkpoint and "
+                    f"{list(piece.shape)} in this model; the model config differs"
+                )
+            for kind in kinds:
+                staging = torch.empty(piece.numel, dtype=torch.float32)
+                reader.read_into(piece.name, piece.offset, kind, staging)
+                piece.tensors[kind].copy_(staging.to(piece.tensors[kind].device))
+    extra = sorted(set(reader.names()) - _all_model_names(model_names, info))
+    if extra:
+        raise CheckpointError(f"{path.name} holds parameters this model lacks ({', '.join(extra[:3])}); wrong model?")
+    backend.after_state_load()
+    if weights_only:
+        return None
+    state = TrainerState(**manifest["trainer_state"])
+    set_adam_step_count(backend.torch_optimizer, state.adam_steps)
+    _restore_rng(reader, state, info, device)
+    return state
+
+
+def _all_model_names(local: set[str], info: RankInfo) -> set[str]:
+    gathered: list = [None] * info.world_size
+    dist.all_gather_object(gathered, sorted(local))
+    return {name for names in gathered for name in names}
+
+
+def _restore_rng(reader: ShardReader, state: TrainerState, info: RankInfo, device: torch.device) -> None:
+    if state.world_size != info.world_size:
+        print0(info.rank, f"resume: world size {state.world_size} -> {info.world_size}; per-rank RNG streams restart")
+        return
+    cpu = reader.rng_state(info.rank, info.world_size, "rng.cpu")
+    if cpu is not None:
+        torch.set_rng_state(cpu)
+    cuda = reader.rng_state(info.rank, info.world_size, "rng.cuda")
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
+
+
+def trainer_state_for(step: int, consumed: int, global_batch: int, world_size: int, scaler_state: dict,
+                      backend: ParallelBackend) -> TrainerState:
+    return TrainerState(
+        step=step,
+        sequences_consumed=consumed,
+        global_batch=global_batch,
+        world_size=world_size,
+        scaler=scaler_state,
+        adam_steps=adam_step_count(backend.torch_optimizer),
+    )
