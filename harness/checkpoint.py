@@ -167,7 +167,8 @@ def save_checkpoint(
     if problem is not None:
         if info.is_main:
             shutil.rmtree(staging, ignore_errors=True)
-        previous = latest_complete(root)
+        earlier = complete_checkpoints(root)
+        previous = earlier[-1] if earlier else None
         kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"checkpoint save at step {step} failed: {problem}; {kept}")
     if info.is_main:
@@ -223,11 +224,6 @@ def complete_checkpoints(root: Path) -> list[Path]:
     return [p for _, p in sorted(found)]
 
 
-def latest_complete(root: Path) -> Optional[Path]:
-    good = [p for p in complete_checkpoints(root) if verify(p) is None]
-    return good[-1] if good else None
-
-
 def _prune(root: Path, keep_last: int) -> None:
     checkpoints = complete_checkpoints(root)
     for old in checkpoints[: max(0, len(checkpoints) - keep_last)]:
@@ -253,13 +249,14 @@ def read_manifest(path: Path) -> dict:
     return manifest
 
 
-def verify(path: Path) -> Optional[str]:
-    """None if the checkpoint is complete and intact, else what is wrong with it."""
+def verify(path: Path, part: int = 0, parts: int = 1) -> Optional[str]:
+    """None if the checkpoint is complete and intact, else what is wrong with it. With `parts`,
+    only every parts-th file from `part` is hashed (ranks split the reading)."""
     try:
         manifest = read_manifest(path)
     except CheckpointError as exc:
         return str(exc)
-    for entry in manifest["files"]:
+    for entry in manifest["files"][part::parts]:
         file = path / entry["file"]
         if not file.is_file():
             return f"{file.name} is missing"
@@ -271,23 +268,16 @@ def verify(path: Path) -> Optional[str]:
     return None
 
 
+def _verify_together(path: Path, info: RankInfo) -> Optional[str]:
+    """verify() with the hashing split across ranks; every rank gets the same verdict."""
+    mine = verify(path, info.rank, info.world_size)
+    found: list = [None] * info.world_size
+    dist.all_gather_object(found, mine)
+    return next((problem for problem in found if problem), None)
+
+
 def choose_resume(cfg: Config, info: RankInfo) -> Optional[Path]:
-    """The checkpoint to resume from (rank 0 checks, every rank gets the same answer)."""
-    choice, problem = None, None
-    if info.is_main:
-        try:
-            choice = _choose(cfg)
-        except CheckpointError as exc:
-            problem = str(exc)
-    box = [(str(choice) if choice else None, problem)]
-    dist.broadcast_object_list(box, src=0)
-    chosen, problem = box[0]
-    if problem:
-        raise CheckpointError(problem)
-    return Path(chosen) if chosen else None
-
-
-def _choose(cfg: Config) -> Optional[Path]:
+    """The checkpoint to resume from; every rank takes part and gets the same answer."""
     wanted = cfg.resume.path
     if wanted == "none":
         return None
@@ -295,21 +285,23 @@ def _choose(cfg: Config) -> Optional[Path]:
         path = Path(wanted)
         if not path.is_dir():
             raise CheckpointError(f"resume={wanted}: no such checkpoint folder; use resume=auto or a step-<N> folder")
-        problem = verify(path)
+        problem = _verify_together(path, info)
         if problem:
             raise CheckpointError(f"resume={wanted}: the checkpoint is damaged: {problem}")
         return path
     root = Path(cfg.checkpoint.dir)
-    candidates = complete_checkpoints(root)
+    box = [[str(p) for p in complete_checkpoints(root)] if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)  # one listing, so every rank walks the same candidates
+    candidates = [Path(p) for p in box[0]]
     if not candidates:
-        print(f"resume=auto: no checkpoint in {root}; starting from step 0", flush=True)
+        print0(info.rank, f"resume=auto: no checkpoint in {root}; starting from step 0")
         return None
     for path in reversed(candidates):
-        problem = verify(path)
+        problem = _verify_together(path, info)
         if problem is None:
-            print(f"resume=auto: resuming from {path}", flush=True)
+            print0(info.rank, f"resume=auto: resuming from {path}")
             return path
-        print(f"resume=auto: skipping damaged checkpoint {path.name}: {problem}", flush=True)
+        print0(info.rank, f"resume=auto: skipping damaged checkpoint {path.name}: {problem}")
     raise CheckpointError(
         f"resume=auto: every checkpoint in {root} is damaged (see above); move them away to start over, "
         "or set resume=none"

@@ -231,7 +231,9 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
     start_step, start_offset = 0, 0
     resume_path = choose_resume(cfg, info)
     if resume_path is not None:
+        load_started = time.perf_counter()
         state = load_checkpoint(resume_path, backend, cfg, info, device, shape.global_batch)
+        print0(info.rank, f"resume: loaded {resume_path} in {time.perf_counter() - load_started:.1f}s")
         if state is None:
             print0(info.rank, f"resume: weights from {resume_path}; a new run from step 0")
         else:
