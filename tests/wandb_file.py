@@ -1,0 +1,69 @@
+"""Read back a wandb offline run file (run-<id>.wandb); wandb ships no public reader.
+
+Format (wandb 0.31, ../shared/NOTES.md): a 7-byte header (":W&B", u16 0xBEE1, u8 version), then
+32 KiB blocks of records, each with a 7-byte header (crc32 u32, length u16, type u8: 1 full,
+2 first, 3 middle, 4 last); a block tail shorter than 7 bytes is padding. Payloads are
+wandb_internal_pb2.Record protos.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+
+BLOCK = 32 * 1024
+HEADER = 7
+
+
+def _payloads(data: bytes):
+    pos, parts = HEADER, []
+    while pos + HEADER <= len(data):
+        room = BLOCK - pos % BLOCK
+        if room < HEADER:
+            pos += room
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + HEADER])
+        if length == 0 and kind == 0:
+            pos += room
+            continue
+        chunk = data[pos + HEADER : pos + HEADER + length]
+        pos += HEADER + length
+        if kind == 1:
+            yield chunk
+        elif kind == 2:
+            parts = [chunk]
+        elif kind == 3:
+            parts.append(chunk)
+        elif kind == 4:
+            parts.append(chunk)
+            yield b"".join(parts)
+
+
+def read_run(path: Path) -> dict:
+    """{"history": [row dicts], "config": {key: value}, "run_id": str}."""
+    from wandb.proto import wandb_internal_pb2
+
+    history, config, run_id = [], {}, None
+    for payload in _payloads(Path(path).read_bytes()):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(payload)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            row = {}
+            for item in record.history.item:
+                key = item.key or "/".join(item.nested_key)
+                row[key] = json.loads(item.value_json)
+            history.append(row)
+        elif kind == "run":
+            run_id = record.run.run_id
+            for item in record.run.config.update:
+                config[item.key] = json.loads(item.value_json)
+        elif kind == "config":
+            for item in record.config.update:
+                config[item.key or "/".join(item.nested_key)] = json.loads(item.value_json)
+    return {"history": history, "config": config, "run_id": run_id}
+
+
+def find_runs(wandb_dir: Path) -> list[Path]:
+    return sorted(Path(wandb_dir).glob("wandb/offline-run-*/run-*.wandb"))
