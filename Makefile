@@ -9,7 +9,7 @@ STAMP := $(VENV)/.harness-installed
 QUIET_PIP = 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 ARGS ?=
 
-.PHONY: demo test venv clean
+.PHONY: demo test parity venv clean
 
 venv: $(STAMP)
 
@@ -25,6 +25,16 @@ $(STAMP): pyproject.toml Makefile
 
 demo: $(STAMP)
 	launch/local.sh 2 configs/demo.yaml $(ARGS)
+
+# The demo in fp32, bf16 and fp16, then the precision report (runs/parity/report.html).
+PARITY_RUNS := $(foreach p,fp32 bf16 fp16,runs/parity/demo-$(p))
+parity: $(STAMP)
+	for p in fp32 bf16 fp16; do \
+		launch/local.sh 2 configs/demo.yaml precision=$$p run.name=demo-$$p run.dir=runs/parity/demo-$$p \
+			log.wandb_group=parity log.progress=lines $(ARGS) || exit $$?; \
+	done
+	$(PY) -m harness.report $(PARITY_RUNS) --out runs/parity/report.html
+	$(PY) -m harness.report $(PARITY_RUNS) --out runs/parity/report.md
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(ARGS)

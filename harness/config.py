@@ -161,6 +161,8 @@ class FaultsConfig:
     """The value written: inf, -inf or nan, or a list with one value per step in nonfinite_grad_steps."""
     nonfinite_grad_param: Optional[str] = None
     """Dotted parameter name (as in named_parameters) to corrupt. Default: the first one with a local shard."""
+    nonfinite_forward_module: Optional[str] = None
+    """Write the value into this module's forward output (dotted name, as in named_modules) instead of a gradient."""
     kill_at_step: int = 0
     """Every rank SIGKILLs itself right after step N (and its checkpoint, if one is due): a crash drill. 0: never."""
 
@@ -175,6 +177,26 @@ class LogConfig:
     """auto: a progress bar on a terminal, plain lines otherwise."""
     peak_tflops: Optional[float] = None
     """Per-device peak TFLOP/s for MFU on hardware the built-in table does not know. MFU is null without one."""
+    wandb: bool = False
+    """Track the job in wandb: one run (rank 0), config and every metrics.jsonl field per step."""
+    wandb_project: Optional[str] = None
+    """wandb project (default: WANDB_PROJECT or wandb's own default)."""
+    wandb_entity: Optional[str] = None
+    """wandb entity (team or user)."""
+    wandb_group: Optional[str] = None
+    """wandb group, e.g. to put the fp32/bf16/fp16 runs of a parity check side by side."""
+    wandb_name: Optional[str] = None
+    """wandb run name. Default: run.name."""
+    wandb_tags: list[str] = field(default_factory=list)
+    """wandb tags."""
+    wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None
+    """wandb mode. Default: WANDB_MODE from the environment, else online."""
+
+
+@dataclass
+class DebugConfig:
+    nan_hooks: bool = False
+    """Check every module's forward output for inf/nan and name the first one when a step is skipped (slow)."""
 
 
 @dataclass
@@ -219,6 +241,8 @@ class Config:
     """Fault injection for tests and drills."""
     log: LogConfig = field(default_factory=LogConfig)
     """Console and metrics output."""
+    debug: DebugConfig = field(default_factory=DebugConfig)
+    """Diagnostics that cost speed."""
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Sharded checkpoints."""
     resume: ResumeConfig = field(default_factory=ResumeConfig)

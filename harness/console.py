@@ -103,10 +103,12 @@ class RunSummary:
     peak_mem_gb: float
     wall_s: float
     run_dir: str
+    overflows: Optional[str] = None
 
     def table(self) -> str:
         rows = [
             ("steps", f"{self.steps} ({self.skipped} skipped)"),
+            ("overflows", self.overflows or "none"),
             ("final loss", f"{_num(self.final_loss, '.4f')} (first {_num(self.first_loss, '.4f')})"),
             ("eval loss", _num(self.eval_loss, ".4f")),
             ("tokens", f"{self.tokens:,}"),

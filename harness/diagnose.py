@@ -7,8 +7,8 @@ names the first offender in model order with its rank, the kind of value and the
     step 7: non-finite gradients (nan) in 3 tensors; first transformer.h.0.attn.c_attn.weight on
     rank 1; first non-finite forward output: transformer.h.0.mlp on rank 1; loss scale 1024 -> 512
 
-The same layer overflowing again is counted, and reported again only on its 2nd, 4th, 8th, ...
-occurrence. The per-step fields land in metrics.jsonl (nonfinite_param, nonfinite_rank, ...).
+The same layer overflowing again with the same kind of value is counted, and reported again only
+on its 2nd, 4th, 8th, ... occurrence. The per-step fields land in metrics.jsonl (nonfinite_param, nonfinite_rank, ...).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ class OverflowDiagnosis:
         return fields
 
     def _report(self, step: int, fields: dict, offenders: list, scale_before: float, scale_after: float) -> None:
-        key = fields.get("nonfinite_param", "(no gradient tensor)")
+        key = f"{fields.get('nonfinite_param', '(no gradient tensor)')} ({fields.get('nonfinite_kind', '?')})"
         self.counts[key] += 1
         self.first_seen.setdefault(key, step)
         count = self.counts[key]

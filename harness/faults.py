@@ -9,6 +9,7 @@ import sys
 from typing import Optional, Sequence
 
 import torch
+from torch import nn
 
 from harness.config import FaultsConfig
 from harness.errors import HarnessError
@@ -18,13 +19,42 @@ _VALUES = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 class FaultInjector:
     def __init__(self, cfg: FaultsConfig, rank: int) -> None:
+        self.rank = rank
         names = cfg.nonfinite_value
         if isinstance(names, str):
             names = [names] * len(cfg.nonfinite_grad_steps)
         self.value_at = dict(zip(cfg.nonfinite_grad_steps, names))
         self.active = rank == cfg.nonfinite_grad_rank and bool(self.value_at)
         self.param = cfg.nonfinite_grad_param
+        self.forward_module = cfg.nonfinite_forward_module
         self.kill_at_step = cfg.kill_at_step
+        self.step = 0
+
+    def attach(self, model: nn.Module) -> None:
+        """With faults.nonfinite_forward_module, corrupt that module's output instead of a gradient.
+        Attach before any diagnostic hook so they see the corrupted output."""
+        if self.forward_module is None:
+            return
+        modules = dict(model.named_modules())
+        if self.forward_module not in modules:
+            known = ", ".join(list(modules)[1:6])
+            raise HarnessError(
+                f"faults.nonfinite_forward_module={self.forward_module!r} is not a module of the model (e.g. {known}, ...)"
+            )
+        modules[self.forward_module].register_forward_hook(self._corrupt_output)
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+
+    def _corrupt_output(self, module, inputs, output):
+        if not self.active or self.step not in self.value_at or not module.training:
+            return None
+        first = output[0] if isinstance(output, tuple) else output
+        corrupted = first.clone()
+        corrupted.view(-1)[0] = _VALUES[self.value_at[self.step]]
+        print(f"[rank {self.rank}] step {self.step}: fault injected: {self.value_at[self.step]} into the output "
+              f"of {self.forward_module}", flush=True)
+        return (corrupted, *output[1:]) if isinstance(output, tuple) else corrupted
 
     def maybe_kill(self, step: int) -> None:
         """The crash drill: die the way a preempted or OOM-killed job dies, with no cleanup."""
@@ -37,7 +67,7 @@ class FaultInjector:
         """Write the step's value into one element of one local gradient shard.
 
         Returns a description ("inf into <param>") when it did, None otherwise."""
-        if not self.active or step not in self.value_at:
+        if not self.active or step not in self.value_at or self.forward_module is not None:
             return None
         name, grad = self._pick(named_grads)
         value = self.value_at[step]

@@ -98,8 +98,8 @@ class StepDecision:
     """Clipping factor applied after unscaling (1.0 when not clipped)."""
     grad_multiplier: float
     """What the backend multiplies the (scaled) gradients by: clip_coef / loss_scale."""
-    local_nonfinite: tuple[str, ...] = ()
-    """Names of this rank's gradient shards that held inf/nan (empty on other ranks)."""
+    local_nonfinite: tuple[tuple[str, str], ...] = ()
+    """(name, "inf" or "nan") of this rank's gradient shards that held non-finite values."""
     abort_reason: Optional[str] = None
     """Set when training must stop: the scale hit its floor, or too many consecutive skips."""
 
@@ -145,8 +145,9 @@ class GradScaler:
         dist.all_reduce(found_nonfinite, op=dist.ReduceOp.MAX, group=self.group)
 
         if found_nonfinite.item() > 0:
-            finite = torch.isfinite(torch.stack(norms)).tolist() if norms else []
-            local_bad = tuple(name for name, ok in zip(names, finite) if not ok)
+            stacked = torch.stack(norms) if norms else torch.zeros(0)
+            finite, nan = torch.isfinite(stacked).tolist(), torch.isnan(stacked).tolist()
+            local_bad = tuple((name, "nan" if is_nan else "inf") for name, ok, is_nan in zip(names, finite, nan) if not ok)
             return self._skip(used_scale, local_bad)
 
         global_sumsq = local_sumsq.reshape(1)
@@ -166,7 +167,7 @@ class GradScaler:
             grad_multiplier=clip_coef / used_scale,
         )
 
-    def _skip(self, used_scale: float, local_bad: tuple[str, ...]) -> StepDecision:
+    def _skip(self, used_scale: float, local_bad: tuple[tuple[str, str], ...]) -> StepDecision:
         self.consecutive_skips += 1
         self.total_skips += 1
         abort = None

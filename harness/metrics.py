@@ -26,7 +26,7 @@ PEAK_TFLOPS = {
     "B200": {"bf16": 2250.0, "fp16": 2250.0, "fp32": 80.0},
 }
 
-PER_RANK_FIELDS = ("step", "loss", "loss_scale", "skipped", "grad_norm", "mem_gb")
+PER_RANK_FIELDS = ("step", "loss", "loss_scale", "skipped", "grad_norm", "mem_gb", "mem_reserved_gb")
 
 
 def device_peak_tflops(device: torch.device, policy: PrecisionPolicy, configured: Optional[float]) -> Optional[float]:
@@ -47,6 +47,13 @@ def peak_memory_gb(device: torch.device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+
+
+def peak_reserved_gb(device: torch.device) -> Optional[float]:
+    """Peak memory the CUDA caching allocator held (allocated + cached), GiB; None off CUDA."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_reserved(device) / 2**30
+    return None
 
 
 def strict_json(value: Any) -> Any:

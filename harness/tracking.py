@@ -13,6 +13,8 @@ interrupted attempt logged after its last checkpoint simply appear again after t
 from __future__ import annotations
 
 import os
+import secrets
+import string
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +37,7 @@ class WandbTracker:
 
         run_dir = Path(cfg.run.dir)
         id_file = run_dir / RUN_ID_FILE
-        run_id = id_file.read_text().strip() if resumed and id_file.exists() else wandb.util.generate_id()
+        run_id = id_file.read_text().strip() if resumed and id_file.exists() else _new_run_id()
         id_file.write_text(run_id + "\n")
         log = cfg.log
         self.run = wandb.init(
@@ -58,6 +60,11 @@ class WandbTracker:
 
     def finish(self, exit_code: int = 0) -> None:
         self.run.finish(exit_code=exit_code)
+
+
+def _new_run_id() -> str:
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
 def build_tracker(cfg: Config, rank: int, resumed: bool) -> NullTracker | WandbTracker:

@@ -30,7 +30,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=20")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
     parser.add_argument("--world-size", type=int, default=None, help="with --check: the number of ranks to expect")
-    return parser.parse_args(argv)
+    return parser.parse_intermixed_args(argv)
 
 
 def _env_rank() -> int:

@@ -15,17 +15,19 @@ import torch.distributed as dist
 from harness.checkpoint import choose_resume, load_checkpoint, save_checkpoint, trainer_state_for
 from harness.config import Config, dump_yaml
 from harness.console import Progress, RunSummary, print0
+from harness.diagnose import ForwardProbe, OverflowDiagnosis
 from harness.data import BatchShape, PackedSequences, TrainBatches, eval_batches, load_corpus
 from harness.dist import RankInfo
 from harness.errors import TrainingAborted
 from harness.faults import FaultInjector
 from harness.grad_scale import GradScaler, StepDecision, build_grad_scaler
-from harness.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb
+from harness.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb, peak_reserved_gb
 from harness.model import build_model, flops_per_token, next_token_loss, per_sequence_loss
 from harness.optim import lr_at
 from harness.parallel import build_backend
 from harness.parallel.base import ParallelBackend
 from harness.precision import check_device_supports, precision_policy
+from harness.tracking import NullTracker, WandbTracker, build_tracker
 
 
 @dataclass
@@ -42,6 +44,8 @@ class Trainer:
     flops_per_token: float
     peak_tflops: Optional[float]
     model_config_json: str
+    tracker: NullTracker | WandbTracker
+    diagnosis: OverflowDiagnosis
     start_step: int = 0
     """The step a resumed run continues after (0 for a fresh run)."""
 
@@ -58,12 +62,14 @@ class Trainer:
         steady_tokens, steady_time = 0, 0.0
         row: dict = {}
         first = self.start_step + 1
+        exit_code = 1
         try:
             for step in range(first, cfg.train.steps + 1):
                 row, decision = self.train_step(step)
                 if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                     eval_loss = row["eval_loss"] = self.evaluate()
                 self.metrics.write(row)
+                self.tracker.log(row)
                 progress.update(row)
                 losses.append(row["loss"])
                 if step > first or cfg.train.steps == first:
@@ -75,8 +81,10 @@ class Trainer:
                 if every and (step % every == 0 or step == cfg.train.steps):
                     self.save_checkpoint(step)
                 self.faults.maybe_kill(step)
+            exit_code = 0
         finally:
             progress.close()
+            self.tracker.finish(exit_code)
         tokens_per_s = steady_tokens / steady_time if steady_time > 0 else 0.0
         return RunSummary(
             steps=cfg.train.steps,
@@ -90,11 +98,14 @@ class Trainer:
             peak_mem_gb=peak_memory_gb(self.device),
             wall_s=time.perf_counter() - started,
             run_dir=cfg.run.dir,
+            overflows=self.diagnosis.summary(),
         )
 
     def train_step(self, step: int) -> tuple[dict, StepDecision]:
         started = time.perf_counter()
         lr = lr_at(step, self.cfg.train)
+        self.faults.begin_step(step)
+        self.diagnosis.begin_step()
         local_loss = self.forward_backward(step, self.scaler.scale)
         decision = self.apply_gradients(step, lr)
         mean_loss = self._global_mean(local_loss)
@@ -111,8 +122,11 @@ class Trainer:
             "tokens_per_s": tokens_per_s,
             "mfu": self._mfu(tokens_per_s),
             "mem_gb": peak_memory_gb(self.device),
+            "mem_reserved_gb": peak_reserved_gb(self.device),
             "step_time_s": step_time,
         }
+        if decision.skipped:
+            row.update(self.diagnosis.on_skip(step, decision, self.scaler.scale))
         return row, decision
 
     def save_checkpoint(self, step: int) -> Path:
@@ -158,12 +172,6 @@ class Trainer:
         decision = self.scaler.decide(grads)
         if not decision.skipped:
             self.backend.scale_grads(decision.grad_multiplier)
-        if decision.local_nonfinite:
-            self._warn(
-                f"step {step}: non-finite gradient in {', '.join(decision.local_nonfinite[:3])}"
-                f"{' ...' if len(decision.local_nonfinite) > 3 else ''} (loss scale {decision.loss_scale:g}); "
-                "step skipped on every rank"
-            )
         return decision
 
     def step_or_skip(self, decision: StepDecision, lr: float) -> None:
@@ -223,6 +231,12 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
         f"model: {model_name}, {n_params:,} parameters; {backend.name} over {info.world_size} rank(s), "
         f"compute {cfg.precision}, master weights fp32",
     )
+    faults = FaultInjector(cfg.faults, info.rank)
+    faults.attach(backend.module)  # before the probe, so the probe sees injected values
+    probe = ForwardProbe(backend.module) if cfg.debug.nan_hooks else None
+    diagnosis = OverflowDiagnosis(
+        info.rank, info.world_size, [name for name, _ in backend.module.named_parameters()], probe
+    )
     # Dropout and other training-time randomness differ per rank; the init above did not.
     torch.manual_seed(cfg.train.seed + 1 + info.rank)
 
@@ -256,10 +270,12 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
         scaler=scaler,
         batches=batches,
         eval_data=eval_data,
-        faults=FaultInjector(cfg.faults, info.rank),
+        faults=faults,
         metrics=MetricsWriter(run_dir, info.rank, cfg.log.per_rank, resume_step=start_step if resume_path else None),
         flops_per_token=fpt,
         peak_tflops=device_peak_tflops(device, policy, cfg.log.peak_tflops),
         model_config_json=model_config_json,
+        tracker=build_tracker(cfg, info.rank, resumed=start_step > 0),
+        diagnosis=diagnosis,
         start_step=start_step,
     )

@@ -46,6 +46,8 @@ class ParallelBackend(ABC):
     name: str
     model: nn.Module
     """Call this for forward passes (it may be a wrapper around the original module)."""
+    module: nn.Module
+    """The original model (same parameter and module names), for hooks and diagnostics."""
 
     @abstractmethod
     def setup(self, model: nn.Module, train_cfg: TrainConfig) -> None:

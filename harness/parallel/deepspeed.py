@@ -70,6 +70,7 @@ class DeepSpeedBackend(ParallelBackend):
             model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
         )
         self.model = self.engine
+        self.module = model
         self.zero = self.engine.optimizer
         self.name = f"deepspeed ZeRO-{self.stage}"
 

@@ -42,7 +42,7 @@ class FSDP2Backend(ParallelBackend):
         # The root holds what is left (embeddings, final norm, a tied head); it is needed again
         # right at the start of backward, so keeping it gathered saves one all-gather.
         fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
-        self.model = model
+        self.model = self.module = model
         self.optimizer = build_adamw(param_groups(model, train_cfg.weight_decay), train_cfg, self.device)
 
     def backward(self, loss: torch.Tensor, loss_scale: float, last_micro_batch: bool) -> None:

@@ -1,0 +1,212 @@
+"""`harness estimate CONFIG [overrides] --world-size N`: per-rank memory before you launch.
+
+Builds the model on the meta device (no weights, no memory), then predicts, for rank 0 (which
+holds the largest shards), the bytes of:
+
+  master       fp32 master weights, as the backend shards them
+  gradients    what the backend keeps between backward and step
+  optimizer    AdamW's two fp32 moments
+  working      compute-dtype parameter copies: ZeRO-1/2 keep a full one, ZeRO-3 a partition;
+               transient all-gathered units (FSDP2, ZeRO-3) are counted for one unit + prefetch
+  activations  tensors saved for backward by one micro-batch, measured by running the forward
+               on the meta device with saved-tensor hooks (so it follows the real model code)
+
+for FSDP2 and ZeRO-1/2/3 side by side; the configured backend is marked. Master, gradients and
+optimizer follow the backends' partitioning rules exactly (FSDP2: dim-0 chunks; ZeRO-1/2: each
+parameter group padded to 2 x world size elements, then split; ZeRO-3: each parameter split into
+ceil(numel / world size) pieces). Not counted: the CUDA context, allocator fragmentation,
+communication buckets, logits kept by the loss beyond what autograd saves.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.graph import saved_tensors_hooks
+
+from harness.config import Config, load_config, validate_for_world
+from harness.errors import HarnessError
+
+BACKENDS = ("fsdp2", "zero1", "zero2", "zero3")
+COMPONENTS = ("master", "gradients", "optimizer", "working", "activations")
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
+@dataclass(frozen=True)
+class ParamInfo:
+    name: str
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def decays(self) -> bool:
+        return len(self.shape) >= 2
+
+
+def fsdp2_local_numel(shape: tuple[int, ...], world_size: int, rank: int = 0) -> int:
+    """torch.chunk semantics of Shard(0): chunks of ceil(dim0 / W) rows, the last ones shorter."""
+    if not shape:
+        return 1
+    rows = -(-shape[0] // world_size)
+    start = min(shape[0], rank * rows)
+    return (min(shape[0], start + rows) - start) * math.prod(shape[1:])
+
+
+def zero12_partition_numel(params: list[ParamInfo], world_size: int) -> int:
+    """DeepSpeed ZeRO-1/2 flatten each param group, pad it to a multiple of 2 x W, split in W."""
+    total = 0
+    for group in (True, False):
+        n = sum(p.numel for p in params if p.decays == group)
+        if n:
+            total += -(-n // (2 * world_size)) * 2
+    return total
+
+
+def zero3_partition_numel(params: list[ParamInfo], world_size: int) -> int:
+    return sum(-(-p.numel // world_size) for p in params)
+
+
+def activation_bytes(model: nn.Module, batch: torch.Tensor) -> int:
+    """Bytes of the tensors autograd saves for backward in one forward + loss (parameters excluded)."""
+    param_ids = {id(p) for p in model.parameters()}
+    saved: dict[int, int] = {}
+
+    def pack(tensor: torch.Tensor) -> torch.Tensor:
+        base = tensor._base if tensor._base is not None else tensor
+        if id(tensor) not in param_ids and id(base) not in param_ids:
+            saved[id(tensor)] = tensor.numel() * tensor.element_size()
+        return tensor
+
+    with saved_tensors_hooks(pack, lambda tensor: tensor):
+        logits = model(input_ids=batch[:, :-1]).logits
+        F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+    return sum(saved.values())
+
+
+def _meta_model(cfg: Config, compute_dtype: torch.dtype) -> nn.Module:
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from harness import assets
+    from harness.data import load_tokenizer
+
+    if cfg.model.pretrained:
+        hf_config = AutoConfig.from_pretrained(assets.resolve_model(cfg.model.pretrained), **cfg.model.config)
+    else:
+        kwargs = dict(cfg.model.config)
+        kwargs.setdefault("vocab_size", len(load_tokenizer(cfg.data.tokenizer)))
+        hf_config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
+    hf_config._attn_implementation = cfg.model.attn_implementation
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=compute_dtype)
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model.train()
+
+
+def estimate(cfg: Config, world_size: int) -> dict:
+    """{"model": ..., "backends": {backend: {component: bytes, "total": bytes}}, "configured": name}."""
+    from harness.model import transformer_blocks
+
+    compute = cfg.precision
+    c = _BYTES[compute]
+    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[compute]
+    model = _meta_model(cfg, dtype)
+    params = [ParamInfo(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    n_total = sum(p.numel for p in params)
+    batch = torch.zeros(cfg.train.micro_batch_size, cfg.train.seq_len + 1, dtype=torch.long, device="meta")
+    activations = activation_bytes(model, batch)
+
+    block_numels = [sum(p.numel() for p in b.parameters()) for b in transformer_blocks(model)]
+    largest_block = max(block_numels, default=0)
+    root_numel = n_total - sum(block_numels)
+
+    fsdp_local = sum(fsdp2_local_numel(p.shape, world_size) for p in params)
+    z12 = zero12_partition_numel(params, world_size)
+    z3 = zero3_partition_numel(params, world_size)
+    # Gathered for compute: the root unit stays gathered, one block plus one prefetched block.
+    gathered = c * (root_numel + 2 * largest_block)
+    backends = {
+        "fsdp2": dict(master=4 * fsdp_local, gradients=4 * fsdp_local, optimizer=8 * fsdp_local,
+                      working=gathered if world_size > 1 or compute != "fp32" else 0),
+        "zero1": dict(master=4 * z12, gradients=c * n_total, optimizer=8 * z12, working=c * n_total),
+        "zero2": dict(master=4 * z12, gradients=c * z12, optimizer=8 * z12, working=c * n_total),
+        "zero3": dict(master=4 * z3, gradients=c * z3, optimizer=8 * z3, working=c * z3 + gathered),
+    }
+    for numbers in backends.values():
+        numbers["activations"] = activations
+        numbers["total"] = sum(numbers[k] for k in COMPONENTS)
+    configured = "fsdp2" if cfg.parallel.backend == "fsdp2" else f"zero{cfg.parallel.zero_stage}"
+    return {
+        "model": type(model).__name__,
+        "parameters": n_total,
+        "precision": compute,
+        "world_size": world_size,
+        "micro_batch": [cfg.train.micro_batch_size, cfg.train.seq_len],
+        "backends": backends,
+        "configured": configured,
+    }
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def format_table(result: dict) -> str:
+    mb, seq = result["micro_batch"]
+    lines = [
+        f"{result['model']}, {result['parameters']:,} parameters; {result['precision']} compute; "
+        f"world size {result['world_size']}; micro-batch {mb} x {seq} tokens",
+        "bytes on rank 0 (the largest shards); * = the configured backend",
+        "",
+    ]
+    header = f"{'':<13}" + "".join(f"{(b + ('*' if b == result['configured'] else '')):>15}" for b in BACKENDS)
+    lines.append(header)
+    for component in (*COMPONENTS, "total"):
+        row = f"{component:<13}" + "".join(f"{_size(result['backends'][b][component]):>15}" for b in BACKENDS)
+        lines.append(row)
+    return "\n".join(lines)
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="harness estimate", description=__doc__.split("\n\n")[1])
+    parser.add_argument("config", help="YAML config")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    parser.add_argument("--world-size", type=int, default=1, help="number of ranks")
+    parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    return parser.parse_intermixed_args(argv)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.world_size < 1:
+            raise HarnessError(f"--world-size must be >= 1 (got {args.world_size})")
+        cfg = load_config(args.config, args.overrides)
+        validate_for_world(cfg, args.world_size)
+        result = estimate(cfg, args.world_size)
+    except HarnessError as exc:
+        print(f"harness: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(json.dumps(result) if args.json else format_table(result))
+    return 0
+
+
+if __name__ == "__main__":
+    from harness.cli import exit_process
+
+    exit_process(main())
