@@ -85,6 +85,8 @@ class ParallelConfig:
     """How parameters, gradients and optimizer state are sharded across ranks: fsdp2 or deepspeed (ZeRO)."""
     zero_stage: Literal[1, 2, 3] = 3
     """DeepSpeed ZeRO stage: 1 shards optimizer state, 2 also gradients, 3 also parameters."""
+    accelerate_config: Optional[str] = None
+    """An `accelerate config` YAML (FSDP or DeepSpeed) whose backend, precision and sharding settings map onto this config."""
     deepspeed_config: Optional[str] = None
     """A DeepSpeed JSON as users write it ("auto" allowed). Its batch, precision, fp16 loss-scale, clipping, ZeRO and AdamW settings map onto this config, on any backend."""
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
@@ -271,10 +273,15 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
         raw["resume"] = {"path": raw["resume"]}  # resume=auto is short for resume.path=auto
     cfg = _build(Config, raw, prefix="")
     _fill_defaults(cfg, Path(path))
-    if cfg.parallel.deepspeed_config:
-        from harness.parallel.deepspeed_json import merge_into_config
+    explicit = set(_leaf_keys(raw))
+    if cfg.parallel.accelerate_config:
+        from harness.parallel import accelerate_config
 
-        merge_into_config(cfg, explicit=set(_leaf_keys(raw)))
+        accelerate_config.merge_into_config(cfg, explicit)
+    if cfg.parallel.deepspeed_config:
+        from harness.parallel import deepspeed_json
+
+        deepspeed_json.merge_into_config(cfg, explicit)
     validate(cfg)
     return cfg
 

@@ -104,10 +104,13 @@ class RunSummary:
     wall_s: float
     run_dir: str
     overflows: Optional[str] = None
+    stopped: Optional[tuple[str, int]] = None
+    """(signal name, last step) when a stop signal ended the run early."""
 
     def table(self) -> str:
         rows = [
-            ("steps", f"{self.steps} ({self.skipped} skipped)"),
+            ("steps", f"{self.steps} ({self.skipped} skipped)" if self.stopped is None
+             else f"stopped by {self.stopped[0]} after step {self.stopped[1]} of {self.steps} ({self.skipped} skipped)"),
             ("overflows", self.overflows or "none"),
             ("final loss", f"{_num(self.final_loss, '.4f')} (first {_num(self.first_loss, '.4f')})"),
             ("eval loss", _num(self.eval_loss, ".4f")),

@@ -1,7 +1,8 @@
 """`python -m harness.launcher NPROC CONFIG.yaml [overrides]`: NPROC ranks on this node via torchrun.
 
 torchrun itself reports any failed rank with a Python traceback of its own. When a rank stopped
-for a reason it already printed in one line (a user error, exit 2, or an aborted run, exit 3),
+for a reason it already printed in one line (a user error, exit 2, an aborted run, exit 3, or
+a stop signal after its checkpoint, exit 75),
 that report is noise, so it is dropped and the rank's exit code is passed on. Anything else (a
 crash, a signal) keeps torchrun's full report.
 """
@@ -12,7 +13,7 @@ import logging
 import sys
 from typing import Optional, Sequence
 
-EXPLAINED_EXIT_CODES = {2, 3}
+EXPLAINED_EXIT_CODES = {2, 3, 75}  # user error, aborted run, stopped by a signal after a checkpoint
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

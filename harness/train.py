@@ -29,7 +29,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("config", help="YAML config file, e.g. configs/tiny.yaml")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. train.steps=20")
     parser.add_argument("--check", action="store_true", help="validate the config and exit")
+    parser.add_argument("--from-accelerate-config", metavar="FILE",
+                        help="map an `accelerate config` YAML (FSDP/DeepSpeed) onto the config")
     parser.add_argument("--world-size", type=int, default=None, help="with --check: the number of ranks to expect")
+    # Some launchers append --local_rank=N; the rank comes from the environment instead.
+    parser.add_argument("--local_rank", "--local-rank", type=int, help=argparse.SUPPRESS)
     return parser.parse_intermixed_args(argv)
 
 
@@ -43,8 +47,11 @@ def _env_rank() -> int:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     rank = _env_rank()
+    overrides = list(args.overrides)
+    if args.from_accelerate_config:
+        overrides.append(f"parallel.accelerate_config={args.from_accelerate_config}")
     try:
-        cfg = load_config(args.config, args.overrides)
+        cfg = load_config(args.config, overrides)
         if args.check:
             validate_for_world(cfg, args.world_size or 1)
             print(f"config ok: {args.config} -> run.dir={cfg.run.dir}")
@@ -61,20 +68,29 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(cfg) -> int:
     from harness import dist, quiet_deepspeed_without_gpus
+    from harness.console import print0
+    from harness.preemption import EXIT_PREEMPTED, StopRequest
 
     quiet_deepspeed_without_gpus()
     from harness.trainer import build_trainer
 
+    stop = StopRequest().install()  # before anything slow: a signal during start-up counts too
     info = dist.rank_info_from_env()
     validate_for_world(cfg, info.world_size)
     backend = dist.pick_dist_backend(cfg.parallel.dist_backend)
     device = dist.device_for(info, backend)
     dist.init_process_group(info, backend, cfg.parallel.timeout_s, device)
     trainer = build_trainer(cfg, info, device)
+    trainer.stop = stop
     summary = trainer.fit()
     if info.is_main:
         print(summary.table(), flush=True)
     dist.shutdown()
+    if summary.stopped is not None:
+        signal_name, step = summary.stopped
+        print0(info.rank, f"stopped by {signal_name} after step {step}; checkpoint saved in {cfg.checkpoint.dir}; "
+               "run again with resume=auto to continue")
+        return EXIT_PREEMPTED
     return 0
 
 

@@ -27,6 +27,7 @@ from harness.optim import lr_at
 from harness.parallel import build_backend
 from harness.parallel.base import ParallelBackend
 from harness.precision import check_device_supports, precision_policy
+from harness.preemption import StopRequest
 from harness.tracking import NullTracker, WandbTracker, build_tracker
 
 
@@ -48,6 +49,8 @@ class Trainer:
     diagnosis: OverflowDiagnosis
     start_step: int = 0
     """The step a resumed run continues after (0 for a fresh run)."""
+    stop: Optional[StopRequest] = None
+    """Set by the entry point: SIGTERM/SIGUSR1 end the run after a checkpoint."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -63,6 +66,7 @@ class Trainer:
         row: dict = {}
         first = self.start_step + 1
         exit_code = 1
+        stopped_after = None
         try:
             for step in range(first, cfg.train.steps + 1):
                 row, decision = self.train_step(step)
@@ -78,9 +82,15 @@ class Trainer:
                 if decision.abort_reason:
                     raise TrainingAborted(f"step {step}: {decision.abort_reason}")
                 every = cfg.checkpoint.every
-                if every and (step % every == 0 or step == cfg.train.steps):
+                saved = bool(every) and (step % every == 0 or step == cfg.train.steps)
+                if saved:
                     self.save_checkpoint(step)
                 self.faults.maybe_kill(step)
+                if self.stop is not None and step < cfg.train.steps and self.stop.agreed(self.device):
+                    if not saved:
+                        self.save_checkpoint(step)
+                    stopped_after = step
+                    break
             exit_code = 0
         finally:
             progress.close()
@@ -99,6 +109,7 @@ class Trainer:
             wall_s=time.perf_counter() - started,
             run_dir=cfg.run.dir,
             overflows=self.diagnosis.summary(),
+            stopped=None if stopped_after is None else (self.stop.received or "a signal on another rank", stopped_after),
         )
 
     def train_step(self, step: int) -> tuple[dict, StepDecision]:

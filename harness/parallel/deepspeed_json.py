@@ -18,13 +18,12 @@ from __future__ import annotations
 
 import copy
 import json
-import math
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from harness.errors import ConfigError
+from harness.parallel.merge import AUTO, Merger, get_dotted as _get, integer
 
-AUTO = "auto"
 _OWNED_BY_HARNESS = (
     "train_batch_size",
     "train_micro_batch_size_per_gpu",
@@ -55,72 +54,14 @@ def read_json(path: str) -> dict[str, Any]:
     return data
 
 
-def _get(data: dict[str, Any], dotted: str) -> Any:
-    node: Any = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    return node
-
-
-class _Merger:
-    def __init__(self, cfg, explicit: set[str], source: str) -> None:
-        self.cfg = cfg
-        self.explicit = explicit
-        self.source = source
-
-    def harness_value(self, key: str) -> Any:
-        section, _, name = key.rpartition(".")
-        node = getattr(self.cfg, section) if section else self.cfg
-        return getattr(node, name)
-
-    def _set(self, key: str, value: Any) -> None:
-        section, _, name = key.rpartition(".")
-        node = getattr(self.cfg, section) if section else self.cfg
-        setattr(node, name, value)
-
-    def adopt(self, ds_key: str, ds_value: Any, key: str, value: Any) -> None:
-        """Make harness `key` equal `value` (derived from DeepSpeed's `ds_key`), or fail if it was set otherwise."""
-        current = self.harness_value(key)
-        if key in self.explicit and not _same(current, value):
-            raise ConfigError(
-                f"{self.source} {ds_key}={json.dumps(ds_value)} contradicts {key}={current} from the harness "
-                f'config; make them equal or write "auto" in the JSON'
-            )
-        self._set(key, value)
-
-    def number(self, data: dict[str, Any], ds_key: str, key: str, convert: Callable[[Any], Any] = float) -> None:
-        ds_value = _get(data, ds_key)
-        if ds_value is None or ds_value == AUTO:
-            return
-        try:
-            value = convert(ds_value)
-        except (TypeError, ValueError):
-            raise ConfigError(f'{self.source} {ds_key}={json.dumps(ds_value)} is not a number (or "auto")') from None
-        self.adopt(ds_key, ds_value, key, value)
-
-
-def _same(a: Any, b: Any) -> bool:
-    if isinstance(a, float) or isinstance(b, float):
-        return math.isclose(float(a), float(b), rel_tol=1e-12, abs_tol=0.0)
-    return a == b
-
-
-def _integer(value: Any) -> int:
-    if isinstance(value, bool) or float(value) != int(float(value)):
-        raise ValueError(value)
-    return int(float(value))
-
-
 def merge_into_config(cfg, explicit: set[str]) -> None:
     """Fold the JSON at cfg.parallel.deepspeed_config into cfg (see the module docstring)."""
     path = cfg.parallel.deepspeed_config
     data = read_json(path)
-    m = _Merger(cfg, explicit, f"deepspeed_config {Path(path).name}:")
+    m = Merger(cfg, explicit, f"deepspeed_config {Path(path).name}:", fix='make them equal or write "auto" in the JSON')
 
-    m.number(data, "train_micro_batch_size_per_gpu", "train.micro_batch_size", _integer)
-    m.number(data, "gradient_accumulation_steps", "train.grad_accum", _integer)
+    m.number(data, "train_micro_batch_size_per_gpu", "train.micro_batch_size", integer)
+    m.number(data, "gradient_accumulation_steps", "train.grad_accum", integer)
     m.number(data, "gradient_clipping", "train.grad_clip")
     _merge_precision(data, m)
     _merge_fp16_scaler(data, m)
@@ -138,7 +79,7 @@ def _enabled(data: dict[str, Any], section: str) -> Optional[bool]:
     return value
 
 
-def _merge_precision(data: dict[str, Any], m: _Merger) -> None:
+def _merge_precision(data: dict[str, Any], m: Merger) -> None:
     fp16 = _enabled(data, "fp16")
     bf16 = _enabled(data, "bf16")
     if bf16 is None:
@@ -162,12 +103,12 @@ def _merge_precision(data: dict[str, Any], m: _Merger) -> None:
     m.adopt(f"{disabled[0]}.enabled", False, "precision", "fp32")
 
 
-def _merge_fp16_scaler(data: dict[str, Any], m: _Merger) -> None:
+def _merge_fp16_scaler(data: dict[str, Any], m: Merger) -> None:
     power = _get(data, "fp16.initial_scale_power")
     if power is not None and power != AUTO:
-        m.adopt("fp16.initial_scale_power", power, "scaler.init_scale", float(2.0 ** _integer(power)))
-    m.number(data, "fp16.loss_scale_window", "scaler.growth_interval", _integer)
-    m.number(data, "fp16.hysteresis", "scaler.hysteresis", _integer)
+        m.adopt("fp16.initial_scale_power", power, "scaler.init_scale", float(2.0 ** integer(power)))
+    m.number(data, "fp16.loss_scale_window", "scaler.growth_interval", integer)
+    m.number(data, "fp16.hysteresis", "scaler.hysteresis", integer)
     m.number(data, "fp16.min_loss_scale", "scaler.min_scale")
     consecutive = _get(data, "fp16.consecutive_hysteresis")
     if isinstance(consecutive, bool):
@@ -182,7 +123,7 @@ def _merge_fp16_scaler(data: dict[str, Any], m: _Merger) -> None:
             m.adopt("fp16.loss_scale", static, "scaler.dynamic", True)
 
 
-def _merge_zero(data: dict[str, Any], m: _Merger) -> None:
+def _merge_zero(data: dict[str, Any], m: Merger) -> None:
     zero = data.get("zero_optimization") or {}
     if not isinstance(zero, dict):
         raise ConfigError(f"{m.source} zero_optimization must be an object")
@@ -203,7 +144,7 @@ def _merge_zero(data: dict[str, Any], m: _Merger) -> None:
             )
 
 
-def _merge_optimizer(data: dict[str, Any], m: _Merger) -> None:
+def _merge_optimizer(data: dict[str, Any], m: Merger) -> None:
     optimizer = data.get("optimizer")
     if not optimizer:
         return
@@ -221,7 +162,7 @@ def _merge_optimizer(data: dict[str, Any], m: _Merger) -> None:
                 m.adopt(f"optimizer.params.betas[{i}]", betas[i], key, float(betas[i]))
 
 
-def _merge_scheduler(data: dict[str, Any], m: _Merger) -> None:
+def _merge_scheduler(data: dict[str, Any], m: Merger) -> None:
     scheduler = data.get("scheduler")
     if not scheduler:
         return
@@ -231,9 +172,9 @@ def _merge_scheduler(data: dict[str, Any], m: _Merger) -> None:
         raise ConfigError(f"{m.source} scheduler.type={kind!r} has no harness equivalent; use one of {supported}")
     m.adopt("scheduler.type", kind, "train.lr_schedule", _SCHEDULES[kind.lower()])
     params = scheduler.get("params") or {}
-    m.number(params, "warmup_num_steps", "train.warmup_steps", _integer)
+    m.number(params, "warmup_num_steps", "train.warmup_steps", integer)
     m.number(params, "warmup_max_lr", "train.lr")
-    m.number(params, "total_num_steps", "train.steps", _integer)
+    m.number(params, "total_num_steps", "train.steps", integer)
     ratio = params.get("cos_min_ratio")
     if ratio is not None and ratio != AUTO:
         m.adopt("scheduler.params.cos_min_ratio", ratio, "train.min_lr", float(ratio) * m.harness_value("train.lr"))

@@ -1,4 +1,6 @@
-"""Read back a wandb offline run file (run-<id>.wandb); wandb ships no public reader.
+"""Read back a wandb run file (run-<id>.wandb, online and offline runs both write one); wandb
+ships no public reader. harness uses it to see which steps an interrupted attempt really
+recorded, and the tests to check what was logged.
 
 Format (wandb 0.31, ../shared/NOTES.md): a 7-byte header (":W&B", u16 0xBEE1, u8 version), then
 32 KiB blocks of records, each with a 7-byte header (crc32 u32, length u16, type u8: 1 full,
@@ -65,5 +67,6 @@ def read_run(path: Path) -> dict:
     return {"history": history, "config": config, "run_id": run_id}
 
 
-def find_runs(wandb_dir: Path) -> list[Path]:
-    return sorted(Path(wandb_dir).glob("wandb/offline-run-*/run-*.wandb"))
+def find_runs(wandb_dir: Path, run_id: str = "*") -> list[Path]:
+    """The run files under <wandb_dir>/wandb/, oldest first (folder names start with the time)."""
+    return sorted(Path(wandb_dir).glob(f"wandb/*run-*-{run_id}/run-{run_id}.wandb"))

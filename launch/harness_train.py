@@ -1,0 +1,11 @@
+"""`python launch/harness_train.py CONFIG.yaml [key=value ...]`: harness.train as a script file.
+
+For launchers that take a script path rather than a module (deepspeed's slurm launcher runs
+`python -u SCRIPT`). Same as `python -m harness.train`.
+"""
+
+from harness.cli import exit_process
+from harness.train import main
+
+if __name__ == "__main__":
+    exit_process(main())

@@ -1,0 +1,131 @@
+"""A real Slurm cluster on this machine for the tests: one slurmctld and two slurmd daemons
+(node1, node2) with their own ports, so jobs can span two "nodes". Debian's packages are
+installed with apt when missing (the suite runs as root on our machines and in CI)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+
+
+class SlurmUnavailable(RuntimeError):
+    pass
+
+
+def ensure_installed() -> None:
+    if all(shutil.which(tool) for tool in ("slurmctld", "slurmd", "sbatch", "scontrol")):
+        return
+    if os.geteuid() != 0:
+        raise SlurmUnavailable("Slurm is not installed and installing it with apt-get needs root")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"],
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+        result = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=900)
+        if result.returncode != 0:
+            raise SlurmUnavailable(f"{' '.join(cmd)} failed: {result.stderr.strip()[-500:]}")
+
+
+def _free_ports(n: int) -> list[int]:
+    sockets = [socket.socket() for _ in range(n)]
+    for s in sockets:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in sockets]
+    for s in sockets:
+        s.close()
+    return ports
+
+
+class Cluster:
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.conf = root / "slurm.conf"
+        self.procs: list[subprocess.Popen] = []
+        self.env = dict(os.environ, SLURM_CONF=str(self.conf))
+
+    def write_config(self) -> None:
+        host = socket.gethostname()
+        ctld, d1, d2 = _free_ports(3)
+        # Job ids name the default run dirs (runs/<job name>-<job id>): never reuse one.
+        first_job_id = int(time.time()) % 1_000_000 * 100
+        for sub in ("state", "spool-node1", "spool-node2", "log"):
+            (self.root / sub).mkdir(parents=True, exist_ok=True)
+        self.conf.write_text(f"""\
+ClusterName=harness-test
+FirstJobId={first_job_id}
+SlurmctldHost={host}
+AuthType=auth/none
+CredType=cred/none
+SlurmUser=root
+MpiDefault=none
+SlurmctldPort={ctld}
+SlurmdPort={d1}
+StateSaveLocation={self.root}/state
+SlurmdSpoolDir={self.root}/spool-%n
+SlurmctldPidFile={self.root}/slurmctld.pid
+SlurmdPidFile={self.root}/slurmd-%n.pid
+SlurmctldLogFile={self.root}/log/slurmctld.log
+SlurmdLogFile={self.root}/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+ReturnToService=2
+KillWait=60
+SchedulerParameters=defer_batch
+NodeName=node1 NodeHostname={host} NodeAddr=127.0.0.1 Port={d1} CPUs=2 State=UNKNOWN
+NodeName=node2 NodeHostname={host} NodeAddr=127.0.0.1 Port={d2} CPUs=2 State=UNKNOWN
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE OverSubscribe=FORCE:4 State=UP
+""")
+
+    def start(self) -> None:
+        self.write_config()
+        log = open(self.root / "log" / "daemons.out", "w")
+        self.procs.append(subprocess.Popen(["slurmctld", "-D", "-i", "-f", str(self.conf)], stdout=log,
+                                           stderr=log, env=self.env))
+        time.sleep(1.5)
+        for node in ("node1", "node2"):
+            self.procs.append(subprocess.Popen(["slurmd", "-D", "-N", node, "-f", str(self.conf)], stdout=log,
+                                               stderr=log, env=self.env))
+        deadline = time.time() + 60
+        while time.time() < deadline:
+            out = self.run(["sinfo", "-h", "-o", "%T %D"]).stdout.split()
+            if out[:2] == ["idle", "2"]:
+                return
+            time.sleep(1)
+        self.stop()
+        raise SlurmUnavailable(f"the test cluster did not come up: sinfo says {' '.join(out)}")
+
+    def run(self, cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
+        return subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=120, **kwargs)
+
+    def state(self, job_id: str) -> str:
+        out = self.run(["scontrol", "show", "job", job_id, "-o"]).stdout
+        for field in out.split():
+            if field.startswith("JobState="):
+                return field.split("=", 1)[1]
+        return "UNKNOWN"
+
+    def wait_for(self, job_id: str, states: set[str], timeout: float = 600) -> str:
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            state = self.state(job_id)
+            if state in states:
+                return state
+            if state in {"FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"}:
+                raise AssertionError(f"job {job_id} ended {state} while waiting for {sorted(states)}")
+            time.sleep(1)
+        raise TimeoutError(f"job {job_id} still {self.state(job_id)} after {timeout}s")
+
+    def stop(self) -> None:
+        self.run(["scancel", "--user=root"])
+        for proc in reversed(self.procs):
+            proc.terminate()
+        for proc in self.procs:
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
