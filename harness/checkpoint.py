@@ -28,6 +28,8 @@ import json
 import os
 import re
 import shutil
+import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -102,9 +104,16 @@ def _config_value(cfg_dict: dict, dotted: str) -> Any:
 # Saving
 
 
-def _write_rank_file(path: Path, backend: ParallelBackend, device: torch.device) -> None:
-    from safetensors.torch import save_file
+@dataclass
+class _Snapshot:
+    """A CPU copy of what this rank writes: taken between steps, so training may go on while it
+    is written."""
 
+    tensors: dict[str, torch.Tensor]
+    index: list[dict]
+
+
+def _snapshot(backend: ParallelBackend, device: torch.device) -> _Snapshot:
     index, flats = [], {kind: [] for kind in STATE_KINDS}
     at = 0
     for piece in backend.state_pieces():
@@ -113,68 +122,148 @@ def _write_rank_file(path: Path, backend: ParallelBackend, device: torch.device)
         at += piece.numel
         for kind in STATE_KINDS:
             flats[kind].append(piece.tensors[kind].detach().to("cpu", torch.float32))
+    # torch.cat copies, so later optimizer steps cannot reach into the snapshot.
     tensors = {kind: torch.cat(parts) if parts else torch.zeros(0) for kind, parts in flats.items()}
     tensors["rng.cpu"] = torch.get_rng_state()
     if device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-    save_file(tensors, str(path), metadata={"format": FORMAT, "index": json.dumps(index)})
-    _fsync(path)
+    return _Snapshot(tensors, index)
 
 
-def save_checkpoint(
-    root: Path,
-    step: int,
-    backend: ParallelBackend,
-    state: TrainerState,
-    cfg: Config,
-    model_config_json: str,
-    info: RankInfo,
-    device: torch.device,
-    keep_last: int,
-) -> Path:
-    """Write step-<step> atomically (collective: every rank calls it). Raises CheckpointError on
-    any rank's failure, on every rank, with the previous checkpoints left untouched."""
-    final = root / step_dir_name(step)
-    staging = root / (step_dir_name(step) + ".tmp")
-    problem = None
-    if info.is_main:
-        try:
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-        except OSError as exc:
-            problem = f"cannot create {staging}: {exc.strerror or exc}"
-    problem = _agree(problem)
-    if problem is None:
-        from safetensors import SafetensorError
+def _write_rank_file(path: Path, snapshot: _Snapshot, rank: int) -> tuple[Optional[dict], Optional[str]]:
+    """Write, fsync and hash one rank's file: (manifest entry, None) or (None, what went wrong)."""
+    from safetensors import SafetensorError
+    from safetensors.torch import save_file
 
-        name = rank_file_name(info.rank, info.world_size)
-        try:
-            _write_rank_file(staging / name, backend, device)
-            entry = {"file": name, "bytes": (staging / name).stat().st_size, "sha256": _sha256(staging / name)}
-        except (OSError, SafetensorError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            entry, problem = None, f"rank {info.rank} could not write {name}: {reason}"
+    try:
+        save_file(snapshot.tensors, str(path), metadata={"format": FORMAT, "index": json.dumps(snapshot.index)})
+        _fsync(path)
+        return {"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}, None
+    except (OSError, SafetensorError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        return None, f"rank {rank} could not write {path.name}: {reason}"
+
+
+@dataclass
+class _InFlight:
+    """A save whose rank file is being written by a background thread."""
+
+    step: int
+    staging: Path
+    state: TrainerState
+    backend_name: str
+    thread: threading.Thread
+    result: list
+    started: float
+
+
+class Checkpointer:
+    """Writes step-<N> checkpoints atomically. Every method is collective: all ranks call it at
+    the same point of the loop.
+
+    With `async_save`, `save()` only copies this rank's state to CPU memory and returns; a thread
+    writes, fsyncs and hashes the file while training goes on, and the checkpoint is committed
+    (manifest, rename, pruning) between two later steps, once every rank's file is on disk. One
+    save is in flight at a time; the next save, a stop signal and the end of the run wait for it.
+    Until it is committed a checkpoint is only a step-<N>.tmp folder, which nothing resumes from.
+    """
+
+    def __init__(self, cfg: Config, model_config_json: str, info: RankInfo, device: torch.device) -> None:
+        self.cfg = cfg
+        self.root = Path(cfg.checkpoint.dir)
+        self.model_config_json = model_config_json
+        self.info = info
+        self.device = device
+        self.in_flight: Optional[_InFlight] = None
+
+    def save(self, step: int, backend: ParallelBackend, state: TrainerState, blocking: bool = True) -> Optional[Path]:
+        """Save step `step`. Returns the committed folder, or None while an async save is in
+        flight. Raises CheckpointError on every rank if any rank failed."""
+        self.finish()
+        started = time.perf_counter()
+        staging = self._begin(step)
+        snapshot = _snapshot(backend, self.device)
+        path = staging / rank_file_name(self.info.rank, self.info.world_size)
+        if blocking or not self.cfg.checkpoint.async_save:
+            result = _write_rank_file(path, snapshot, self.info.rank)
+            return self._commit(step, staging, state, backend.name, result, started, None)
+        result: list = []
+        thread = threading.Thread(
+            target=lambda: result.append(_write_rank_file(path, snapshot, self.info.rank)),
+            name=f"checkpoint-step-{step}", daemon=True,
+        )
+        thread.start()
+        self.in_flight = _InFlight(step, staging, state, backend.name, thread, result, started)
+        print0(self.info.rank, f"checkpoint step {step}: state copied in {time.perf_counter() - started:.2f}s; "
+                               "writing in the background")
+        return None
+
+    def poll(self) -> Optional[Path]:
+        """Between steps: commit the in-flight save if every rank has written its file (one small
+        all-reduce, only while a save is in flight)."""
+        if self.in_flight is None:
+            return None
+        written = torch.tensor([0 if self.in_flight.thread.is_alive() else 1], device=self.device)
+        dist.all_reduce(written, op=dist.ReduceOp.MIN)
+        return self.finish() if int(written.item()) == 1 else None
+
+    def finish(self) -> Optional[Path]:
+        """Wait for the in-flight save, if any, and commit it."""
+        if self.in_flight is None:
+            return None
+        flight, self.in_flight = self.in_flight, None
+        flight.thread.join()
+        result = flight.result[0] if flight.result else (None, f"rank {self.info.rank}'s writer thread died")
+        return self._commit(flight.step, flight.staging, flight.state, flight.backend_name, result,
+                            flight.started, time.perf_counter() - flight.started)
+
+    def _begin(self, step: int) -> Path:
+        staging = self.root / (step_dir_name(step) + ".tmp")
+        problem = None
+        if self.info.is_main:
+            try:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+            except OSError as exc:
+                problem = f"cannot create {staging}: {exc.strerror or exc}"
+        problem = _agree(problem)
+        if problem is not None:
+            self._fail(step, staging, problem)
+        return staging
+
+    def _commit(self, step: int, staging: Path, state: TrainerState, backend_name: str,
+                result: tuple[Optional[dict], Optional[str]], started: float, background_s: Optional[float]) -> Path:
+        info = self.info
+        final = self.root / step_dir_name(step)
         gathered: list = [None] * info.world_size
-        dist.all_gather_object(gathered, (entry, problem))
+        dist.all_gather_object(gathered, result)
         problems = [p for _, p in gathered if p]
         problem = problems[0] if problems else None
         if problem is None and info.is_main:
             try:
-                _finish(staging, final, step, [e for e, _ in gathered], state, cfg, model_config_json, backend)
+                _finish(staging, final, step, [e for e, _ in gathered], state, self.cfg, self.model_config_json,
+                        backend_name)
             except OSError as exc:
                 problem = f"rank 0 could not finish {final.name}: {exc.strerror or exc}"
         problem = _agree(problem)
-    if problem is not None:
+        if problem is not None:
+            self._fail(step, staging, problem)
         if info.is_main:
+            _prune(self.root, self.cfg.checkpoint.keep_last)
+        dist.barrier()
+        size = sum(f.stat().st_size for f in final.iterdir()) / 2**20
+        how = f"written in the background in {background_s:.1f}s" if background_s is not None else \
+            f"{time.perf_counter() - started:.1f}s"
+        print0(info.rank, f"checkpoint {final} saved ({size:.1f} MiB, {how})")
+        return final
+
+    def _fail(self, step: int, staging: Path, problem: str) -> None:
+        if self.info.is_main:
             shutil.rmtree(staging, ignore_errors=True)
-        earlier = complete_checkpoints(root)
+        earlier = complete_checkpoints(self.root)
         previous = earlier[-1] if earlier else None
         kept = f"the previous checkpoint {previous.name} is intact" if previous else "no earlier checkpoint exists"
         raise CheckpointError(f"checkpoint save at step {step} failed: {problem}; {kept}")
-    if info.is_main:
-        _prune(root, keep_last)
-    dist.barrier()
-    return final
 
 
 def _agree(problem: Optional[str]) -> Optional[str]:
@@ -185,7 +274,7 @@ def _agree(problem: Optional[str]) -> Optional[str]:
 
 
 def _finish(staging: Path, final: Path, step: int, files: list, state: TrainerState, cfg: Config,
-            model_config_json: str, backend: ParallelBackend) -> None:
+            model_config_json: str, backend_name: str) -> None:
     (staging / "config.yaml").write_text(dump_yaml(cfg))
     (staging / "model_config.json").write_text(model_config_json)
     extras = {}
@@ -195,7 +284,7 @@ def _finish(staging: Path, final: Path, step: int, files: list, state: TrainerSt
         "format": FORMAT,
         "step": step,
         "world_size": state.world_size,
-        "backend": backend.name,
+        "backend": backend_name,
         "precision": cfg.precision,
         "config_hash": cfg.fingerprint(),
         "trainer_state": asdict(state),

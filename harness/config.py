@@ -209,6 +209,8 @@ class CheckpointConfig:
     """Keep the newest K complete checkpoints; older ones are deleted after each successful save."""
     dir: str = ""
     """Folder of step-<N> checkpoints. Default: <run.dir>/checkpoints."""
+    async_save: bool = False
+    """Write checkpoints in a background thread while training goes on: a save blocks only to copy this rank's state to CPU memory (one extra copy of its shard of params + optimizer state, held until written). The last save, and saves on a stop signal, are synchronous."""
 
 
 @dataclass

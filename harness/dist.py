@@ -12,7 +12,7 @@ import re
 import subprocess
 from dataclasses import dataclass
 from datetime import timedelta
-from typing import Mapping
+from typing import Mapping, MutableMapping
 
 import torch
 import torch.distributed as dist
@@ -134,13 +134,21 @@ def device_for(info: RankInfo, dist_backend: str) -> torch.device:
     return torch.device("cpu")
 
 
+def publish_rank_env(info: RankInfo, env: MutableMapping[str, str] = os.environ) -> None:
+    """Describe the rank with torchrun's variables too. Libraries read them (DeepSpeed asserts on
+    LOCAL_RANK), and srun or a bare process sets none of them. What is set already stays."""
+    described = {"RANK": info.rank, "WORLD_SIZE": info.world_size, "LOCAL_RANK": info.local_rank,
+                 "LOCAL_WORLD_SIZE": info.local_world_size}
+    if info.launcher != "none":  # a world of one has no rendezvous address
+        described.update(MASTER_ADDR=info.master_addr, MASTER_PORT=info.master_port)
+    for name, value in described.items():
+        env.setdefault(name, str(value))
+
+
 def init_process_group(info: RankInfo, dist_backend: str, timeout_s: int, device: torch.device) -> None:
     timeout = timedelta(seconds=timeout_s)
+    publish_rank_env(info)
     if info.world_size == 1 and info.launcher == "none":
-        # Libraries that read the launcher's variables (DeepSpeed asserts on LOCAL_RANK) see a
-        # world of one, as torchrun would describe it.
-        for name, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_WORLD_SIZE", "1")):
-            os.environ.setdefault(name, value)
         # A world of one needs no rendezvous port; FSDP2 still wants a process group.
         dist.init_process_group(dist_backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
         return

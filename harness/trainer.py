@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from harness.checkpoint import choose_resume, load_checkpoint, save_checkpoint, trainer_state_for
+from harness.checkpoint import Checkpointer, CheckpointError, choose_resume, load_checkpoint, trainer_state_for
 from harness.config import Config, dump_yaml
 from harness.console import Progress, RunSummary, print0
 from harness.diagnose import ForwardProbe, OverflowDiagnosis
@@ -47,6 +47,7 @@ class Trainer:
     model_config_json: str
     tracker: NullTracker | WandbTracker
     diagnosis: OverflowDiagnosis
+    checkpointer: Checkpointer
     start_step: int = 0
     """The step a resumed run continues after (0 for a fresh run)."""
     stop: Optional[StopRequest] = None
@@ -80,17 +81,22 @@ class Trainer:
                     steady_tokens += self.tokens_per_step
                     steady_time += row["step_time_s"]
                 if decision.abort_reason:
+                    self._land_in_flight_save()
                     raise TrainingAborted(f"step {step}: {decision.abort_reason}")
+                self.checkpointer.poll()
                 every = cfg.checkpoint.every
                 saved = bool(every) and (step % every == 0 or step == cfg.train.steps)
                 if saved:
-                    self.save_checkpoint(step)
+                    self.save_checkpoint(step, blocking=step == cfg.train.steps)
                 self.faults.maybe_kill(step)
                 if self.stop is not None and step < cfg.train.steps and self.stop.agreed(self.device):
-                    if not saved:
+                    if saved:
+                        self.checkpointer.finish()
+                    else:
                         self.save_checkpoint(step)
                     stopped_after = step
                     break
+            self.checkpointer.finish()
             exit_code = 0
         finally:
             progress.close()
@@ -140,8 +146,9 @@ class Trainer:
             row.update(self.diagnosis.on_skip(step, decision, self.scaler.scale))
         return row, decision
 
-    def save_checkpoint(self, step: int) -> Path:
-        started = time.perf_counter()
+    def save_checkpoint(self, step: int, blocking: bool = True) -> Optional[Path]:
+        """Checkpoint after step `step`; with checkpoint.async_save and blocking=False the file
+        writing continues in the background (returns None until it is committed)."""
         state = trainer_state_for(
             step=step,
             consumed=self.batches.consumed_after(step),
@@ -150,13 +157,15 @@ class Trainer:
             scaler_state=self.scaler.state_dict(),
             backend=self.backend,
         )
-        path = save_checkpoint(
-            Path(self.cfg.checkpoint.dir), step, self.backend, state, self.cfg, self.model_config_json,
-            self.info, self.device, self.cfg.checkpoint.keep_last,
-        )
-        size = sum(f.stat().st_size for f in path.iterdir()) / 2**20
-        print0(self.info.rank, f"checkpoint {path} saved ({size:.1f} MiB, {time.perf_counter() - started:.1f}s)")
-        return path
+        return self.checkpointer.save(step, self.backend, state, blocking=blocking)
+
+    def _land_in_flight_save(self) -> None:
+        """Before aborting (a decision every rank shares), commit the save still being written:
+        it holds the last good state."""
+        try:
+            self.checkpointer.finish()
+        except CheckpointError as exc:
+            print0(self.info.rank, f"warning: {exc}")
 
     def forward_backward(self, step: int, loss_scale: float) -> torch.Tensor:
         """Accumulate this rank's gradients for step `step`; returns its mean (unscaled) loss."""
@@ -288,5 +297,6 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
         model_config_json=model_config_json,
         tracker=build_tracker(cfg, info.rank, resumed=start_step > 0),
         diagnosis=diagnosis,
+        checkpointer=Checkpointer(cfg, model_config_json, info, device),
         start_step=start_step,
     )

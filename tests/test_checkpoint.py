@@ -83,6 +83,39 @@ def test_crash_and_resume_keeps_fp16_scaler_decisions(runs):
     assert [r["loss"] for r in got] == [r["loss"] for r in ref]
 
 
+def assert_same_rank_files(a: Path, b: Path) -> None:
+    """Every tensor and the index of every rank file equal (safetensors' header order varies
+    between writes, so the bytes may not)."""
+    from safetensors import safe_open
+
+    names = sorted(p.name for p in a.glob("rank-*"))
+    assert names == sorted(p.name for p in b.glob("rank-*")) and names
+    for name in names:
+        with safe_open(str(a / name), "pt") as fa, safe_open(str(b / name), "pt") as fb:
+            assert fa.metadata() == fb.metadata()
+            assert sorted(fa.keys()) == sorted(fb.keys())
+            for key in fa.keys():
+                assert torch.equal(fa.get_tensor(key), fb.get_tensor(key)), f"{a.name}/{name}: {key} differs"
+
+
+def test_async_save_writes_the_same_bytes_and_a_crash_mid_write_loses_nothing(runs, tmp_path):
+    root, _ = runs
+    run_dir, args = tmp_path / "async", ("checkpoint.every=2", "checkpoint.async_save=true")
+    crashed = train(2, TINY, run_dir, *args, "faults.kill_at_step=6", ok=False)
+    assert "step 2: state copied in" in crashed.stdout and "writing in the background" in crashed.stdout
+    # Killed while step 6 was being written: 4 was committed before 6 started, 6 never was.
+    assert [p.name for p in sorted((run_dir / "checkpoints").iterdir())] == [
+        "step-00000002", "step-00000004", "step-00000006.tmp"]
+    resumed = train(2, TINY, run_dir, *args, "resume=auto")
+    assert "resuming from" in resumed.stdout and "step-00000004" in resumed.stdout
+    assert "written in the background" in resumed.stdout
+    assert [r["loss"] for r in rows(run_dir)] == [r["loss"] for r in rows(root / "fp32-ref")]
+    # The background writer saved the state of its step, not of a later one, byte for byte.
+    for step in (4, 8):
+        assert_same_rank_files(ckpt(run_dir, step), ckpt(root / "fp32-ref", step))
+    assert not list((run_dir / "checkpoints").glob("*.tmp"))
+
+
 def test_resume_on_another_world_size_continues_the_curve(runs, tmp_path):
     root, _ = runs
     ref = rows(root / "fp32-ref")
@@ -210,6 +243,19 @@ def test_disk_full_fails_loudly_and_keeps_the_previous_checkpoint(tiny_disk, tmp
     assert "No space left on device" in error and "the previous checkpoint step-00000004 is intact" in error
     assert [p.name for p in tiny_disk.iterdir()] == ["step-00000004"]
     assert verify(tiny_disk / "step-00000004") is None
+
+
+def test_async_save_failure_is_reported_on_every_rank_and_keeps_the_previous_checkpoint(tiny_disk, tmp_path):
+    # Step 2 fits; step 4, written in the background beside it, does not. The failure surfaces
+    # when the save is committed, between later steps.
+    result = train(2, TINY, tmp_path / "run", f"checkpoint.dir={tiny_disk}", "checkpoint.every=2",
+                   "checkpoint.async_save=true", ok=False)
+    assert result.returncode == 2
+    error = result.stderr.strip().splitlines()[-1]
+    assert error.startswith("harness: error: checkpoint save at step 4 failed: rank")
+    assert "No space left on device" in error and "the previous checkpoint step-00000002 is intact" in error
+    assert [p.name for p in tiny_disk.iterdir()] == ["step-00000002"]
+    assert verify(tiny_disk / "step-00000002") is None
 
 
 # --------------------------------------------------------------------------------------------

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import pytest
 
-from harness.dist import first_host, port_for_job, rank_info_from_env
+from harness.dist import first_host, port_for_job, publish_rank_env, rank_info_from_env
 from harness.errors import HarnessError
 
 
@@ -30,6 +32,18 @@ def test_slurm_srun_env():
     assert info.master_addr == "gpu-node-does-not-exist07"
     assert info.master_port == port_for_job(4242) == 24242
     assert info.launcher == "slurm"
+
+
+def test_srun_ranks_are_published_as_torchrun_variables():
+    # DeepSpeed asserts on LOCAL_RANK; under srun only SLURM_* is set.
+    env = dict(SLURM_PROCID="3", SLURM_NTASKS="4", SLURM_LOCALID="1", SLURM_JOB_ID="7",
+               SLURM_TASKS_PER_NODE="2(x2)", SLURM_JOB_NODELIST="n[1-2]", MASTER_ADDR="10.0.0.1")
+    published = dict(env)
+    publish_rank_env(rank_info_from_env(env), published)
+    assert {k: v for k, v in published.items() if k not in env or k == "MASTER_ADDR"} == dict(
+        RANK="3", WORLD_SIZE="4", LOCAL_RANK="1", LOCAL_WORLD_SIZE="2", MASTER_ADDR="10.0.0.1",
+        MASTER_PORT=str(port_for_job(7)))
+    assert rank_info_from_env(published) == replace(rank_info_from_env(env), launcher="torchrun")  # same rank
 
 
 def test_torch_env_wins_over_slurm_when_torchrun_runs_inside_srun():

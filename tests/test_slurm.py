@@ -62,14 +62,17 @@ def test_srun_job_on_one_node_with_two_ranks(cluster, tmp_path):
     assert "fsdp2 over 2 rank(s)" in node_log(run_dir, 0)
 
 
-def test_two_nodes_rendezvous(cluster):
-    job_id, run_dir = submit(cluster, "configs/tiny.yaml", "train.steps=3", "log.per_rank=true",
+@pytest.mark.parametrize("config, backend", [("configs/tiny.yaml", "fsdp2"), ("configs/tiny-zero3.yaml", "ZeRO-3")])
+def test_two_nodes_rendezvous(cluster, config, backend):
+    # ZeRO under plain srun: DeepSpeed needs LOCAL_RANK, which srun does not set.
+    job_id, run_dir = submit(cluster, config, "train.steps=3", "log.per_rank=true",
                              "--nodes", "2", "--gpus-per-node", "1", "--job-name", "harness-2nodes")
     state = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
-    assert state == "COMPLETED", job_log("harness-2nodes", job_id)
+    assert state == "COMPLETED", job_log("harness-2nodes", job_id) + "".join(
+        p.read_text()[-2000:] for p in (run_dir / "logs").glob("*"))
     logs = sorted(p.name.split("-")[0] for p in (run_dir / "logs").iterdir())
     assert logs == ["node0", "node1"]  # one log per node
-    assert "over 2 rank(s)" in node_log(run_dir, 0)
+    assert f"{backend} over 2 rank(s)" in node_log(run_dir, 0)
     ranks = [rows_of(run_dir / "ranks" / f"rank-{r}.jsonl") for r in (0, 1)]
     assert [r["grad_norm"] for r in ranks[0]] == [r["grad_norm"] for r in ranks[1]]
     assert "on node[1-2]" in job_log("harness-2nodes", job_id)
@@ -84,14 +87,18 @@ def rows_of(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
-def test_deepspeed_launcher_job(cluster):
+@pytest.mark.parametrize("nodes, ranks_per_node, hostfile", [(1, 2, "node1 slots=2\n"),
+                                                              (2, 1, "node1 slots=1\nnode2 slots=1\n")])
+def test_deepspeed_launcher_job(cluster, nodes, ranks_per_node, hostfile):
+    # One node: the launcher starts the ranks itself. Two: it starts them with srun.
     job_id, run_dir = submit(cluster, "configs/tiny-zero3.yaml", "train.steps=3", "--launcher", "deepspeed",
-                             "--nodes", "1", "--gpus-per-node", "2", "--job-name", "harness-ds")
+                             "--nodes", str(nodes), "--gpus-per-node", str(ranks_per_node), "--job-name", "harness-ds")
     state = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
     launcher_logs = "".join(p.read_text() for p in (run_dir / "logs").glob("launcher-*.log"))
     assert state == "COMPLETED", job_log("harness-ds", job_id) + launcher_logs
-    assert (run_dir / "hostfile").read_text() == "node1 slots=2\n"
+    assert (run_dir / "hostfile").read_text() == hostfile
     assert "deepspeed ZeRO-3 over 2 rank(s)" in launcher_logs
+    assert ("cmd = srun -n 2" in launcher_logs) == (nodes == 2)
     assert [r["step"] for r in rows(run_dir)] == [1, 2, 3]
 
 
