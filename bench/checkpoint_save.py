@@ -6,7 +6,7 @@ measured side by side in one run (so only the ratios matter).
 
 One trainer; each round runs `--steps` optimizer steps three times: without checkpoints, saving
 every `--every` steps synchronously, and saving every `--every` steps with checkpoint.async_save
-(the loop calls the checkpointer exactly as Trainer.fit does). Saves fall mid-round, never on a
+(the loop drives the trainer's checkpointer exactly as Trainer.fit does). Saves fall mid-round, never on a
 round's last step, as in a long run where the next save comes long after. A round ends by waiting
 for any save still in flight. Rank 0 prints the median wall time of each mode, the time
 checkpointing added to it, and how long the loop was blocked per save (copy, commit, waits).
@@ -37,7 +37,7 @@ def main() -> None:
         parser.error("--steps must exceed --every: saves happen mid-round, never at a round's last step")
 
     from harness import dist as hdist
-    from harness.checkpoint import Checkpointer, trainer_state_for
+    from harness.checkpoint import Checkpointer
     from harness.config import load_config
     from harness.trainer import build_trainer
 
@@ -63,18 +63,18 @@ def main() -> None:
     step = 2
     for _ in range(args.rounds):
         for name, saver in modes.items():
+            if saver is not None:
+                trainer.checkpointer = saver  # the previous mode's saves are all committed
             started = time.perf_counter()
             for offset in range(args.steps):
-                trainer.train_step(step)
+                _, _, agreed = trainer.train_step(step)
                 if saver is None:
                     step += 1
                     continue
                 save_started = time.perf_counter()
-                saver.poll()
+                saver.commit_if_written(agreed.saves_written)
                 if (offset + 1) % args.every == 0 and offset + 1 < args.steps:
-                    state = trainer_state_for(step, trainer.batches.consumed_after(step), trainer.batches.shape.global_batch,
-                                              info.world_size, trainer.scaler.state_dict(), trainer.backend)
-                    saver.save(step, trainer.backend, state, blocking=False)
+                    trainer.save_checkpoint(step, blocking=False)
                 blocked[name].append(time.perf_counter() - save_started)
                 step += 1
             if saver is not None:

@@ -198,14 +198,17 @@ class Checkpointer:
                                "writing in the background")
         return None
 
-    def poll(self) -> Optional[Path]:
-        """Between steps: commit the in-flight save if every rank has written its file (one small
-        all-reduce, only while a save is in flight)."""
-        if self.in_flight is None:
+    @property
+    def writing(self) -> bool:
+        """This rank's background write is still running."""
+        return self.in_flight is not None and self.in_flight.thread.is_alive()
+
+    def commit_if_written(self, written_on_every_rank: bool) -> Optional[Path]:
+        """Between steps: commit the in-flight save once no rank is still writing (the trainer
+        learns that in its end-of-step all-reduce; see `writing`)."""
+        if self.in_flight is None or not written_on_every_rank:
             return None
-        written = torch.tensor([0 if self.in_flight.thread.is_alive() else 1], device=self.device)
-        dist.all_reduce(written, op=dist.ReduceOp.MIN)
-        return self.finish() if int(written.item()) == 1 else None
+        return self.finish()
 
     def finish(self) -> Optional[Path]:
         """Wait for the in-flight save, if any, and commit it."""
@@ -292,8 +295,8 @@ def _finish(staging: Path, final: Path, step: int, files: list, state: TrainerSt
     }
     manifest_path = staging / MANIFEST
     manifest_path.write_text(json.dumps(manifest, indent=2))
-    for path in staging.iterdir():
-        _fsync(path)
+    for name in ("config.yaml", "model_config.json", MANIFEST):  # each rank fsynced its own file
+        _fsync(staging / name)
     if final.exists():  # re-saving a step after resuming from an earlier one
         replaced = final.with_name(final.name + ".replaced")
         shutil.rmtree(replaced, ignore_errors=True)

@@ -34,6 +34,7 @@ from torch.autograd.graph import saved_tensors_hooks
 
 from harness.config import Config, load_config, validate_for_world
 from harness.errors import HarnessError
+from harness.parallel import layout_name
 
 BACKENDS = ("fsdp2", "zero1", "zero2", "zero3")
 COMPONENTS = ("master", "gradients", "optimizer", "working", "activations")
@@ -146,7 +147,7 @@ def estimate(cfg: Config, world_size: int) -> dict:
     for numbers in backends.values():
         numbers["activations"] = activations
         numbers["total"] = sum(numbers[k] for k in COMPONENTS)
-    configured = "fsdp2" if cfg.parallel.backend == "fsdp2" else f"zero{cfg.parallel.zero_stage}"
+    configured = layout_name(cfg.parallel)
     return {
         "model": type(model).__name__,
         "parameters": n_total,

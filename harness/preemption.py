@@ -1,9 +1,9 @@
 """Stop cleanly when the scheduler says so: SIGTERM (preemption, scancel, a node draining) or
 SIGUSR1 (Slurm's warning before the time limit, `#SBATCH --signal=B:USR1@120`).
 
-The handler only records the signal; the trainer checks at every step boundary, all ranks agree
-with one all-reduce (signals reach ranks at slightly different times, and a checkpoint needs
-every rank at the same step), then one checkpoint is saved and the process exits with
+The handler only records the signal; the flag travels in the trainer's end-of-step all-reduce, so
+all ranks agree on the step to stop at (signals reach ranks at slightly different times, and a
+checkpoint needs every rank at the same step), then one checkpoint is saved and the process exits with
 EXIT_PREEMPTED so the launcher script knows to requeue. A second signal while saving changes
 nothing: the flag is already set, and the checkpoint only becomes visible when complete.
 """
@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import signal
 from typing import Optional
-
-import torch
-import torch.distributed as dist
 
 EXIT_PREEMPTED = 75
 """EX_TEMPFAIL: stopped on request after saving a checkpoint; run the job again to continue."""
@@ -33,9 +30,3 @@ class StopRequest:
     def _handle(self, signum, frame) -> None:
         if self.received is None:
             self.received = signal.Signals(signum).name
-
-    def agreed(self, device: torch.device) -> bool:
-        """True on every rank once any rank received a stop signal (collective)."""
-        flag = torch.tensor([1.0 if self.received else 0.0], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0

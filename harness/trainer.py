@@ -31,6 +31,16 @@ from harness.preemption import StopRequest
 from harness.tracking import NullTracker, WandbTracker, build_tracker
 
 
+@dataclass(frozen=True)
+class StepAgreement:
+    """What every rank learned, identically, at the end of a step."""
+
+    stop: bool
+    """Some rank received SIGTERM/SIGUSR1: checkpoint after this step and exit."""
+    saves_written: bool
+    """No rank is still writing a background checkpoint: the one in flight can be committed."""
+
+
 @dataclass
 class Trainer:
     cfg: Config
@@ -70,7 +80,7 @@ class Trainer:
         stopped_after = None
         try:
             for step in range(first, cfg.train.steps + 1):
-                row, decision = self.train_step(step)
+                row, decision, agreed = self.train_step(step)
                 if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
                     eval_loss = row["eval_loss"] = self.evaluate()
                 self.metrics.write(row)
@@ -83,13 +93,13 @@ class Trainer:
                 if decision.abort_reason:
                     self._land_in_flight_save()
                     raise TrainingAborted(f"step {step}: {decision.abort_reason}")
-                self.checkpointer.poll()
+                self.checkpointer.commit_if_written(agreed.saves_written)
                 every = cfg.checkpoint.every
                 saved = bool(every) and (step % every == 0 or step == cfg.train.steps)
                 if saved:
                     self.save_checkpoint(step, blocking=step == cfg.train.steps)
                 self.faults.maybe_kill(step)
-                if self.stop is not None and step < cfg.train.steps and self.stop.agreed(self.device):
+                if agreed.stop and step < cfg.train.steps:
                     if saved:
                         self.checkpointer.finish()
                     else:
@@ -118,14 +128,14 @@ class Trainer:
             stopped=None if stopped_after is None else (self.stop.received or "a signal on another rank", stopped_after),
         )
 
-    def train_step(self, step: int) -> tuple[dict, StepDecision]:
+    def train_step(self, step: int) -> tuple[dict, StepDecision, StepAgreement]:
         started = time.perf_counter()
         lr = lr_at(step, self.cfg.train)
         self.faults.begin_step(step)
         self.diagnosis.begin_step()
         local_loss = self.forward_backward(step, self.scaler.scale)
         decision = self.apply_gradients(step, lr)
-        mean_loss = self._global_mean(local_loss)
+        mean_loss, agreed = self._agree_at_step_end(local_loss)
         step_time = time.perf_counter() - started
         tokens_per_s = self.tokens_per_step / step_time
         row = {
@@ -144,7 +154,7 @@ class Trainer:
         }
         if decision.skipped:
             row.update(self.diagnosis.on_skip(step, decision, self.scaler.scale))
-        return row, decision
+        return row, decision, agreed
 
     def save_checkpoint(self, step: int, blocking: bool = True) -> Optional[Path]:
         """Checkpoint after step `step`; with checkpoint.async_save and blocking=False the file
@@ -215,10 +225,17 @@ class Trainer:
         dist.all_reduce(totals)
         return (totals[0] / totals[1]).item()
 
-    def _global_mean(self, local: torch.Tensor) -> float:
-        value = local.detach().reshape(1).to(torch.float64)
-        dist.all_reduce(value)
-        return value.item() / self.info.world_size
+    def _agree_at_step_end(self, local_loss: torch.Tensor) -> tuple[float, StepAgreement]:
+        """One all-reduce carries everything the ranks must agree on after a step: the mean loss,
+        whether any rank received a stop signal (signals reach ranks at different moments), and
+        whether any rank is still writing a background checkpoint."""
+        values = torch.zeros(3, dtype=torch.float64, device=self.device)
+        values[0] = local_loss.detach()
+        values[1] = 1.0 if self.stop is not None and self.stop.received else 0.0
+        values[2] = 1.0 if self.checkpointer.writing else 0.0
+        dist.all_reduce(values)
+        loss_sum, stopping, writing = values.tolist()
+        return loss_sum / self.info.world_size, StepAgreement(stop=stopping > 0, saves_written=writing == 0)
 
     def _mfu(self, tokens_per_s: float) -> Optional[float]:
         if self.peak_tflops is None:

@@ -15,6 +15,7 @@ import torch
 
 from harness.checkpoint import complete_checkpoints, verify
 from tests.distributed import run_on_ranks
+from tests.unavailable import unavailable
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = "configs/tiny.yaml"
@@ -229,7 +230,7 @@ def tiny_disk(tmp_path):
     mount.mkdir()
     result = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=30m", "tmpfs", str(mount)], capture_output=True)
     if result.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs to fill (needs root): {result.stderr.decode().strip()}")
+        unavailable(f"cannot mount a small tmpfs to fill (needs root): {result.stderr.decode().strip()}")
     yield mount
     subprocess.run(["umount", str(mount)], check=False)
 

@@ -85,7 +85,7 @@ def _rank_scenarios(run_root: str) -> dict:
             unsharded.append(_full_grad_norm(trainer, backend))
             decision = trainer.unscale_and_clip(step)
             trainer.step_or_skip(decision, lr_at(step, cfg.train))
-            losses.append(trainer._global_mean(local_loss))
+            losses.append(trainer._agree_at_step_end(local_loss)[0])  # the mean loss fit() logs
             norms.append(decision.grad_norm)
         params = _full_params(trainer, backend)  # collective: every rank gathers
         out["parity"][label] = {

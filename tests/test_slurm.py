@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.slurm_cluster import Cluster, SlurmUnavailable, ensure_installed
+from tests.unavailable import unavailable
 from harness.wandb_file import find_runs, read_run
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,7 +29,7 @@ def cluster(tmp_path_factory):
         c = Cluster(tmp_path_factory.mktemp("slurm"))
         c.start()
     except SlurmUnavailable as exc:
-        pytest.skip(f"SLURM TESTS SKIPPED: {exc}")
+        unavailable(f"SLURM TESTS SKIPPED: {exc}")
     yield c
     c.stop()
 

@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 if TYPE_CHECKING:  # this package is imported by config.py, which must not import torch
     import torch
 
-    from harness.config import Config
+    from harness.config import Config, ParallelConfig
     from harness.parallel.base import ParallelBackend
     from harness.precision import PrecisionPolicy
 
@@ -26,3 +26,11 @@ def build_backend(cfg: Config, policy: PrecisionPolicy, device: torch.device, wo
 
         return DeepSpeedBackend(cfg, policy, device, world_size)
     raise AssertionError(f"config validation let through parallel.backend={cfg.parallel.backend!r}")
+
+
+def layout_name(parallel: ParallelConfig) -> str:
+    """The sharding layout a config asks for, as `harness estimate` names its columns:
+    fsdp2, zero1, zero2 or zero3."""
+    if parallel.backend == "fsdp2":
+        return "fsdp2"
+    return f"zero{parallel.zero_stage}"
