@@ -4,14 +4,25 @@ installed with apt when missing (the suite runs as root on our machines and in C
 
 from __future__ import annotations
 
+import fcntl
 import os
 import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
+from typing import Callable
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+
+# Slurm refuses to start when FirstJobId > MaxJobId ("fatal: Unable to process configuration
+# file"); its default MaxJobId is 0x03ff0000, and ids above it are reserved for federations.
+MAX_JOB_ID = 67_043_328
+# Each test cluster takes a block of ids: far more jobs than one test session submits.
+JOB_ID_BLOCK = 10_000
+# Job ids name the default run dirs and job logs (runs/<job name>-<job id>), which outlive a
+# cluster: clusters started on one machine hand out ids from one machine-wide counter.
+JOB_ID_COUNTER = Path(os.environ.get("XDG_STATE_HOME", Path.home() / ".local" / "state")) / "harness-tests" / "slurm-next-job-id"
 
 
 class SlurmUnavailable(RuntimeError):
@@ -31,6 +42,26 @@ def ensure_installed() -> None:
             raise SlurmUnavailable(f"{' '.join(cmd)} failed: {result.stderr.strip()[-500:]}")
 
 
+def reserve_job_ids(counter: Path, now: float) -> int:
+    """The first id of a block of JOB_ID_BLOCK ids that no earlier cluster on this machine used.
+
+    The counter file is locked while read and advanced. A machine without one (a fresh CI box)
+    starts at a block chosen from the clock, inside the valid range, so ids from an earlier
+    machine's leftover run dirs are unlikely to repeat either. Past MAX_JOB_ID it wraps to 1.
+    """
+    blocks = (MAX_JOB_ID - 1) // JOB_ID_BLOCK
+    counter.parent.mkdir(parents=True, exist_ok=True)
+    with open(counter, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        handle.seek(0)
+        text = handle.read().strip()
+        block = int(text) if text.isdigit() else int(now) // 60 % blocks
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{(block + 1) % blocks}\n")
+    return 1 + block % blocks * JOB_ID_BLOCK
+
+
 def _free_ports(n: int) -> list[int]:
     sockets = [socket.socket() for _ in range(n)]
     for s in sockets:
@@ -42,8 +73,12 @@ def _free_ports(n: int) -> list[int]:
 
 
 class Cluster:
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, clock: Callable[[], float] = time.time,
+                 job_id_counter: Path = JOB_ID_COUNTER) -> None:
         self.root = root
+        self.clock = clock
+        self.job_id_counter = job_id_counter
+        self.first_job_id = 0
         self.conf = root / "slurm.conf"
         self.procs: list[subprocess.Popen] = []
         self.env = dict(os.environ, SLURM_CONF=str(self.conf))
@@ -51,13 +86,13 @@ class Cluster:
     def write_config(self) -> None:
         host = socket.gethostname()
         ctld, d1, d2 = _free_ports(3)
-        # Job ids name the default run dirs (runs/<job name>-<job id>): never reuse one.
-        first_job_id = int(time.time()) % 1_000_000 * 100
+        self.first_job_id = reserve_job_ids(self.job_id_counter, self.clock())
         for sub in ("state", "spool-node1", "spool-node2", "log"):
             (self.root / sub).mkdir(parents=True, exist_ok=True)
         self.conf.write_text(f"""\
 ClusterName=harness-test
-FirstJobId={first_job_id}
+FirstJobId={self.first_job_id}
+MaxJobId={MAX_JOB_ID}
 SlurmctldHost={host}
 AuthType=auth/none
 CredType=cred/none
@@ -91,13 +126,24 @@ PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE OverSubscribe=FORCE:4
             self.procs.append(subprocess.Popen(["slurmd", "-D", "-N", node, "-f", str(self.conf)], stdout=log,
                                                stderr=log, env=self.env))
         deadline = time.time() + 60
-        while time.time() < deadline:
+        out: list[str] = []
+        while time.time() < deadline and all(proc.poll() is None for proc in self.procs):
             out = self.run(["sinfo", "-h", "-o", "%T %D"]).stdout.split()
             if out[:2] == ["idle", "2"]:
                 return
             time.sleep(1)
         self.stop()
-        raise SlurmUnavailable(f"the test cluster did not come up: sinfo says {' '.join(out)}")
+        raise SlurmUnavailable(f"the test cluster did not come up: sinfo says {' '.join(out) or 'nothing'}; "
+                               f"the daemons said:\n{self.daemon_log_tail()}")
+
+    def daemon_log_tail(self, lines: int = 15) -> str:
+        """The last lines of each daemon's own log: where Slurm says why it would not start."""
+        tails = []
+        for log in sorted((self.root / "log").glob("*")):
+            text = log.read_text(errors="replace").strip().splitlines()
+            if text:
+                tails.append(f"--- {log.name}\n" + "\n".join(text[-lines:]))
+        return "\n".join(tails) or "(no daemon log was written)"
 
     def run(self, cmd: list[str], **kwargs) -> subprocess.CompletedProcess:
         return subprocess.run(cmd, capture_output=True, text=True, env=self.env, timeout=120, **kwargs)
