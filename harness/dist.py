@@ -95,9 +95,14 @@ def _local_tasks(env: Mapping[str, str]) -> int:
     return int(match.group(1)) if match else 1
 
 
+# Below Linux's default ephemeral range (32768-60999), where the kernel hands out the source
+# ports of outgoing connections: a port in it can be taken by any client socket on the node.
+RENDEZVOUS_PORTS = range(10000, 30000)
+
+
 def port_for_job(job_id: int) -> int:
     """A rendezvous port derived from the job id, so concurrent jobs on a node do not collide."""
-    return 20000 + job_id % 20000
+    return RENDEZVOUS_PORTS.start + job_id % len(RENDEZVOUS_PORTS)
 
 
 def first_host(nodelist: str) -> str:
@@ -148,11 +153,12 @@ def publish_rank_env(info: RankInfo, env: MutableMapping[str, str] = os.environ)
 def init_process_group(info: RankInfo, dist_backend: str, timeout_s: int, device: torch.device) -> None:
     timeout = timedelta(seconds=timeout_s)
     publish_rank_env(info)
+    # Binding the group to its GPU lets NCCL set up eagerly and keeps barrier() off the guesswork.
+    kwargs = {"device_id": device} if device.type == "cuda" else {}
     if info.world_size == 1 and info.launcher == "none":
         # A world of one needs no rendezvous port; FSDP2 still wants a process group.
-        dist.init_process_group(dist_backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout)
+        dist.init_process_group(dist_backend, store=dist.HashStore(), rank=0, world_size=1, timeout=timeout, **kwargs)
         return
-    kwargs = {"device_id": device} if device.type == "cuda" else {}
     try:
         dist.init_process_group(
             dist_backend,

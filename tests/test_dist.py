@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
@@ -30,8 +32,13 @@ def test_slurm_srun_env():
     info = rank_info_from_env(env)
     assert (info.rank, info.world_size, info.local_rank, info.local_world_size) == (5, 8, 1, 4)
     assert info.master_addr == "gpu-node-does-not-exist07"
-    assert info.master_port == port_for_job(4242) == 24242
+    assert info.master_port == port_for_job(4242) == 14242
     assert info.launcher == "slurm"
+
+
+@pytest.mark.parametrize("job_id", [0, 4242, 22767, 32768, 67_043_328, 10**12 + 7])
+def test_rendezvous_port_lies_outside_the_ephemeral_range(job_id):
+    assert 1024 < port_for_job(job_id) < 32768
 
 
 def test_srun_ranks_are_published_as_torchrun_variables():
@@ -67,3 +74,13 @@ def test_bad_rank_env(env, message):
 def test_first_host_parsing_without_scontrol():
     assert first_host("a-nonexistent-host") == "a-nonexistent-host"
     assert first_host("nonexistent[3-5,9],other") == "nonexistent3"
+
+
+@pytest.mark.parametrize("script", ["slurm/train.sbatch", "slurm/deepspeed.sbatch"])
+def test_job_scripts_derive_the_same_rendezvous_port(script):
+    root = Path(__file__).resolve().parents[1]
+    line = next(line for line in (root / script).read_text().splitlines() if "MASTER_PORT=$((" in line)
+    formula = line.split("MASTER_PORT=", 1)[1]
+    for job_id in (7, 4242, 123_456_789):
+        out = subprocess.run(["bash", "-c", f"SLURM_JOB_ID={job_id}; echo {formula}"], capture_output=True, text=True)
+        assert int(out.stdout) == port_for_job(job_id), script
