@@ -28,7 +28,15 @@ def summarise_run(run_dir: Path) -> dict:
         "mfu": statistics.median(mfus) if mfus else None,
         "mem_gb": max(r["mem_gb"] for r in rows),
         "final_loss": rows[-1]["loss"],
+        "setup_host_gb": _setup_host_peak(run_dir),
     }
+
+
+def _setup_host_peak(run_dir: Path):
+    try:
+        return max(json.loads((run_dir / "summary.json").read_text())["setup_host_peak_gb"])
+    except (OSError, ValueError, KeyError):
+        return None
 
 
 def summarise(path: Path) -> dict:
@@ -43,15 +51,16 @@ def summarise(path: Path) -> dict:
 def main(paths: list[str]) -> int:
     rows = [summarise(Path(p)) for p in paths]
     baseline = next((r for r in rows if r.get("run") == "bf16" and "error" not in r), None)
-    print("| run | tokens/s | step s | MFU | peak mem GiB | final loss | vs harness bf16 |")
-    print("|---|---|---|---|---|---|---|")
+    print("| run | tokens/s | step s | MFU | peak mem GiB | setup host GiB | final loss | vs harness bf16 |")
+    print("|---|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| {r['run']} | failed: {r['error'][:80]} | | | | | |")
+            print(f"| {r['run']} | failed: {r['error'][:80]} | | | | | | |")
             continue
         mfu = f"{100 * r['mfu']:.1f}%" if r.get("mfu") is not None else "n/a"
         ratio = f"{r['tokens_per_s'] / baseline['tokens_per_s']:.2f}x" if baseline else "n/a"
-        print(f"| {r['run']} | {r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | {mfu} | {r['mem_gb']:.1f} | "
+        host = f"{r['setup_host_gb']:.1f}" if r.get("setup_host_gb") is not None else "n/a"
+        print(f"| {r['run']} | {r['tokens_per_s']:,.0f} | {r['step_time_s']:.3f} | {mfu} | {r['mem_gb']:.1f} | {host} | "
               f"{r['final_loss']:.3f} | {ratio} |")
     return 0
 

@@ -83,6 +83,21 @@ def resolve_model(ref: str) -> str:
     return str(_prepared("models/smollm2-135m", _convert_smollm2))
 
 
+def local_model_dir(ref: str) -> str:
+    """The local folder holding a model's config and weights: the path itself, or a hub id's
+    snapshot (config, safetensors and their index only) in the Hugging Face cache."""
+    if Path(ref).expanduser().is_dir():
+        return str(Path(ref).expanduser())
+    try:
+        from huggingface_hub import snapshot_download
+
+        return snapshot_download(ref, allow_patterns=["*.json", "*.safetensors"])
+    except Exception as exc:  # any hub failure (offline, unknown id, no access) is the user's to fix
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise HarnessError(f"model.pretrained {ref!r} is not a local folder and could not be fetched ({first}); "
+                           "point it at a local Hugging Face folder") from None
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -467,12 +467,11 @@ def validate(cfg: Config) -> None:
     _require(t.micro_batch_size >= 1, f"train.micro_batch_size must be >= 1 (got {t.micro_batch_size})")
     _require(t.grad_accum >= 1, f"train.grad_accum must be >= 1 (got {t.grad_accum})")
     _require(t.seq_len >= 2, f"train.seq_len must be >= 2 (got {t.seq_len})")
-    _require(t.lr > 0, f"train.lr must be > 0 (got {t.lr})")
+    # lr=0 is allowed: it runs the whole step path and leaves the weights exactly as they are.
+    _require(t.lr >= 0, f"train.lr must be >= 0 (got {t.lr})")
     _require(0 <= t.min_lr <= t.lr, f"train.min_lr must be between 0 and train.lr={t.lr} (got {t.min_lr})")
-    _require(
-        0 <= t.warmup_steps <= t.steps,
-        f"train.warmup_steps must be between 0 and train.steps={t.steps} (got {t.warmup_steps})",
-    )
+    # A warmup longer than the run is valid: the LR never reaches its peak (short fine-tunes, smoke runs).
+    _require(t.warmup_steps >= 0, f"train.warmup_steps must be >= 0 (got {t.warmup_steps})")
     _require(t.grad_clip >= 0, f"train.grad_clip must be >= 0 (0 disables clipping; got {t.grad_clip})")
     _require(t.weight_decay >= 0, f"train.weight_decay must be >= 0 (got {t.weight_decay})")
     for name in ("beta1", "beta2"):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from typing import Any, Optional, TextIO
 
 
@@ -106,6 +106,14 @@ class RunSummary:
     overflows: Optional[str] = None
     stopped: Optional[tuple[str, int]] = None
     """(signal name, last step) when a stop signal ended the run early."""
+    setup_host_peak_gb: list[float] = field(default_factory=list)
+    """Each rank's host resident-set high-water mark after setup, before step 1 (GiB)."""
+
+    def to_json(self) -> dict:
+        """What run.dir/summary.json holds."""
+        data = asdict(self)
+        data["stopped"] = None if self.stopped is None else {"signal": self.stopped[0], "after_step": self.stopped[1]}
+        return data
 
     def table(self) -> str:
         rows = [
@@ -118,6 +126,8 @@ class RunSummary:
             ("tokens/s", f"{self.tokens_per_s:,.0f}"),
             ("mfu", "n/a (no device peak known)" if self.mfu is None else f"{self.mfu:.1%}"),
             ("peak memory", f"{self.peak_mem_gb:.2f} GiB (rank 0)"),
+            ("setup host peak", "-" if not self.setup_host_peak_gb else
+             f"{max(self.setup_host_peak_gb):.2f} GiB (largest of {len(self.setup_host_peak_gb)} rank(s))"),
             ("wall time", format_duration(self.wall_s)),
             ("run dir", self.run_dir),
         ]

@@ -26,7 +26,7 @@ PEAK_TFLOPS = {
     "B200": {"bf16": 2250.0, "fp16": 2250.0, "fp32": 80.0},
 }
 
-PER_RANK_FIELDS = ("step", "loss", "loss_scale", "skipped", "grad_norm", "mem_gb", "mem_reserved_gb")
+PER_RANK_FIELDS = ("step", "loss", "loss_scale", "skipped", "grad_norm", "mem_gb", "mem_reserved_gb", "host_mem_gb")
 
 
 def device_peak_tflops(device: torch.device, policy: PrecisionPolicy, configured: Optional[float]) -> Optional[float]:
@@ -42,11 +42,16 @@ def device_peak_tflops(device: torch.device, policy: PrecisionPolicy, configured
     return None
 
 
+def host_peak_gb() -> float:
+    """This process's resident-set high-water mark as the OS counts it (ru_maxrss, KiB on Linux), GiB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+
+
 def peak_memory_gb(device: torch.device) -> float:
     """Peak allocated device memory (CUDA) or peak resident set size of this process (CPU), GiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
+    return host_peak_gb()
 
 
 def peak_reserved_gb(device: torch.device) -> Optional[float]:
@@ -102,3 +107,10 @@ class MetricsWriter:
     def _append(path: Path, row: dict[str, Any]) -> None:
         with open(path, "a") as f:
             f.write(json.dumps(strict_json(row)) + "\n")
+
+
+def write_json_atomically(path: Path, data: Any) -> None:
+    """Write strict JSON to `path` via a temporary file and a rename: readers never see half a file."""
+    staging = path.with_name(path.name + ".tmp")
+    staging.write_text(json.dumps(strict_json(data), indent=2) + "\n")
+    staging.rename(path)

@@ -5,7 +5,7 @@ reads like the single-GPU recipe: scale the loss, backward, unscale + clip + dec
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
@@ -21,10 +21,13 @@ from harness.dist import RankInfo
 from harness.errors import TrainingAborted
 from harness.faults import FaultInjector
 from harness.grad_scale import GradScaler, StepDecision, build_grad_scaler
-from harness.metrics import MetricsWriter, device_peak_tflops, peak_memory_gb, peak_reserved_gb
-from harness.model import build_model, flops_per_token, next_token_loss, per_sequence_loss
+from harness.metrics import (MetricsWriter, device_peak_tflops, host_peak_gb, peak_memory_gb, peak_reserved_gb,
+                             write_json_atomically)
+from harness.model import (build_skeleton, flops_per_token, full_numel, initial_weights, model_spec, next_token_loss,
+                           per_sequence_loss)
 from harness.optim import lr_at
 from harness.parallel import build_backend
+from harness.parallel.initial_weights import write_initial_weights
 from harness.parallel.base import ParallelBackend
 from harness.precision import check_device_supports, precision_policy
 from harness.preemption import StopRequest
@@ -60,6 +63,8 @@ class Trainer:
     checkpointer: Checkpointer
     start_step: int = 0
     """The step a resumed run continues after (0 for a fresh run)."""
+    setup_host_peak_gb: list[float] = field(default_factory=list)
+    """Every rank's host RSS high-water mark once set up, before step 1 (the number that picks a node)."""
     stop: Optional[StopRequest] = None
     """Set by the entry point: SIGTERM/SIGUSR1 end the run after a checkpoint."""
 
@@ -112,7 +117,7 @@ class Trainer:
             progress.close()
             self.tracker.finish(exit_code)
         tokens_per_s = steady_tokens / steady_time if steady_time > 0 else 0.0
-        return RunSummary(
+        summary = RunSummary(
             steps=cfg.train.steps,
             skipped=self.scaler.total_skips,
             first_loss=losses[0] if losses else None,
@@ -126,7 +131,11 @@ class Trainer:
             run_dir=cfg.run.dir,
             overflows=self.diagnosis.summary(),
             stopped=None if stopped_after is None else (self.stop.received or "a signal on another rank", stopped_after),
+            setup_host_peak_gb=self.setup_host_peak_gb,
         )
+        if self.info.is_main:
+            write_json_atomically(Path(cfg.run.dir) / "summary.json", summary.to_json())
+        return summary
 
     def train_step(self, step: int) -> tuple[dict, StepDecision, StepAgreement]:
         started = time.perf_counter()
@@ -150,6 +159,7 @@ class Trainer:
             "mfu": self._mfu(tokens_per_s),
             "mem_gb": peak_memory_gb(self.device),
             "mem_reserved_gb": peak_reserved_gb(self.device),
+            "host_mem_gb": host_peak_gb(),
             "step_time_s": step_time,
         }
         if decision.skipped:
@@ -256,13 +266,20 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
 
     corpus = load_corpus(cfg.data)
     print0(info.rank, f"data: {corpus.description}; {len(corpus.train):,} train / {len(corpus.val):,} val tokens")
-    model = build_model(cfg.model, corpus.vocab_size, cfg.train.seed)
+    spec = model_spec(cfg.model, corpus.vocab_size)
+    backend = build_backend(cfg, policy, device, info.world_size)
+    # The skeleton holds no weights (meta, or ZeRO-3 partitions); setup allocates this rank's
+    # shards and the initial weights are written into them, one block at a time.
+    model = build_skeleton(spec, backend.construction_context(spec.hf_config.hidden_size))
     model_name = type(model).__name__
     model_config_json = model.config.to_json_string()
-    n_params = sum(p.numel() for p in model.parameters())
+    full_numels = {name: full_numel(p) for name, p in model.named_parameters()}
+    n_params = sum(full_numels.values())
     fpt = flops_per_token(model, cfg.train.seq_len)
-    backend = build_backend(cfg, policy, device, info.world_size)
     backend.setup(model, cfg.train)
+    resume_path = choose_resume(cfg, info)
+    if resume_path is None:  # a checkpoint, weights-only ones too, overwrites every master piece
+        write_initial_weights(backend, initial_weights(spec, cfg.train.seed), full_numels)
     print0(
         info.rank,
         f"model: {model_name}, {n_params:,} parameters; {backend.name} over {info.world_size} rank(s), "
@@ -280,7 +297,6 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
     shape = BatchShape(cfg.train.micro_batch_size, cfg.train.grad_accum, info.world_size)
     scaler = build_grad_scaler(cfg.scaler, policy.uses_loss_scaling, cfg.train.grad_clip, device)
     start_step, start_offset = 0, 0
-    resume_path = choose_resume(cfg, info)
     if resume_path is not None:
         load_started = time.perf_counter()
         state = load_checkpoint(resume_path, backend, cfg, info, device, shape.global_batch)
@@ -299,6 +315,9 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
         val = PackedSequences(corpus.val, cfg.train.seq_len)
         eval_data = eval_batches(val, cfg.eval.sequences, cfg.train.micro_batch_size, info.rank, info.world_size)
 
+    # Measured last, once everything a step needs is built: what a node must have before step 1.
+    setup_host_peak = [0.0] * info.world_size
+    dist.all_gather_object(setup_host_peak, round(host_peak_gb(), 4))
     return Trainer(
         cfg=cfg,
         info=info,
@@ -316,4 +335,5 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
         diagnosis=diagnosis,
         checkpointer=Checkpointer(cfg, model_config_json, info, device),
         start_step=start_step,
+        setup_host_peak_gb=setup_host_peak,
     )

@@ -29,3 +29,8 @@ def test_no_weight_decay_on_biases_and_norms():
     decay, no_decay = param_groups(model, 0.1)
     assert decay["weight_decay"] == 0.1 and [p.shape for p in decay["params"]] == [torch.Size([4, 3])]
     assert no_decay["weight_decay"] == 0.0 and len(no_decay["params"]) == 3
+
+
+def test_a_warmup_longer_than_the_run_never_reaches_the_peak():
+    cfg = TrainConfig(steps=4, lr=1.0, warmup_steps=10)
+    assert [lr_at(step, cfg) for step in range(1, 5)] == [0.1, 0.2, 0.3, 0.4]

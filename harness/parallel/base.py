@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
+from typing import ContextManager, Optional
 
 import torch
 from torch import nn
@@ -44,14 +45,23 @@ class ParallelBackend(ABC):
     """
 
     name: str
+    device: torch.device
+    """Where this rank computes (and where its collectives' tensors live)."""
     model: nn.Module
     """Call this for forward passes (it may be a wrapper around the original module)."""
     module: nn.Module
     """The original model (same parameter and module names), for hooks and diagnostics."""
 
+    def construction_context(self, hidden_size: int) -> Optional[ContextManager]:
+        """Where the model's parameters are created; None: on the meta device (no memory), to be
+        allocated shard by shard in setup()."""
+        return None
+
     @abstractmethod
     def setup(self, model: nn.Module, train_cfg: TrainConfig) -> None:
-        """Shard `model` (fp32, on the CPU, identical on every rank) and build the optimizer."""
+        """Shard the skeleton `model` (built in construction_context(), no values written yet),
+        allocate this rank's fp32 master pieces and build the optimizer. The initial values are
+        written afterwards through state_pieces(with_optimizer_state=False)."""
 
     @abstractmethod
     def backward(self, loss: torch.Tensor, loss_scale: float, last_micro_batch: bool) -> None:
@@ -82,9 +92,11 @@ class ParallelBackend(ABC):
         """The torch AdamW holding this rank's fp32 master partitions and moments."""
 
     @abstractmethod
-    def state_pieces(self) -> list[StatePiece]:
+    def state_pieces(self, with_optimizer_state: bool = True) -> list[StatePiece]:
         """This rank's pieces of every parameter's master weight and moments (moments are created,
-        zero, if no step has run yet). Writing into the views changes the live state."""
+        zero, if no step has run yet). Writing into the views changes the live state.
+        With with_optimizer_state=False the pieces hold only "param" and no optimizer state is
+        created (to write the initial weights before step 1)."""
 
     def after_state_load(self) -> None:
         """Called after state_pieces() views were overwritten (e.g. refresh low-precision copies)."""

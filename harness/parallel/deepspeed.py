@@ -15,14 +15,17 @@ loss scale (`override_loss_scale`):
 
 from __future__ import annotations
 
+import importlib
 import logging
 import os
 import warnings
+from typing import ContextManager, Optional
 
 import torch
 from torch import nn
 
 from harness.config import Config, TrainConfig
+from harness.model import materialize_on
 from harness.optim import build_adamw, ensure_adam_state, param_groups
 from harness.parallel.base import STATE_KINDS, ParallelBackend, StatePiece
 from harness.parallel.deepspeed_json import runtime_config
@@ -61,8 +64,25 @@ class DeepSpeedBackend(ParallelBackend):
         self.stage = cfg.parallel.zero_stage
         self._step_scale = 1.0
 
+    def construction_context(self, hidden_size: int) -> Optional[ContextManager]:
+        if self.stage != 3:
+            return None  # ZeRO-1/2 hold the whole compute-dtype model anyway: built in setup()
+        # ZeRO-3: each parameter is partitioned as soon as its module is built, so no rank ever
+        # holds the whole model, and initialize() has nothing left to move to the device.
+        deepspeed = _import_deepspeed(self.device)
+        ds_config = runtime_config(self.cfg, self.world_size, hidden_size=hidden_size)
+        # zero.Init partitions over deepspeed.comm's world, which must wrap ours first.
+        deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
+        # zero.Init swaps torch.Tensor.__new__; torch._dynamo, imported lazily while transformers
+        # builds a model, refuses to load under that patch ("Signature mismatch"): load it now.
+        importlib.import_module("torch._dynamo")
+        return deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=self.policy.compute_dtype)
+
     def setup(self, model: nn.Module, train_cfg: TrainConfig) -> None:
         deepspeed = _import_deepspeed(self.device)
+        if self.stage != 3:
+            # Straight into the compute dtype on the device: DeepSpeed would cast it there anyway.
+            materialize_on(model, self.device, dtype=self.policy.compute_dtype)
         self._names = {id(p): name for name, p in model.named_parameters()}
         ds_config = runtime_config(self.cfg, self.world_size, hidden_size=model.config.hidden_size)
         optimizer = build_adamw(param_groups(model, train_cfg.weight_decay), train_cfg, self.device)
@@ -97,9 +117,11 @@ class DeepSpeedBackend(ParallelBackend):
     def torch_optimizer(self) -> torch.optim.Optimizer:
         return self.zero.optimizer
 
-    def state_pieces(self) -> list[StatePiece]:
-        ensure_adam_state(self.zero.optimizer, self._fp32_flats())
-        return self._zero3_pieces() if self.stage == 3 else self._zero12_pieces()
+    def state_pieces(self, with_optimizer_state: bool = True) -> list[StatePiece]:
+        kinds = STATE_KINDS if with_optimizer_state else STATE_KINDS[:1]
+        if with_optimizer_state:
+            ensure_adam_state(self.zero.optimizer, self._fp32_flats())
+        return self._zero3_pieces(kinds) if self.stage == 3 else self._zero12_pieces(kinds)
 
     def _fp32_flats(self) -> list[torch.Tensor]:
         """The fp32 master partitions AdamW steps on (one per parameter group / ZeRO-3 sub-group)."""
@@ -107,7 +129,7 @@ class DeepSpeedBackend(ParallelBackend):
             return list(self.zero.fp32_partitioned_groups_flat)
         return list(self.zero.single_partition_of_fp32_groups)
 
-    def _zero3_pieces(self) -> list[StatePiece]:
+    def _zero3_pieces(self, kinds: tuple[str, ...]) -> list[StatePiece]:
         # Each parameter is split into world-size partitions of partition_numel() elements (the
         # last one padded); this rank's lies at grad_position inside its sub-group's fp32 flat.
         z = self.zero
@@ -118,13 +140,13 @@ class DeepSpeedBackend(ParallelBackend):
                 offset = z._get_param_partition_rank(p) * partition_numel
                 length = max(0, min(partition_numel, p.ds_numel - offset))
                 flat = z.fp32_partitioned_groups_flat[group_idx]
-                state = z.optimizer.state[flat]
+                state = z.optimizer.state.get(flat, {})
                 tensors = {"param": flat.narrow(0, start, length)}
-                tensors.update({kind: state[kind].narrow(0, start, length) for kind in STATE_KINDS[1:]})
+                tensors.update({kind: state[kind].narrow(0, start, length) for kind in kinds[1:]})
                 pieces.append(StatePiece(self._names[id(p)], tuple(p.ds_shape), offset, tensors))
         return pieces
 
-    def _zero12_pieces(self) -> list[StatePiece]:
+    def _zero12_pieces(self, kinds: tuple[str, ...]) -> list[StatePiece]:
         # Each rank owns a slice of the flattened parameter groups; DeepSpeed maps every
         # parameter it (partly) owns to that slice in `_hp_mapping` (None where it owns nothing).
         z = self.zero
@@ -135,10 +157,10 @@ class DeepSpeedBackend(ParallelBackend):
                 if fragment is None:
                     continue
                 flat = z.single_partition_of_fp32_groups[fragment.param_group_index]
-                state = z.optimizer.state[flat]
+                state = z.optimizer.state.get(flat, {})
                 start, length = fragment.hp_fragment_address.start, fragment.hp_fragment_address.numel
                 tensors = {"param": flat.narrow(0, start, length)}
-                tensors.update({kind: state[kind].narrow(0, start, length) for kind in STATE_KINDS[1:]})
+                tensors.update({kind: state[kind].narrow(0, start, length) for kind in kinds[1:]})
                 offset = fragment.lp_fragment_address.start
                 pieces.append(StatePiece(self._names[id(p)], tuple(p.shape), offset, tensors))
         return pieces

@@ -16,7 +16,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from harness.config import ParallelConfig, TrainConfig
-from harness.model import transformer_blocks
+from harness.model import materialize_on, transformer_blocks
 from harness.optim import build_adamw, ensure_adam_state, param_groups
 from harness.parallel.base import STATE_KINDS, ParallelBackend, StatePiece
 from harness.precision import PrecisionPolicy
@@ -42,6 +42,13 @@ class FSDP2Backend(ParallelBackend):
         # The root holds what is left (embeddings, final norm, a tied head); it is needed again
         # right at the start of backward, so keeping it gathered saves one all-gather.
         fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+        # The skeleton's parameters were on the meta device: only now, sharded, do they get
+        # memory, this rank's shards alone. Register the shards on every module that shares
+        # a parameter (a tied head), whatever to_empty left there.
+        materialize_on(model, self.device)
+        for module in model.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
         self.model = self.module = model
         self.optimizer = build_adamw(param_groups(model, train_cfg.weight_decay), train_cfg, self.device)
 
@@ -72,18 +79,20 @@ class FSDP2Backend(ParallelBackend):
     def torch_optimizer(self) -> torch.optim.Optimizer:
         return self.optimizer
 
-    def state_pieces(self) -> list[StatePiece]:
+    def state_pieces(self, with_optimizer_state: bool = True) -> list[StatePiece]:
         # Parameters must be the sharded DTensors, not an unsharded view left by a forward.
         for module in self.model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
-        ensure_adam_state(self.optimizer)
+        if with_optimizer_state:
+            ensure_adam_state(self.optimizer)
         pieces = []
         for name, p in self.model.named_parameters():
             _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
             row_numel = math.prod(p.shape[1:])
-            state = self.optimizer.state[p]
             tensors = {"param": p.to_local().view(-1)}
-            tensors.update({kind: state[kind].to_local().view(-1) for kind in STATE_KINDS[1:]})
+            if with_optimizer_state:
+                state = self.optimizer.state[p]
+                tensors.update({kind: state[kind].to_local().view(-1) for kind in STATE_KINDS[1:]})
             pieces.append(StatePiece(name, tuple(p.shape), global_offset[0] * row_numel, tensors))
         return pieces

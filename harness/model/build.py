@@ -1,0 +1,174 @@
+"""Any Hugging Face causal LM, described the way a user would: AutoConfig / AutoModelForCausalLM.
+
+A model is built in two stages so that no rank ever holds more than it must:
+- a *skeleton*: the module tree with its parameters on the meta device (no memory) and its
+  buffers real (rotary tables and the like are computed in __init__ and never saved);
+- its *initial weights* (harness.model.weights), written into whatever pieces of each parameter a
+  rank owns once a backend has sharded the skeleton.
+
+`build_model` does both for a whole model on the CPU: the single-process reference, benchmarks
+and `harness estimate`. Nothing here knows about ranks or sharding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ContextManager, Optional
+
+import torch
+from torch import nn
+
+from harness import assets
+from harness.config import ModelConfig
+from harness.errors import HarnessError
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What to build: a transformers config, and the local folder its weights come from (if any)."""
+
+    hf_config: Any
+    pretrained_dir: Optional[str]
+    gradient_checkpointing: bool = False
+
+
+def model_spec(cfg: ModelConfig, vocab_size: int) -> ModelSpec:
+    """Resolve model.pretrained / model.config into a transformers config (no weights are read)."""
+    from transformers import AutoConfig
+
+    if cfg.pretrained:
+        path = assets.resolve_model(cfg.pretrained)
+        try:
+            hf_config = AutoConfig.from_pretrained(path, **cfg.config)
+        except (OSError, ValueError) as exc:
+            raise HarnessError(
+                f"model.pretrained {cfg.pretrained!r} could not be loaded ({_first_line(exc)}); "
+                "use a local Hugging Face folder or bundled:smollm2-135m"
+            ) from None
+        pretrained_dir = assets.local_model_dir(path)
+    else:
+        kwargs = dict(cfg.config)
+        model_type = kwargs.pop("model_type")
+        kwargs.setdefault("vocab_size", vocab_size)
+        try:
+            hf_config = AutoConfig.for_model(model_type, **kwargs)
+        except ValueError as exc:
+            raise HarnessError(f"model.config.model_type={model_type!r} is not a transformers model: {exc}") from None
+        pretrained_dir = None
+    hf_config._attn_implementation = cfg.attn_implementation
+    hf_config.use_cache = False
+    rows = getattr(hf_config, "vocab_size", None)
+    if rows is not None and rows < vocab_size:
+        raise HarnessError(
+            f"the tokenizer has {vocab_size} tokens but the model's embedding has {rows} rows; "
+            "set model.config.vocab_size or use the model's own tokenizer (data.tokenizer)"
+        )
+    return ModelSpec(hf_config, pretrained_dir, cfg.gradient_checkpointing)
+
+
+def on_meta_device() -> ContextManager:
+    """Parameters created inside go to the meta device; buffers stay real (they are small, and
+    models compute them in __init__ rather than load them)."""
+    from accelerate import init_empty_weights
+
+    return init_empty_weights(include_buffers=False)
+
+
+def build_skeleton(spec: ModelSpec, context: Optional[ContextManager] = None) -> nn.Module:
+    """The model's module tree with no initial weights written. Parameters are created inside
+    `context` (default: on the meta device); a sharding backend may pass its own (ZeRO-3 creates
+    them partitioned). Initialisation code is skipped: harness.model.weights writes the values."""
+    from transformers import AutoModelForCausalLM
+    from transformers.initialization import no_init_weights
+
+    with context if context is not None else on_meta_device(), no_init_weights():
+        model = AutoModelForCausalLM.from_config(spec.hf_config, dtype=torch.float32)
+    model.tie_weights()  # no_init_weights skips init_weights, which is also where heads get tied
+    rows = model.get_input_embeddings().num_embeddings
+    if rows < spec.hf_config.vocab_size:
+        raise HarnessError(f"the model's embedding has {rows} rows, fewer than its config's vocab_size")
+    model.config.use_cache = False
+    if spec.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
+
+
+def materialize_on(model: nn.Module, device: torch.device, dtype: Optional[torch.dtype] = None) -> None:
+    """Allocate (uninitialised) storage for every meta parameter on `device`, in place, keeping
+    the real buffers: `nn.Module.to_empty` alone would wipe them too."""
+    buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
+    # Moving off the meta device makes a new Parameter per module, which unties tied weights
+    # (an LM head sharing the embedding): remember who shares what and re-point them after.
+    shared: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for leaf, param in module._parameters.items():
+            if param is not None:
+                shared.setdefault(id(param), []).append((module, leaf))
+    if dtype is not None:
+        model.to(dtype)  # free on meta; buffers are restored in their own dtype below
+    model.to_empty(device=device)
+    for (owner, leaf), *aliases in shared.values():
+        for module, alias in aliases:
+            module._parameters[alias] = owner._parameters[leaf]
+    for name, value in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        module = model.get_submodule(owner) if owner else model
+        module._buffers[leaf] = value.to(device)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> nn.Module:
+    """The whole model, fp32 on the CPU, with exactly the initial weights a sharded run starts
+    from (the seeded per-block init, or the pretrained folder's values)."""
+    from harness.model.weights import initial_weights
+
+    spec = model_spec(cfg, vocab_size)
+    model = build_skeleton(spec)
+    materialize_on(model, torch.device("cpu"))
+    source = initial_weights(spec, seed)
+    names = dict(model.named_parameters())
+    for unit in source.units():
+        with source.open(unit) as reader:
+            for name in unit:
+                param = names[name]
+                with torch.no_grad():
+                    param.view(-1).copy_(reader.read(name, 0, param.numel()))
+    return model
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated layers, found by the class names transformers marks as not-to-be-split."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    if not blocks:
+        raise HarnessError(f"cannot find the transformer blocks of {type(model).__name__} (no _no_split_modules)")
+    return blocks
+
+
+def flops_per_token(model: nn.Module, seq_len: int) -> float:
+    """Training FLOPs per token: 6N for the matmuls of N weights (forward 2N, backward 4N) plus
+    12 * layers * hidden * seq_len for attention scores and values (PaLM appendix B).
+
+    N leaves out lookup tables (input and position embeddings) since a lookup does no math; a
+    tied output head is counted, as it is a real matmul. Works on skeletons (meta parameters).
+    """
+    config = model.config
+    total = sum(full_numel(p) for p in model.parameters())
+    output = model.get_output_embeddings()
+    output_weight = output.weight if output is not None else None
+    lookups = sum(
+        full_numel(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is not output_weight
+    )
+    n = total - lookups
+    layers = getattr(config, "num_hidden_layers", 0)
+    hidden = getattr(config, "hidden_size", 0)
+    return 6.0 * n + 12.0 * layers * hidden * seq_len
+
+
+def full_numel(param: torch.Tensor) -> int:
+    """The full element count, also for ZeRO-3 partitioned parameters (whose data is empty)."""
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__

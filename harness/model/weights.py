@@ -1,0 +1,225 @@
+"""Where a model's initial weights come from, read in pieces: `read(name, offset, numel)` gives
+elements [offset, offset + numel) of a parameter's flattened fp32 value. A sharded rank asks only
+for the elements it owns, so it never holds more than its shards plus one *unit* in flight.
+
+- `SeededInit`: the model's own init (`_init_weights`), run on a full fp32 copy of one unit at a
+  time (a transformer block, or everything outside the blocks) with the RNG seeded from the run's
+  seed and the unit's name. Why this and not an offset-based RNG or rank 0 + broadcast: the
+  values are a pure function of (seed, model), so every world size and backend starts from the same
+  bits; the init is the model's own, distributions and special cases included (GPT-2's scaled
+  residual projections, zeroed padding rows); and it needs no collective. The price is that every
+  rank computes each unit in full: for a 70B model that is ~1 GB of fp32 per block at a time, and
+  init arithmetic that is cheap next to one training step.
+- `PretrainedWeights`: a local Hugging Face folder of safetensors (one file or a sharded index),
+  memory mapped; a read touches only the rows that hold the requested elements, and bf16/fp16
+  values are upcast once, to fp32, as they are read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Iterator, Protocol
+
+import torch
+from torch import nn
+
+from harness.errors import HarnessError
+from harness.model.build import ModelSpec, build_skeleton, materialize_on, transformer_blocks
+
+
+class UnitReader(Protocol):
+    def read(self, name: str, offset: int, numel: int) -> torch.Tensor:
+        """Elements [offset, offset + numel) of parameter `name`, flattened, fp32, on the CPU."""
+
+
+class InitialWeights(Protocol):
+    def units(self) -> list[list[str]]:
+        """Parameter names (as in named_parameters) in groups that are best read together."""
+
+    def open(self, unit: list[str]) -> contextlib.AbstractContextManager[UnitReader]:
+        """Make one unit readable; what it holds is released on exit."""
+
+
+def initial_weights(spec: ModelSpec, seed: int) -> InitialWeights:
+    if spec.pretrained_dir is not None:
+        return PretrainedWeights(spec)
+    return SeededInit(spec, seed)
+
+
+# --------------------------------------------------------------------------------------------
+# Seeded init, one unit at a time
+
+
+class _FullTensors:
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        self.tensors = tensors
+
+    def read(self, name: str, offset: int, numel: int) -> torch.Tensor:
+        return self.tensors[name].detach().reshape(-1).narrow(0, offset, numel)
+
+
+def _unit_seed(seed: int, unit_name: str) -> int:
+    return int(hashlib.sha256(f"{seed}/{unit_name}".encode()).hexdigest()[:15], 16)
+
+
+class SeededInit:
+    """The model's own init of each unit, seeded by (seed, unit name)."""
+
+    REST = "<outside the blocks>"
+
+    def __init__(self, spec: ModelSpec, seed: int) -> None:
+        self.seed = seed
+        self.skeleton = build_skeleton(spec)  # its own meta copy: a backend may rewrite the other
+        module_names = {id(m): name for name, m in self.skeleton.named_modules()}
+        self.blocks = {module_names[id(b)]: b for b in transformer_blocks(self.skeleton)}
+        self._units: dict[str, list[str]] = {}
+        in_blocks = set()
+        for prefix, block in self.blocks.items():
+            names = [f"{prefix}.{n}" for n, _ in block.named_parameters()]
+            self._units[prefix] = names
+            in_blocks.update(names)
+        self._units[self.REST] = [n for n, _ in self.skeleton.named_parameters() if n not in in_blocks]
+        self._unit_of = {tuple(names): unit for unit, names in self._units.items()}
+
+    def units(self) -> list[list[str]]:
+        return [names for names in self._units.values() if names]
+
+    @contextlib.contextmanager
+    def open(self, unit: list[str]) -> Iterator[UnitReader]:
+        unit_name = self._unit_of[tuple(unit)]
+        if unit_name == self.REST:
+            # A copy of the whole model in which every block is a placeholder: only the
+            # embeddings, final norm and head get storage.
+            placeholders = {id(block): nn.Identity() for block in self.blocks.values()}
+            copy_ = copy.deepcopy(self.skeleton, memo=placeholders)
+            prefix, owner = "", copy_
+        else:
+            copy_ = copy.deepcopy(self.blocks[unit_name])
+            prefix, owner = unit_name + ".", self._init_owner(unit_name)
+        materialize_on(copy_, torch.device("cpu"))
+        with torch.random.fork_rng(devices=[]), torch.no_grad():
+            torch.manual_seed(_unit_seed(self.seed, unit_name))
+            _init_post_order(copy_, owner)
+        yield _FullTensors({prefix + n: p for n, p in copy_.named_parameters()})
+
+    def _init_owner(self, block_name: str) -> nn.Module:
+        """The PreTrainedModel whose _init_weights applies inside a block: its nearest ancestor."""
+        from transformers import PreTrainedModel
+
+        owner = self.skeleton
+        parts = block_name.split(".")
+        for i in range(1, len(parts)):
+            module = self.skeleton.get_submodule(".".join(parts[:i]))
+            if isinstance(module, PreTrainedModel):
+                owner = module
+        return owner
+
+
+def _init_post_order(module: nn.Module, owner: nn.Module) -> None:
+    """Children first, then the module, each with its nearest PreTrainedModel's _init_weights:
+    the order transformers' own `initialize_weights` uses (a parent may re-initialise a child's
+    weight, as GPT-2 does for its residual projections)."""
+    from transformers import PreTrainedModel
+
+    for child in module.children():
+        _init_post_order(child, child if isinstance(child, PreTrainedModel) else owner)
+    for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):
+        if hasattr(tensor, "_is_hf_initialized"):
+            del tensor._is_hf_initialized  # the skeleton's build may have marked them done
+    owner._init_weights(module)
+
+
+# --------------------------------------------------------------------------------------------
+# A pretrained Hugging Face folder
+
+
+class PretrainedWeights:
+    """Parameters read from a folder's safetensors, memory mapped, only the rows asked for."""
+
+    def __init__(self, spec: ModelSpec) -> None:
+        self.folder = Path(spec.pretrained_dir)
+        skeleton = build_skeleton(spec)
+        self.shapes = {n: tuple(p.shape) for n, p in skeleton.named_parameters()}
+        prefix = getattr(skeleton, "base_model_prefix", "")
+        self.file_of = self._weight_map()
+        self.key_of = {name: self._key_for(name, prefix) for name in self.shapes}
+        self._handles: dict[str, object] = {}
+
+    def units(self) -> list[list[str]]:
+        return [[name] for name in self.shapes]
+
+    @contextlib.contextmanager
+    def open(self, unit: list[str]) -> Iterator[UnitReader]:
+        yield self
+
+    def read(self, name: str, offset: int, numel: int) -> torch.Tensor:
+        key = self.key_of[name]
+        sliced = self._handle(self.file_of[key]).get_slice(key)
+        shape = tuple(sliced.get_shape())
+        if shape != self.shapes[name]:
+            raise HarnessError(f"model.pretrained {str(self.folder)!r}: {key} has shape {list(shape)}, the model "
+                               f"expects {list(self.shapes[name])}; the folder's config.json does not match its weights")
+        if not shape:
+            return sliced[...].reshape(-1).to(torch.float32).narrow(0, offset, numel)
+        row = 1
+        for size in shape[1:]:
+            row *= size
+        first, last = offset // row, -(-(offset + numel) // row)
+        rows = sliced[first:last]
+        return rows.reshape(-1).narrow(0, offset - first * row, numel).to(torch.float32)
+
+    def _handle(self, file: str):
+        from safetensors import safe_open
+
+        if file not in self._handles:
+            path = self.folder / file
+            try:
+                self._handles[file] = safe_open(str(path), framework="pt")
+            except Exception as exc:  # a damaged file: safetensors raises its own error types
+                raise HarnessError(f"model.pretrained {str(self.folder)!r}: cannot read {file} ({exc}); "
+                                   "re-download or re-save the folder") from None
+        return self._handles[file]
+
+    def _weight_map(self) -> dict[str, str]:
+        """tensor name -> file, from model.safetensors.index.json or the single file."""
+        from safetensors import safe_open
+
+        index = self.folder / "model.safetensors.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError):
+                raise HarnessError(f"model.pretrained {str(self.folder)!r}: model.safetensors.index.json has no "
+                                   "weight_map; re-download or re-save the folder") from None
+            missing = sorted({f for f in weight_map.values() if not (self.folder / f).is_file()})
+            if missing:
+                raise HarnessError(f"model.pretrained {str(self.folder)!r}: shard {missing[0]} named in "
+                                   f"model.safetensors.index.json is missing ({len(missing)} of "
+                                   f"{len(set(weight_map.values()))} shards); re-download the folder")
+            return weight_map
+        single = self.folder / "model.safetensors"
+        if single.is_file():
+            with safe_open(str(single), framework="pt") as handle:
+                return {key: single.name for key in handle.keys()}
+        if any(self.folder.glob("*.bin")) or any(self.folder.glob("*.pth")):
+            raise HarnessError(f"model.pretrained {str(self.folder)!r} holds pickled weights, which cannot be read "
+                               "in slices; convert it once with save_pretrained(..., safe_serialization=True)")
+        raise HarnessError(f"model.pretrained {str(self.folder)!r} has no model.safetensors or "
+                           "model.safetensors.index.json; point it at a Hugging Face model folder")
+
+    def _key_for(self, name: str, base_prefix: str) -> str:
+        # Checkpoints of a base model omit the task model's prefix ("model."), older ones add it.
+        candidates = [name]
+        if base_prefix and name.startswith(base_prefix + "."):
+            candidates.append(name[len(base_prefix) + 1:])
+        elif base_prefix:
+            candidates.append(f"{base_prefix}.{name}")
+        for key in candidates:
+            if key in self.file_of:
+                return key
+        raise HarnessError(f"model.pretrained {str(self.folder)!r} has no tensor {name} (of {len(self.file_of)} in "
+                           "the folder): shards missing, or weights of another architecture")
