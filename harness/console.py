@@ -126,8 +126,8 @@ class RunSummary:
             ("tokens/s", f"{self.tokens_per_s:,.0f}"),
             ("mfu", "n/a (no device peak known)" if self.mfu is None else f"{self.mfu:.1%}"),
             ("peak memory", f"{self.peak_mem_gb:.2f} GiB (rank 0)"),
-            ("setup host peak", "-" if not self.setup_host_peak_gb else
-             f"{max(self.setup_host_peak_gb):.2f} GiB (largest of {len(self.setup_host_peak_gb)} rank(s))"),
+            ("setup host", "-" if not self.setup_host_peak_gb else
+             f"{max(self.setup_host_peak_gb):.2f} GiB peak before step 1 (largest of {len(self.setup_host_peak_gb)} rank(s))"),
             ("wall time", format_duration(self.wall_s)),
             ("run dir", self.run_dir),
         ]

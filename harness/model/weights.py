@@ -144,9 +144,14 @@ class PretrainedWeights:
         self.folder = Path(spec.pretrained_dir)
         skeleton = build_skeleton(spec)
         self.shapes = {n: tuple(p.shape) for n, p in skeleton.named_parameters()}
+        # A tied parameter may be saved under any of its names (safetensors keeps one of them).
+        aliases: dict[int, list[str]] = {}
+        for n, p in skeleton.named_parameters(remove_duplicate=False):
+            aliases.setdefault(id(p), []).append(n)
+        names_of = {names[0]: names for names in aliases.values()}
         prefix = getattr(skeleton, "base_model_prefix", "")
         self.file_of = self._weight_map()
-        self.key_of = {name: self._key_for(name, prefix) for name in self.shapes}
+        self.key_of = {name: self._key_for(names_of.get(name, [name]), prefix) for name in self.shapes}
         self._handles: dict[str, object] = {}
 
     def units(self) -> list[list[str]]:
@@ -211,15 +216,17 @@ class PretrainedWeights:
         raise HarnessError(f"model.pretrained {str(self.folder)!r} has no model.safetensors or "
                            "model.safetensors.index.json; point it at a Hugging Face model folder")
 
-    def _key_for(self, name: str, base_prefix: str) -> str:
+    def _key_for(self, names: list[str], base_prefix: str) -> str:
         # Checkpoints of a base model omit the task model's prefix ("model."), older ones add it.
-        candidates = [name]
-        if base_prefix and name.startswith(base_prefix + "."):
-            candidates.append(name[len(base_prefix) + 1:])
-        elif base_prefix:
-            candidates.append(f"{base_prefix}.{name}")
+        candidates = []
+        for name in names:
+            candidates.append(name)
+            if base_prefix and name.startswith(base_prefix + "."):
+                candidates.append(name[len(base_prefix) + 1:])
+            elif base_prefix:
+                candidates.append(f"{base_prefix}.{name}")
         for key in candidates:
             if key in self.file_of:
                 return key
-        raise HarnessError(f"model.pretrained {str(self.folder)!r} has no tensor {name} (of {len(self.file_of)} in "
+        raise HarnessError(f"model.pretrained {str(self.folder)!r} has no tensor {names[0]} (of {len(self.file_of)} in "
                            "the folder): shards missing, or weights of another architecture")
