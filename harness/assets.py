@@ -20,7 +20,7 @@ import shutil
 from pathlib import Path
 from typing import Callable, Iterator
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_line
 
 BUNDLED = "bundled:"
 _PACKAGES = {
@@ -93,8 +93,7 @@ def local_model_dir(ref: str) -> str:
 
         return snapshot_download(ref, allow_patterns=["*.json", "*.safetensors"])
     except Exception as exc:  # any hub failure (offline, unknown id, no access) is the user's to fix
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise HarnessError(f"model.pretrained {ref!r} is not a local folder and could not be fetched ({first}); "
+        raise HarnessError(f"model.pretrained {ref!r} is not a local folder and could not be fetched ({first_line(exc)}); "
                            "point it at a local Hugging Face folder") from None
 
 

@@ -23,7 +23,7 @@ import torch
 
 from harness import assets
 from harness.config import DataConfig
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_line
 
 _FORMATS = {".txt": "text", ".md": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _CACHE_VERSION = 1
@@ -116,7 +116,7 @@ def load_tokenizer(ref: str):
         return AutoTokenizer.from_pretrained(resolved)
     except (OSError, ValueError) as exc:
         raise HarnessError(
-            f"data.tokenizer {ref!r} could not be loaded ({_first_line(exc)}); use bundled:gpt2 or a local folder"
+            f"data.tokenizer {ref!r} could not be loaded ({first_line(exc)}); use bundled:gpt2 or a local folder"
         ) from None
 
 
@@ -158,7 +158,7 @@ def _tokenize(source: _Source, cfg: DataConfig, tokenizer) -> np.ndarray:
         dataset = source.load(cfg.split)
     except (FileNotFoundError, ValueError, ConnectionError, OSError) as exc:
         raise HarnessError(
-            f"data.path {cfg.path!r} could not be loaded ({_first_line(exc)}); "
+            f"data.path {cfg.path!r} could not be loaded ({first_line(exc)}); "
             "point it at a local text/json/parquet file or folder"
         ) from None
     # Plain text files always come as one "text" column; text_field names the column elsewhere.
@@ -184,10 +184,6 @@ def _tokenize(source: _Source, cfg: DataConfig, tokenizer) -> np.ndarray:
     dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
     return np.concatenate(pieces).astype(dtype)
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
 
 
 # --------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from typing import Mapping, MutableMapping
 import torch
 import torch.distributed as dist
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_line
 
 
 @dataclass(frozen=True)
@@ -169,10 +169,9 @@ def init_process_group(info: RankInfo, dist_backend: str, timeout_s: int, device
             **kwargs,
         )
     except (RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise HarnessError(
             f"rank {info.rank} could not join the process group at {info.master_addr}:{info.master_port} "
-            f"({first}); check MASTER_ADDR/MASTER_PORT and that every rank was started"
+            f"({first_line(exc)}); check MASTER_ADDR/MASTER_PORT and that every rank was started"
         ) from None
 
 

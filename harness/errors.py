@@ -5,6 +5,12 @@ turned into a non-zero exit code; everything else is a bug and keeps its traceba
 """
 
 
+def first_line(exc: BaseException) -> str:
+    """The first line of an exception from a library, to quote inside a one-line error."""
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
 class HarnessError(Exception):
     """A user-fixable problem (config, data, checkpoint, environment). One line: what and how to fix.
 

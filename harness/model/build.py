@@ -20,7 +20,7 @@ from torch import nn
 
 from harness import assets
 from harness.config import ModelConfig
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_line
 
 
 @dataclass(frozen=True)
@@ -42,7 +42,7 @@ def model_spec(cfg: ModelConfig, vocab_size: int) -> ModelSpec:
             hf_config = AutoConfig.from_pretrained(path, **cfg.config)
         except (OSError, ValueError) as exc:
             raise HarnessError(
-                f"model.pretrained {cfg.pretrained!r} could not be loaded ({_first_line(exc)}); "
+                f"model.pretrained {cfg.pretrained!r} could not be loaded ({first_line(exc)}); "
                 "use a local Hugging Face folder or bundled:smollm2-135m"
             ) from None
         pretrained_dir = assets.local_model_dir(path)
@@ -84,9 +84,6 @@ def build_skeleton(spec: ModelSpec, context: Optional[ContextManager] = None) ->
     with context if context is not None else on_meta_device(), no_init_weights():
         model = AutoModelForCausalLM.from_config(spec.hf_config, dtype=torch.float32)
     model.tie_weights()  # no_init_weights skips init_weights, which is also where heads get tied
-    rows = model.get_input_embeddings().num_embeddings
-    if rows < spec.hf_config.vocab_size:
-        raise HarnessError(f"the model's embedding has {rows} rows, fewer than its config's vocab_size")
     model.config.use_cache = False
     if spec.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
@@ -119,19 +116,13 @@ def materialize_on(model: nn.Module, device: torch.device, dtype: Optional[torch
 def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> nn.Module:
     """The whole model, fp32 on the CPU, with exactly the initial weights a sharded run starts
     from (the seeded per-block init, or the pretrained folder's values)."""
-    from harness.model.weights import initial_weights
+    from harness.model.weights import fill_flat_views, initial_weights
 
     spec = model_spec(cfg, vocab_size)
     model = build_skeleton(spec)
     materialize_on(model, torch.device("cpu"))
-    source = initial_weights(spec, seed)
-    names = dict(model.named_parameters())
-    for unit in source.units():
-        with source.open(unit) as reader:
-            for name in unit:
-                param = names[name]
-                with torch.no_grad():
-                    param.view(-1).copy_(reader.read(name, 0, param.numel()))
+    fill_flat_views({name: [(0, p.detach().view(-1))] for name, p in model.named_parameters()},
+                    initial_weights(spec, seed))
     return model
 
 
@@ -168,7 +159,3 @@ def full_numel(param: torch.Tensor) -> int:
     """The full element count, also for ZeRO-3 partitioned parameters (whose data is empty)."""
     return int(getattr(param, "ds_numel", param.numel()))
 
-
-def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__

@@ -44,6 +44,21 @@ class InitialWeights(Protocol):
         """Make one unit readable; what it holds is released on exit."""
 
 
+def fill_flat_views(targets: dict[str, list[tuple[int, torch.Tensor]]], source: InitialWeights) -> None:
+    """Write `source` into 1-D views: parameter name -> [(offset in the flattened parameter,
+    view)], one unit at a time, each view from exactly the elements it stands for."""
+    with torch.no_grad():
+        for unit in source.units():
+            owned = [name for name in unit if targets.get(name)]
+            if not owned:
+                continue
+            with source.open(unit) as reader:
+                for name in owned:
+                    for offset, view in targets[name]:
+                        if view.numel():
+                            view.copy_(reader.read(name, offset, view.numel()).to(view.device))
+
+
 def initial_weights(spec: ModelSpec, seed: int) -> InitialWeights:
     if spec.pretrained_dir is not None:
         return PretrainedWeights(spec)

@@ -46,11 +46,15 @@ class FSDP2Backend(ParallelBackend):
         # memory, this rank's shards alone. Register the shards on every module that shares
         # a parameter (a tied head), whatever to_empty left there.
         materialize_on(model, self.device)
-        for module in model.modules():
+        self.model = self.module = model
+        self._reshard()
+        self.optimizer = build_adamw(param_groups(model, train_cfg.weight_decay), train_cfg, self.device)
+
+    def _reshard(self) -> None:
+        """Register every FSDP unit's sharded parameters on its modules (all sharers of a tied one)."""
+        for module in self.model.modules():
             if isinstance(module, FSDPModule):
                 module.reshard()
-        self.model = self.module = model
-        self.optimizer = build_adamw(param_groups(model, train_cfg.weight_decay), train_cfg, self.device)
 
     def backward(self, loss: torch.Tensor, loss_scale: float, last_micro_batch: bool) -> None:
         # Gradients are reduce-scattered after every micro-batch and accumulate in the fp32
@@ -80,10 +84,7 @@ class FSDP2Backend(ParallelBackend):
         return self.optimizer
 
     def state_pieces(self, with_optimizer_state: bool = True) -> list[StatePiece]:
-        # Parameters must be the sharded DTensors, not an unsharded view left by a forward.
-        for module in self.model.modules():
-            if isinstance(module, FSDPModule):
-                module.reshard()
+        self._reshard()  # the pieces must be views of the sharded DTensors, not a forward's unsharded ones
         if with_optimizer_state:
             ensure_adam_state(self.optimizer)
         pieces = []

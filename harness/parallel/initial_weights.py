@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 
 from harness.errors import HarnessError
-from harness.model.weights import InitialWeights
+from harness.model.weights import InitialWeights, fill_flat_views
 from harness.parallel.base import ParallelBackend
 
 
@@ -21,17 +21,8 @@ def write_initial_weights(backend: ParallelBackend, source: InitialWeights, full
     by_name: dict[str, list] = {}
     for piece in backend.state_pieces(with_optimizer_state=False):
         by_name.setdefault(piece.name, []).append(piece)
-    with torch.no_grad():
-        for unit in source.units():
-            owned = [name for name in unit if name in by_name]
-            if not owned:
-                continue
-            with source.open(unit) as reader:
-                for name in owned:
-                    for piece in by_name[name]:
-                        if piece.numel:
-                            target = piece.tensors["param"]
-                            target.copy_(reader.read(name, piece.offset, piece.numel).to(target.device))
+    fill_flat_views({name: [(piece.offset, piece.tensors["param"]) for piece in pieces]
+                     for name, pieces in by_name.items()}, source)
     _check_coverage(by_name, full_numels, backend)
     backend.after_state_load()
 
