@@ -132,11 +132,36 @@ def pick_dist_backend(requested: str) -> str:
     return requested
 
 
-def device_for(info: RankInfo, dist_backend: str) -> torch.device:
-    if dist_backend == "nccl":
-        torch.cuda.set_device(info.local_rank)
-        return torch.device("cuda", info.local_rank)
-    return torch.device("cpu")
+def device_for(info: RankInfo, dist_backend: str, cuda_count=torch.cuda.device_count) -> torch.device:
+    """The device this rank computes on: the CPU under gloo, its GPU under nccl."""
+    if dist_backend != "nccl":
+        return torch.device("cpu")
+    index = gpu_index(info, cuda_count())
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def gpu_index(info: RankInfo, visible: int) -> int:
+    """Which of the visible GPUs is this rank's.
+
+    Launchers bind GPUs in two ways: every rank sees the node's GPUs (torchrun, the deepspeed
+    launcher, plain srun) and takes the LOCAL_RANK-th; or each task sees exactly its own
+    (srun --gpus-per-task / --gpu-bind, a CUDA_VISIBLE_DEVICES per rank) and takes cuda:0.
+    Anything between would put two ranks on one GPU or leave one idle, so it is refused.
+    """
+    if visible == 1:
+        return 0
+    if visible >= info.local_world_size and info.local_rank < visible:
+        return info.local_rank
+    if visible == 0:
+        raise HarnessError(
+            f"rank {info.rank} sees no GPU although parallel.dist_backend is nccl; check CUDA_VISIBLE_DEVICES "
+            "and the job's GPU request (--gpus-per-node / --gpus-per-task)"
+        )
+    raise HarnessError(
+        f"rank {info.rank} (local rank {info.local_rank} of {info.local_world_size} on its node) sees {visible} GPUs; "
+        "give every rank all of the node's GPUs or exactly one (srun --gpus-per-task=1)"
+    )
 
 
 def publish_rank_env(info: RankInfo, env: MutableMapping[str, str] = os.environ) -> None:

@@ -7,6 +7,9 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+import torch
+
+from harness import dist
 
 from harness.dist import first_host, port_for_job, publish_rank_env, rank_info_from_env
 from harness.errors import HarnessError
@@ -84,3 +87,36 @@ def test_job_scripts_derive_the_same_rendezvous_port(script):
     for job_id in (7, 4242, 123_456_789):
         out = subprocess.run(["bash", "-c", f"SLURM_JOB_ID={job_id}; echo {formula}"], capture_output=True, text=True)
         assert int(out.stdout) == port_for_job(job_id), script
+
+
+def _local(rank: int, of: int) -> dist.RankInfo:
+    return dist.RankInfo(rank, of, rank, of, "127.0.0.1", 29500, "torchrun")
+
+
+@pytest.mark.parametrize(
+    "local_rank, local_world, visible, expected",
+    [
+        (3, 8, 8, 3),  # torchrun / deepspeed launcher: every rank sees the node's GPUs
+        (3, 4, 8, 3),  # fewer ranks than GPUs on the node
+        (3, 8, 1, 0),  # srun --gpus-per-task=1 or CUDA_VISIBLE_DEVICES per rank
+        (0, 1, 1, 0),
+    ],
+)
+def test_gpu_index_follows_how_the_launcher_bound_gpus(local_rank, local_world, visible, expected):
+    assert dist.gpu_index(_local(local_rank, local_world), visible) == expected
+
+
+@pytest.mark.parametrize("visible, message", [(0, "sees no GPU"), (2, "sees 2 GPUs; give every rank")])
+def test_gpu_counts_that_fit_no_binding_are_one_line_errors(visible, message):
+    with pytest.raises(HarnessError, match=message) as exc:
+        dist.gpu_index(_local(3, 8), visible)
+    assert "\n" not in str(exc.value)
+
+
+def test_device_for_uses_the_mocked_gpu_count(monkeypatch):
+    chosen = []
+    monkeypatch.setattr(torch.cuda, "set_device", chosen.append)
+    assert dist.device_for(_local(5, 8), "nccl", cuda_count=lambda: 8) == torch.device("cuda", 5)
+    assert dist.device_for(_local(5, 8), "nccl", cuda_count=lambda: 1) == torch.device("cuda", 0)
+    assert chosen == [5, 0]
+    assert dist.device_for(_local(5, 8), "gloo", cuda_count=lambda: 8) == torch.device("cpu")
