@@ -9,7 +9,7 @@ STAMP := $(VENV)/.harness-installed
 QUIET_PIP = 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 ARGS ?=
 
-.PHONY: demo test parity venv clean
+.PHONY: demo test test-heavy parity venv clean
 
 venv: $(STAMP)
 
@@ -38,6 +38,10 @@ parity: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest tests $(ARGS)
+
+# The heavy drills (a ~300M model on 4 ranks, ...): minutes each, not part of `make test`.
+test-heavy: $(STAMP)
+	$(PY) -m pytest tests -m heavy $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,11 +1,13 @@
 """Step time of every backend, measured side by side in one run (so only ratios matter).
 
     .venv/bin/python -m torch.distributed.run --standalone --nproc-per-node 2 bench/backend_step_time.py \
-        [--config configs/demo.yaml] [--precision fp32] [--steps 8] [--rounds 3]
+        [--config configs/demo.yaml] [--precision fp32] [--steps 8] [--rounds 3] [--offload]
 
 Builds FSDP2 and ZeRO-1/2/3 trainers over the same config, then times `--steps` optimizer steps
 of each in turn, `--rounds` times (interleaved, so machine noise hits all backends alike), and
-prints the median step time and the ratio to FSDP2. Rank 0 prints.
+prints the median step time and the ratio to FSDP2. With --offload, each backend also runs with
+parallel.offload (optimizer; ZeRO-3 also params) and the ratio to the same backend without it is
+printed. Rank 0 prints.
 """
 
 from __future__ import annotations
@@ -30,7 +32,12 @@ def main() -> None:
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--offload", action="store_true", help="also time each backend with parallel.offload")
     args = parser.parse_args()
+    variants = dict(BACKENDS)
+    if args.offload:
+        variants.update({f"{name}+offload": extra + ["parallel.offload=optimizer"] for name, extra in BACKENDS.items()})
+        variants["zero3+params"] = BACKENDS["zero3"] + ["parallel.offload=params"]
 
     from harness import dist as hdist
     from harness.config import load_config
@@ -42,7 +49,7 @@ def main() -> None:
     hdist.init_process_group(info, backend, 600, device)
     total = args.steps * args.rounds + 1
     trainers = {}
-    for name, extra in BACKENDS.items():
+    for name, extra in variants.items():
         cfg = load_config(
             args.config,
             [f"run.dir=runs/bench-{name}", f"precision={args.precision}", f"train.steps={total}", "eval.every=0",
@@ -67,10 +74,14 @@ def main() -> None:
         base = statistics.median(times["fsdp2"])
         print(f"config {args.config}, precision {args.precision}, world {info.world_size}, "
               f"tokens/step {trainers['fsdp2'].tokens_per_step}, {args.rounds} x {args.steps} steps each, device {device}")
-        print(f"{'backend':<8} {'median s/step':>14} {'ratio vs fsdp2':>15}")
+        print(f"{'backend':<15} {'median s/step':>14} {'ratio vs fsdp2':>15} {'vs no offload':>14}")
         for name, values in times.items():
             median = statistics.median(values)
-            print(f"{name:<8} {median:>14.4f} {median / base:>15.2f}")
+            own = statistics.median(times[name.split("+")[0]])
+            versus = f"{median / own:>14.2f}" if "+" in name else ""
+            print(f"{name:<15} {median:>14.4f} {median / base:>15.2f} {versus}")
+            if "+" in name:
+                print(f"{'':<15} {trainers[name].backend.name}")
     hdist.shutdown()
 
 

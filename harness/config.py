@@ -91,6 +91,10 @@ class ParallelConfig:
     """A DeepSpeed JSON as users write it ("auto" allowed). Its batch, precision, fp16 loss-scale, clipping, ZeRO and AdamW settings map onto this config, on any backend."""
     dist_backend: Literal["auto", "nccl", "gloo"] = "auto"
     """torch.distributed backend: auto picks nccl when CUDA is present, else gloo."""
+    offload: Literal["none", "optimizer", "params"] = "none"
+    """CPU offload, to fit a larger model: optimizer keeps the fp32 master weights, their gradients and the AdamW state in host memory and steps there (ZeRO-1/2/3; FSDP2 has no finer split and offloads its sharded parameters with them); params also keeps the parameter shards in host memory between uses (ZeRO-3, FSDP2). params implies optimizer."""
+    offload_adam: Literal["auto", "deepspeed", "torch"] = "auto"
+    """Which AdamW steps offloaded state on DeepSpeed: deepspeed (DeepSpeed's CPU Adam, a C++ op compiled on first use, minutes once), torch (torch's AdamW on the host), auto (deepspeed where its op builds, else torch, said on the console). FSDP2 always uses torch's."""
     reshard_after_forward: bool = True
     """FSDP2: free gathered parameters after forward (less memory, one more all-gather in backward)."""
     timeout_s: int = 600
@@ -537,6 +541,12 @@ def validate(cfg: Config) -> None:
     _require(c.keep_last >= 1, f"checkpoint.keep_last must be >= 1 (got {c.keep_last})")
     _require(bool(cfg.resume.path), "resume must be auto, none or a checkpoint folder (got an empty string)")
     _require(cfg.parallel.timeout_s >= 1, f"parallel.timeout_s must be >= 1 (got {cfg.parallel.timeout_s})")
+    p = cfg.parallel
+    _require(
+        not (p.offload == "params" and p.backend == "deepspeed" and p.zero_stage != 3),
+        f"parallel.offload=params needs partitioned parameters, and ZeRO-{p.zero_stage} keeps them whole on every "
+        "rank: use parallel.zero_stage=3, or parallel.offload=optimizer",
+    )
 
 
 def validate_for_world(cfg: Config, world_size: int) -> None:

@@ -21,11 +21,13 @@ communication buckets, logits kept by the loss beyond what autograd saves.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import sys
 from dataclasses import dataclass
 from typing import Optional, Sequence
+from unittest import mock
 
 import torch
 import torch.nn.functional as F
@@ -38,6 +40,9 @@ from harness.parallel import layout_name
 
 BACKENDS = ("fsdp2", "zero1", "zero2", "zero3")
 COMPONENTS = ("master", "gradients", "optimizer", "working", "activations")
+# Where the total lives, and the setup peaks (see format_table's footnote).
+PLACEMENT_ROWS = {"device": "on device", "host": "in host mem", "setup_host": "setup host",
+                  "setup_host_full_build": "full-build host", "setup_device_full_build": "full-build dev"}
 _BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
@@ -89,10 +94,21 @@ def activation_bytes(model: nn.Module, batch: torch.Tensor) -> int:
             saved[id(tensor)] = tensor.numel() * tensor.element_size()
         return tensor
 
-    with saved_tensors_hooks(pack, lambda tensor: tensor):
+    with saved_tensors_hooks(pack, lambda tensor: tensor), _no_packed_sequence_check():
         logits = model(input_ids=batch[:, :-1]).logits
         F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
     return sum(saved.values())
+
+
+@contextlib.contextmanager
+def _no_packed_sequence_check():
+    """transformers looks for packed sequences in the position ids with a data-dependent `.item()`
+    when no cache is used (training with gradient checkpointing), which a meta tensor cannot
+    answer. harness's batches are never packed: answer "not packed", as the real run finds."""
+    from transformers import masking_utils
+
+    with mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda position_ids: None):
+        yield
 
 
 def _meta_model(cfg: Config, compute_dtype: torch.dtype) -> nn.Module:
@@ -137,16 +153,31 @@ def estimate(cfg: Config, world_size: int) -> dict:
     z3 = zero3_partition_numel(params, world_size)
     # Gathered for compute: the root unit stays gathered, one block plus one prefetched block.
     gathered = c * (root_numel + 2 * largest_block)
-    backends = {
+    # fp32 gradient accumulation everywhere (as FSDP2 does); ZeRO-1 keeps the compute-dtype
+    # gradients of the whole model beside the fp32 ones when compute is bf16/fp16.
+    lp_grads = c * n_total if compute != "fp32" else 0
+    states = {
         "fsdp2": dict(master=4 * fsdp_local, gradients=4 * fsdp_local, optimizer=8 * fsdp_local,
                       working=gathered if world_size > 1 or compute != "fp32" else 0),
-        "zero1": dict(master=4 * z12, gradients=c * n_total, optimizer=8 * z12, working=c * n_total),
-        "zero2": dict(master=4 * z12, gradients=c * z12, optimizer=8 * z12, working=c * n_total),
-        "zero3": dict(master=4 * z3, gradients=c * z3, optimizer=8 * z3, working=c * z3 + gathered),
+        "zero1": dict(master=4 * z12, gradients=4 * n_total + lp_grads, optimizer=8 * z12, working=c * n_total),
+        "zero2": dict(master=4 * z12, gradients=4 * z12, optimizer=8 * z12, working=c * n_total),
+        "zero3": dict(master=4 * z3, gradients=4 * z3, optimizer=8 * z3, working=c * z3 + gathered),
     }
-    for numbers in backends.values():
+    offloaded = {b: _offloaded_bytes(b, numbers, cfg.parallel.offload, c * z3, lp_grads) for b, numbers in states.items()}
+    backends = {}
+    for name, numbers in states.items():
         numbers["activations"] = activations
         numbers["total"] = sum(numbers[k] for k in COMPONENTS)
+        host = offloaded[name]
+        numbers["host"] = host
+        numbers["device"] = numbers["total"] - host
+        # Setup: one init unit (a block, or embeddings + head) in fp32 beside this rank's
+        # host-resident state; without sharded init every rank first holds the whole fp32 model,
+        # and DeepSpeed without zero.Init moves the whole compute-dtype module to the device.
+        numbers["setup_host"] = host + 4 * max(largest_block, root_numel)
+        numbers["setup_host_full_build"] = host + 4 * n_total
+        numbers["setup_device_full_build"] = max(numbers["device"], c * n_total) if name != "fsdp2" else numbers["device"]
+        backends[name] = numbers
     configured = layout_name(cfg.parallel)
     return {
         "model": type(model).__name__,
@@ -156,7 +187,25 @@ def estimate(cfg: Config, world_size: int) -> dict:
         "micro_batch": [cfg.train.micro_batch_size, cfg.train.seq_len],
         "backends": backends,
         "configured": configured,
+        "offload": cfg.parallel.offload,
     }
+
+
+def _offloaded_bytes(backend: str, numbers: dict, offload: str, zero3_working: int, lp_grads: int) -> int:
+    """Bytes parallel.offload moves to host memory on `backend`. FSDP2 offloads its sharded
+    parameters with their gradients and optimizer state (any setting); ZeRO offloads the fp32
+    masters, their gradients and AdamW state, and ZeRO-3 with params its compute-dtype partition
+    too. ZeRO-1/2 cannot offload parameters and offload the optimizer only."""
+    if offload == "none":
+        return 0
+    state = numbers["master"] + numbers["optimizer"]
+    if backend == "fsdp2":
+        return state + numbers["gradients"]
+    if backend == "zero1":
+        return state + numbers["gradients"] - lp_grads  # the compute-dtype gradients stay on the device
+    if backend == "zero3" and offload == "params":
+        return state + numbers["gradients"] + zero3_working
+    return state + numbers["gradients"]
 
 
 def _size(n: float) -> str:
@@ -175,11 +224,22 @@ def format_table(result: dict) -> str:
         "bytes on rank 0 (the largest shards); * = the configured backend",
         "",
     ]
-    header = f"{'':<13}" + "".join(f"{(b + ('*' if b == result['configured'] else '')):>15}" for b in BACKENDS)
+    header = f"{'':<17}" + "".join(f"{(b + ('*' if b == result['configured'] else '')):>15}" for b in BACKENDS)
     lines.append(header)
-    for component in (*COMPONENTS, "total"):
-        row = f"{component:<13}" + "".join(f"{_size(result['backends'][b][component]):>15}" for b in BACKENDS)
+    for component in (*COMPONENTS, "total", *PLACEMENT_ROWS):
+        label = PLACEMENT_ROWS.get(component, component)
+        row = f"{label:<17}" + "".join(f"{_size(result['backends'][b][component]):>15}" for b in BACKENDS)
         lines.append(row)
+    device_gb = result.get("device_gb")
+    if device_gb:
+        limit = device_gb * 2**30
+        for key, label in (("device", "fits"), ("setup_device_full_build", "fits, full build")):
+            lines.append(f"{label:<17}" + "".join(f"{'yes' if result['backends'][b][key] <= limit else 'NO':>15}" for b in BACKENDS))
+    lines += ["", f"offload: {result['offload']}. setup host = host memory per rank before step 1 with sharded init "
+              "(one block in flight); full build = every rank building the fp32 model first, and DeepSpeed moving "
+              "the whole module to the device without zero.Init."]
+    if device_gb:
+        lines.append(f"fits: device bytes <= --device-gb {device_gb:g} (activations of one micro-batch included).")
     return "\n".join(lines)
 
 
@@ -188,6 +248,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("config", help="YAML config")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
     parser.add_argument("--world-size", type=int, default=1, help="number of ranks")
+    parser.add_argument("--device-gb", type=float, default=None, help="GPU memory per rank: mark what fits")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     return parser.parse_intermixed_args(argv)
 
@@ -199,7 +260,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise HarnessError(f"--world-size must be >= 1 (got {args.world_size})")
         cfg = load_config(args.config, args.overrides)
         validate_for_world(cfg, args.world_size)
+        if args.device_gb is not None and args.device_gb <= 0:
+            raise HarnessError(f"--device-gb must be > 0 (got {args.device_gb})")
         result = estimate(cfg, args.world_size)
+        result["device_gb"] = args.device_gb
     except HarnessError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return exc.exit_code

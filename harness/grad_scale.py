@@ -141,6 +141,9 @@ class GradScaler:
             if norms
             else torch.zeros((), dtype=torch.float64, device=self.device)
         )
+        # With CPU offload the gradient shards live in host memory; the collectives run on the
+        # process group's device (nccl takes no host tensor).
+        local_sumsq = local_sumsq.to(self.device)
         found_nonfinite = (~torch.isfinite(local_sumsq)).to(torch.float32).reshape(1)
         dist.all_reduce(found_nonfinite, op=dist.ReduceOp.MAX, group=self.group)
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import resource
 from pathlib import Path
 from typing import Any, Optional
 
 import torch
 
+from harness import host_memory
 from harness.precision import PrecisionPolicy
 
 # Dense (no sparsity) peak TFLOP/s per device from the vendors' data sheets, by compute dtype.
@@ -42,16 +42,11 @@ def device_peak_tflops(device: torch.device, policy: PrecisionPolicy, configured
     return None
 
 
-def host_peak_gb() -> float:
-    """This process's resident-set high-water mark as the OS counts it (ru_maxrss, KiB on Linux), GiB."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 2**30
-
-
 def peak_memory_gb(device: torch.device) -> float:
     """Peak allocated device memory (CUDA) or peak resident set size of this process (CPU), GiB."""
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**30
-    return host_peak_gb()
+    return host_memory.peak_gb()
 
 
 def peak_reserved_gb(device: torch.device) -> Optional[float]:

@@ -59,7 +59,10 @@ def ensure_adam_state(optimizer: torch.optim.Optimizer, params: Optional[Iterabl
     for p in params:
         if "exp_avg" in optimizer.state.get(p, {}):
             continue
-        step = torch.zeros((), dtype=torch.float32, device=p.device) if on_device else torch.tensor(0.0)
+        if _counts_steps_in_python(optimizer):
+            step = 0
+        else:
+            step = torch.zeros((), dtype=torch.float32, device=p.device) if on_device else torch.tensor(0.0)
         optimizer.state[p] = {
             "step": step,
             "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
@@ -77,5 +80,14 @@ def adam_step_count(optimizer: torch.optim.Optimizer) -> int:
 
 def set_adam_step_count(optimizer: torch.optim.Optimizer, count: int) -> None:
     for state in optimizer.state.values():
-        if "step" in state:
+        if "step" not in state:
+            continue
+        if isinstance(state["step"], torch.Tensor):
             state["step"].fill_(count)
+        else:
+            state["step"] = count
+
+
+def _counts_steps_in_python(optimizer: torch.optim.Optimizer) -> bool:
+    """DeepSpeed's CPU Adam keeps `step` as a Python int and hands it to its C++ kernel."""
+    return hasattr(optimizer, "ds_opt_adam")

@@ -69,6 +69,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _run(cfg) -> int:
     from harness import dist, quiet_deepspeed_without_gpus
     from harness.console import print0
+    from harness.host_memory import setup_allocations_returned_to_os
     from harness.preemption import EXIT_PREEMPTED, StopRequest
 
     quiet_deepspeed_without_gpus()
@@ -80,7 +81,8 @@ def _run(cfg) -> int:
     backend = dist.pick_dist_backend(cfg.parallel.dist_backend)
     device = dist.device_for(info, backend)
     dist.init_process_group(info, backend, cfg.parallel.timeout_s, device)
-    trainer = build_trainer(cfg, info, device)
+    with setup_allocations_returned_to_os():
+        trainer = build_trainer(cfg, info, device)
     trainer.stop = stop
     summary = trainer.fit()
     if info.is_main:

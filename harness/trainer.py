@@ -21,7 +21,8 @@ from harness.dist import RankInfo
 from harness.errors import TrainingAborted
 from harness.faults import FaultInjector
 from harness.grad_scale import GradScaler, StepDecision, build_grad_scaler
-from harness.metrics import (MetricsWriter, device_peak_tflops, host_peak_gb, peak_memory_gb, peak_reserved_gb,
+from harness.host_memory import peak_gb as host_peak_gb
+from harness.metrics import (MetricsWriter, device_peak_tflops, peak_memory_gb, peak_reserved_gb,
                              write_json_atomically)
 from harness.model import (build_skeleton, flops_per_token, full_numel, initial_weights, model_spec, next_token_loss,
                            per_sequence_loss)

@@ -73,12 +73,13 @@ def test_mapping(tmp_path):
         ({"distributed_type": "MULTI_GPU"}, [], "distributed_type=MULTI_GPU is plain DDP"),
         ({"distributed_type": "XLA"}, [], "distributed_type=XLA has no harness equivalent"),
         ({"mixed_precision": "fp8"}, [], "mixed_precision=fp8 is not supported"),
-        ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_offload_params": True}}, [], "fsdp_offload_params=true"),
+        ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_offload_params": True}}, ["parallel.offload=none"],
+         "fsdp_offload_params=true contradicts parallel.offload=none"),
         ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_sharding_strategy": "HYBRID_SHARD"}}, [],
          "HYBRID_SHARD have no equivalent"),
         ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_magic": 1}}, [], "fsdp_config.fsdp_magic has no harness"),
-        ({"distributed_type": "DEEPSPEED", "deepspeed_config": {"offload_optimizer_device": "cpu"}}, [],
-         "ZeRO offload is not supported"),
+        ({"distributed_type": "DEEPSPEED", "deepspeed_config": {"offload_optimizer_device": "nvme"}}, [],
+         "offload_optimizer_device=nvme: harness offloads to host memory only"),
         ({"distributed_type": "DEEPSPEED", "deepspeed_config": {"zero_stage": 0}}, [], "stages 1, 2 or 3"),
         ({"mixed_precision": "bf16"}, ["precision=fp16"], 'mixed_precision="bf16" contradicts precision=fp16'),
     ],
@@ -101,3 +102,25 @@ def test_missing_file_is_a_clean_cli_error():
 def test_every_shipped_accelerate_file_maps(path):
     cfg = load_config(ROOT / "configs" / "tiny-accelerate-fsdp.yaml", [f"parallel.accelerate_config={path}"])
     assert cfg.parallel.backend in ("fsdp2", "deepspeed")
+
+
+@pytest.mark.parametrize(
+    "name, backend, stage, offload",
+    [
+        ("fsdp-offload.yaml", "fsdp2", None, "params"),
+        ("deepspeed-zero3-offload.yaml", "deepspeed", 3, "params"),
+        ("deepspeed-zero2.yaml", "deepspeed", 2, "none"),
+        ("fsdp.yaml", "fsdp2", None, "none"),
+    ],
+)
+def test_accelerate_offload_settings_are_adopted(name, backend, stage, offload):
+    cfg = load_config(ROOT / "configs" / "tiny-accelerate-fsdp.yaml", [f"parallel.accelerate_config=configs/accelerate/{name}"])
+    assert (cfg.parallel.backend, cfg.parallel.offload) == (backend, offload)
+    if stage is not None:
+        assert cfg.parallel.zero_stage == stage
+
+
+def test_accelerate_optimizer_only_offload(tmp_path):
+    cfg = _with(tmp_path, {"distributed_type": "DEEPSPEED",
+                           "deepspeed_config": {"zero_stage": 2, "offload_optimizer_device": "cpu", "offload_param_device": "none"}})
+    assert (cfg.parallel.zero_stage, cfg.parallel.offload) == (2, "optimizer")

@@ -121,11 +121,21 @@ def test_json_scale_settings_give_deepspeeds_own_trajectory(deepspeed_scaler_cls
         ({"zero_optimization": {"stage": 3}}, ["parallel.zero_stage=2"],
          "zero_optimization.stage=3 contradicts parallel.zero_stage=2"),
         ({"scheduler": {"type": "WarmupDecayLR"}}, ["train.lr_schedule=cosine"], 'scheduler.type="WarmupDecayLR" contradicts train.lr_schedule=cosine'),
-        ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "cpu"}}}, [],
-         "zero_optimization.offload_optimizer is not supported"),
+        ({"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "nvme"}}}, [],
+         "zero_optimization.offload_optimizer.device='nvme': harness offloads to host memory only"),
+        ({"zero_optimization": {"stage": 3, "offload_param": {"device": "cpu"}}}, ["parallel.offload=none"],
+         'zero_optimization.offload_param={"device": "cpu"} contradicts parallel.offload=none'),
+        ({"zero_optimization": {"stage": 2, "offload_param": {"device": "cpu"}}}, ["parallel.backend=deepspeed"],
+         "parallel.offload=params needs partitioned parameters, and ZeRO-2 keeps them whole"),
         ({"optimizer": {"type": "SGD"}}, [], "harness trains with AdamW"),
         ({"scheduler": {"type": "OneCycle"}}, [], "scheduler.type='OneCycle' has no harness equivalent"),
         ({"gradient_clipping": "lots"}, [], 'gradient_clipping="lots" is not a number'),
+        ({"data_types": {"grad_accum_dtype": "bf16"}}, ["precision=bf16"],
+         "data_types.grad_accum_dtype='bf16': harness accumulates gradients in fp32"),
+        ({"data_types": {"param_dtype": "fp16"}}, ["precision=bf16"],
+         "data_types.param_dtype='fp16' contradicts precision=bf16"),
+        ({"data_types": {"buffer_dtype": "bf16"}}, [], "data_types.buffer_dtype='bf16': harness keeps buffers"),
+        ({"data_types": {"master_dtype": "fp32"}}, [], "data_types.master_dtype is not a DeepSpeed data type"),
     ],
 )
 def test_contradictions_and_unsupported_settings_are_one_line_errors(tmp_path, data, overrides, message):
@@ -160,3 +170,69 @@ def test_bad_json_files(tmp_path):
 )
 def test_precision_resolution(tmp_path, data, overrides, precision):
     assert _with_json(tmp_path, data, *overrides).precision == precision
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_deepspeed_accumulates_in_fp32_and_checks_bf16_overflow_explicitly(tmp_path, precision):
+    data_types = {"grad_accum_dtype": "auto", "param_dtype": "auto", "keep_in_fp32_modules": ["norm"]}
+    cfg = _with_json(tmp_path, {"data_types": data_types}, f"precision={precision}")
+    ds = runtime_config(cfg, 2, 32)
+    assert ds["data_types"] == {"grad_accum_dtype": "fp32", "keep_in_fp32_modules": ["norm"]}
+    assert ds["communication_data_type"] == "fp32"
+    if precision == "bf16":
+        assert ds["bf16"] == {"enabled": True, "check_grad_overflow": True}
+
+
+def test_data_types_that_say_what_harness_does_are_accepted(tmp_path):
+    cfg = _with_json(tmp_path, {"data_types": {"grad_accum_dtype": "fp32", "param_dtype": "bf16"}}, "precision=bf16")
+    assert runtime_config(cfg, 2, 32)["data_types"] == {"grad_accum_dtype": "fp32", "param_dtype": "bf16"}
+
+
+@pytest.mark.parametrize("found, ok", [("0.19.8", True), ("0.19.12", True), ("0.19.7", False), ("0.20.0", False)])
+def test_deepspeed_outside_the_tested_releases_is_one_line(found, ok):
+    from harness.errors import HarnessError
+    from harness.parallel.deepspeed import check_deepspeed_version
+
+    if ok:
+        check_deepspeed_version(found)
+        return
+    with pytest.raises(HarnessError, match=rf"DeepSpeed {found} is installed.*pip install 'deepspeed>=0.19.8,<0.20'"):
+        check_deepspeed_version(found)
+
+
+@pytest.mark.parametrize(
+    "json_name, stage, offload, sections",
+    [
+        ("zero2-offload-hf.json", 2, "optimizer", {"offload_optimizer"}),
+        ("zero3-offload-hf.json", 3, "params", {"offload_optimizer", "offload_param"}),
+    ],
+)
+@pytest.mark.parametrize("on_gpu", [False, True])
+def test_transformers_offload_templates_are_adopted(json_name, stage, offload, sections, on_gpu):
+    cfg = load_config(ROOT / "configs" / json_name.replace("-hf.json", ".yaml").replace("zero", "tiny-zero"))
+    assert cfg.parallel.deepspeed_config == f"configs/deepspeed/{json_name}"
+    assert (cfg.parallel.zero_stage, cfg.parallel.offload) == (stage, offload)
+    zero = runtime_config(cfg, 2, 32, pin_memory=on_gpu)["zero_optimization"]
+    assert {k for k in zero if k.startswith("offload")} == sections
+    for key in sections:
+        # The JSON asks for pinned buffers; only a GPU run can have them.
+        assert zero[key] == {"device": "cpu", "pin_memory": on_gpu}
+
+
+@pytest.mark.parametrize("offload", ["none", "optimizer", "params"])
+def test_parallel_offload_decides_the_sections_deepspeed_gets(tmp_path, offload):
+    # "auto" device: the JSON leaves offload to harness and keeps its other settings.
+    data = {"zero_optimization": {"stage": 3, "offload_optimizer": {"device": "auto", "buffer_count": 8}}}
+    cfg = _with_json(tmp_path, data, f"parallel.offload={offload}")
+    zero = runtime_config(cfg, 2, 32)["zero_optimization"]
+    assert ("offload_optimizer" in zero) == (offload != "none")
+    assert ("offload_param" in zero) == (offload == "params")
+    if offload != "none":
+        assert zero["offload_optimizer"] == {"device": "cpu", "buffer_count": 8, "pin_memory": False}
+
+
+def test_legacy_cpu_offload_flag_means_optimizer_offload(tmp_path):
+    cfg = _with_json(tmp_path, {"zero_optimization": {"stage": 2, "cpu_offload": True}})
+    assert cfg.parallel.offload == "optimizer"
+    zero = runtime_config(cfg, 2, 32)["zero_optimization"]
+    assert "cpu_offload" not in zero and zero["offload_optimizer"]["device"] == "cpu"

@@ -82,3 +82,59 @@ def test_cli_table_and_json():
                              capture_output=True, text=True, timeout=120)
     numbers = json.loads(as_json.stdout)
     assert numbers["backends"]["fsdp2"]["master"] == 4 * 1_637_792
+
+
+def _offload_estimate(offload: str, world_size: int = 2) -> dict:
+    cfg = load_config(TINY, ["precision=bf16", f"parallel.offload={offload}", "parallel.backend=deepspeed"])
+    return estimate(cfg, world_size)["backends"]
+
+
+def test_offload_moves_state_to_host_memory_per_backend():
+    none, optimizer, params = (_offload_estimate(o) for o in ("none", "optimizer", "params"))
+    for b in ("fsdp2", "zero1", "zero2", "zero3"):
+        assert none[b]["host"] == 0 and none[b]["device"] == none[b]["total"]
+        # Offload moves bytes; it does not change what a rank holds in all.
+        assert optimizer[b]["total"] == none[b]["total"] and optimizer[b]["device"] + optimizer[b]["host"] == none[b]["total"]
+    z3 = none["zero3"]
+    assert optimizer["zero3"]["host"] == z3["master"] + z3["gradients"] + z3["optimizer"]
+    # params also moves ZeRO-3's compute-dtype partition; ZeRO-1/2 cannot offload parameters.
+    assert params["zero3"]["host"] > optimizer["zero3"]["host"]
+    assert params["zero2"]["host"] == optimizer["zero2"]["host"]
+    # FSDP2 has one switch: sharded parameters, gradients and optimizer state together.
+    f = none["fsdp2"]
+    assert optimizer["fsdp2"]["host"] == params["fsdp2"]["host"] == f["master"] + f["gradients"] + f["optimizer"]
+    # ZeRO-1 keeps the compute-dtype gradients of the whole model on the device.
+    assert optimizer["zero1"]["device"] - none["zero1"]["working"] - none["zero1"]["activations"] > 0
+
+
+def test_setup_peak_columns_compare_sharded_init_with_a_full_build():
+    cfg = load_config(ROOT / "configs" / "llama-1b.yaml", ["train.micro_batch_size=1", "train.seq_len=64"])
+    b = estimate(cfg, 8)["backends"]
+    for name, numbers in b.items():
+        assert numbers["setup_host"] < numbers["setup_host_full_build"], name
+    # Without zero.Init DeepSpeed moves the whole bf16 module to the device.
+    n_params = estimate(cfg, 8)["parameters"]
+    assert b["zero3"]["setup_device_full_build"] >= max(b["zero3"]["device"], 2 * n_params)
+    assert b["zero3"]["setup_host_full_build"] - b["zero3"]["setup_host"] > 3 * n_params
+    assert b["fsdp2"]["setup_device_full_build"] == b["fsdp2"]["device"]
+
+
+def test_70b_on_8x80gb_fits_with_zero3_offload_and_sharded_init_only():
+    cfg = load_config(ROOT / "configs" / "llama-70b.yaml")
+    assert (cfg.parallel.zero_stage, cfg.parallel.offload) == (3, "params")
+    zero3 = estimate(cfg, 8)["backends"]["zero3"]
+    gib = 2**30
+    assert zero3["device"] < 80 * gib < zero3["setup_device_full_build"]
+    assert zero3["setup_device_full_build"] >= 2 * 69e9  # the whole bf16 module, before partitioning
+    no_offload = estimate(load_config(ROOT / "configs" / "llama-70b.yaml", ["parallel.offload=none"]), 8)["backends"]
+    assert no_offload["zero3"]["device"] > 80 * gib
+
+
+def test_cli_marks_what_fits():
+    result = subprocess.run([str(Path(sys.executable).parent / "harness"), "estimate", "configs/llama-70b.yaml",
+                             "--world-size", "8", "--device-gb", "80"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = {line[:17].strip(): line[17:].split() for line in result.stdout.splitlines() if line[:17].strip()}
+    assert lines["fits"] == ["yes", "NO", "NO", "yes"]
+    assert lines["fits, full build"][-1] == "NO"
+    assert "setup host" in lines and "in host mem" in lines

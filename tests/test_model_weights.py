@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import torch
@@ -110,3 +111,21 @@ def test_bad_pretrained_folders_are_one_line_errors(tmp_path):
     source = initial_weights(model_spec(ModelConfig(pretrained=str(folder)), 100), seed=0)
     with pytest.raises(HarnessError, match="mlp.gate_proj.weight has shape \\[32, 16\\], the model expects \\[48, 16\\]"):
         read_all(source, "model.layers.0.mlp.gate_proj.weight", 48 * 16, 1)
+
+
+def test_damaged_safetensors_files_are_one_line_errors(tmp_path):
+    folder, _ = _save_folder(tmp_path, torch.float32, name="truncated")
+    weights = folder / "model.safetensors"
+    data = weights.read_bytes()
+    weights.write_bytes(data[:-64])  # the last tensor's bytes are cut short
+    source = initial_weights(model_spec(ModelConfig(pretrained=str(folder)), 100), seed=0)
+    entries = source._handle("model.safetensors").entries
+    last = max(source.key_of, key=lambda name: entries[source.key_of[name]]["data_offsets"][1])
+    numel = math.prod(source.shapes[last])
+    with pytest.raises(HarnessError, match="model.safetensors ends inside .*the file is truncated, re-download it") as err:
+        read_all(source, last, numel, 1)
+    assert "\n" not in str(err.value)
+
+    weights.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00{nope")  # a header that is not JSON
+    with pytest.raises(HarnessError, match="cannot read model.safetensors .*re-download or re-save the folder"):
+        initial_weights(model_spec(ModelConfig(pretrained=str(folder)), 100), seed=0)

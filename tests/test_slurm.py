@@ -5,7 +5,6 @@ and deepspeed job scripts, two-node rendezvous, and the preemption drill (SIGTER
 from __future__ import annotations
 
 import json
-import os
 import re
 import subprocess
 import sys
@@ -186,5 +185,5 @@ def test_submit_errors_are_one_line(cluster, args, env, message):
     result = subprocess.run([HARNESS, "submit", "configs/tiny.yaml", *args], cwd=ROOT, capture_output=True,
                             text=True, timeout=120, env=run_env)
     assert result.returncode == 2
-    assert result.stderr.startswith(f"harness: error: ") and message in result.stderr
+    assert result.stderr.startswith("harness: error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1

@@ -90,9 +90,12 @@ def build_skeleton(spec: ModelSpec, context: Optional[ContextManager] = None) ->
     return model
 
 
-def materialize_on(model: nn.Module, device: torch.device, dtype: Optional[torch.dtype] = None) -> None:
+def materialize_on(
+    model: nn.Module, device: torch.device, dtype: Optional[torch.dtype] = None, buffer_device: Optional[torch.device] = None
+) -> None:
     """Allocate (uninitialised) storage for every meta parameter on `device`, in place, keeping
-    the real buffers: `nn.Module.to_empty` alone would wipe them too."""
+    the real buffers (on `buffer_device`, default `device`): `nn.Module.to_empty` alone would
+    wipe them too. Offloaded parameters live in host memory while buffers stay on the GPU."""
     buffers = {name: buffer.detach().clone() for name, buffer in model.named_buffers()}
     # Moving off the meta device makes a new Parameter per module, which unties tied weights
     # (an LM head sharing the embedding): remember who shares what and re-point them after.
@@ -110,7 +113,7 @@ def materialize_on(model: nn.Module, device: torch.device, dtype: Optional[torch
     for name, value in buffers.items():
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner) if owner else model
-        module._buffers[leaf] = value.to(device)
+        module._buffers[leaf] = value.to(buffer_device or device)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> nn.Module:

@@ -11,8 +11,8 @@ for the elements it owns, so it never holds more than its shards plus one *unit*
   rank computes each unit in full: for a 70B model that is ~1 GB of fp32 per block at a time, and
   init arithmetic that is cheap next to one training step.
 - `PretrainedWeights`: a local Hugging Face folder of safetensors (one file or a sharded index),
-  memory mapped; a read touches only the rows that hold the requested elements, and bf16/fp16
-  values are upcast once, to fp32, as they are read.
+  read with positioned reads (not memory mapped: see SafetensorsFile); a read touches only the
+  rows that hold the requested elements, and bf16/fp16 values are upcast once, to fp32.
 """
 
 from __future__ import annotations
@@ -21,13 +21,17 @@ import contextlib
 import copy
 import hashlib
 import json
+import math
+import os
+import struct
+import sys
 from pathlib import Path
 from typing import Iterator, Protocol
 
 import torch
 from torch import nn
 
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_line
 from harness.model.build import ModelSpec, build_skeleton, materialize_on, transformer_blocks
 
 
@@ -153,7 +157,7 @@ def _init_post_order(module: nn.Module, owner: nn.Module) -> None:
 
 
 class PretrainedWeights:
-    """Parameters read from a folder's safetensors, memory mapped, only the rows asked for."""
+    """Parameters read from a folder's safetensors, only the rows asked for."""
 
     def __init__(self, spec: ModelSpec) -> None:
         self.folder = Path(spec.pretrained_dir)
@@ -165,9 +169,9 @@ class PretrainedWeights:
             aliases.setdefault(id(p), []).append(n)
         names_of = {names[0]: names for names in aliases.values()}
         prefix = getattr(skeleton, "base_model_prefix", "")
+        self._handles: dict[str, SafetensorsFile] = {}
         self.file_of = self._weight_map()
         self.key_of = {name: self._key_for(names_of.get(name, [name]), prefix) for name in self.shapes}
-        self._handles: dict[str, object] = {}
 
     def units(self) -> list[list[str]]:
         return [[name] for name in self.shapes]
@@ -178,36 +182,23 @@ class PretrainedWeights:
 
     def read(self, name: str, offset: int, numel: int) -> torch.Tensor:
         key = self.key_of[name]
-        sliced = self._handle(self.file_of[key]).get_slice(key)
-        shape = tuple(sliced.get_shape())
+        file = self._handle(self.file_of[key])
+        shape = file.shape(key)
         if shape != self.shapes[name]:
             raise HarnessError(f"model.pretrained {str(self.folder)!r}: {key} has shape {list(shape)}, the model "
                                f"expects {list(self.shapes[name])}; the folder's config.json does not match its weights")
-        if not shape:
-            return sliced[...].reshape(-1).to(torch.float32).narrow(0, offset, numel)
-        row = 1
-        for size in shape[1:]:
-            row *= size
+        row = math.prod(shape[1:]) if shape else 1
         first, last = offset // row, -(-(offset + numel) // row)
-        rows = sliced[first:last]
-        return rows.reshape(-1).narrow(0, offset - first * row, numel).to(torch.float32)
+        rows = file.read_elements(key, first * row, (last - first) * row)
+        return rows.narrow(0, offset - first * row, numel).to(torch.float32)
 
-    def _handle(self, file: str):
-        from safetensors import safe_open
-
+    def _handle(self, file: str) -> "SafetensorsFile":
         if file not in self._handles:
-            path = self.folder / file
-            try:
-                self._handles[file] = safe_open(str(path), framework="pt")
-            except Exception as exc:  # a damaged file: safetensors raises its own error types
-                raise HarnessError(f"model.pretrained {str(self.folder)!r}: cannot read {file} ({exc}); "
-                                   "re-download or re-save the folder") from None
+            self._handles[file] = SafetensorsFile(self.folder / file, self.folder)
         return self._handles[file]
 
     def _weight_map(self) -> dict[str, str]:
         """tensor name -> file, from model.safetensors.index.json or the single file."""
-        from safetensors import safe_open
-
         index = self.folder / "model.safetensors.index.json"
         if index.is_file():
             try:
@@ -223,8 +214,7 @@ class PretrainedWeights:
             return weight_map
         single = self.folder / "model.safetensors"
         if single.is_file():
-            with safe_open(str(single), framework="pt") as handle:
-                return {key: single.name for key in handle.keys()}
+            return {key: single.name for key in self._handle(single.name).keys()}
         if any(self.folder.glob("*.bin")) or any(self.folder.glob("*.pth")):
             raise HarnessError(f"model.pretrained {str(self.folder)!r} holds pickled weights, which cannot be read "
                                "in slices; convert it once with save_pretrained(..., safe_serialization=True)")
@@ -245,3 +235,62 @@ class PretrainedWeights:
                 return key
         raise HarnessError(f"model.pretrained {str(self.folder)!r} has no tensor {names[0]} (of {len(self.file_of)} in "
                            "the folder): shards missing, or weights of another architecture")
+
+
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+class SafetensorsFile:
+    """Reads element ranges of the tensors in one .safetensors file with positioned reads.
+
+    Not memory mapped on purpose: every page a rank touches through a mapping counts in its
+    resident set (and in a Slurm job's cgroup) for as long as the mapping lives, which doubled
+    a rank's setup peak on a 300M model. A read lands the bytes once, in the tensor that keeps
+    them. Format: u64 little-endian header size, a JSON header (dtype, shape, data_offsets per
+    tensor), then the data, little-endian.
+    """
+
+    def __init__(self, path: Path, folder: Path) -> None:
+        self.path = path
+        try:
+            with open(path, "rb") as f:
+                (size,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(size))
+            self.data_start = 8 + size
+            self.entries = {k: v for k, v in header.items() if k != "__metadata__"}
+            self._fd = os.open(path, os.O_RDONLY)
+        except (OSError, ValueError, struct.error) as exc:
+            raise HarnessError(f"model.pretrained {str(folder)!r}: cannot read {path.name} ({first_line(exc)}); "
+                               "re-download or re-save the folder") from None
+        self.folder = folder
+
+    def keys(self) -> list[str]:
+        return list(self.entries)
+
+    def shape(self, key: str) -> tuple[int, ...]:
+        return tuple(self.entries[key]["shape"])
+
+    def read_elements(self, key: str, start: int, count: int) -> torch.Tensor:
+        entry = self.entries[key]
+        dtype = _SAFETENSORS_DTYPES.get(entry["dtype"])
+        if dtype is None:
+            raise HarnessError(f"model.pretrained {str(self.folder)!r}: {key} is stored as {entry['dtype']}, not a "
+                               "floating-point weight harness can train; convert the folder to fp32/bf16/fp16")
+        itemsize = torch.empty((), dtype=dtype).element_size()
+        begin = self.data_start + entry["data_offsets"][0] + start * itemsize
+        buffer = bytearray(count * itemsize)
+        view, done = memoryview(buffer), 0
+        while done < len(buffer):  # pread may return less than asked (large reads, signals)
+            got = os.preadv(self._fd, [view[done:]], begin + done)
+            if got == 0:
+                raise HarnessError(f"model.pretrained {str(self.folder)!r}: {self.path.name} ends inside {key}; "
+                                   "the file is truncated, re-download it")
+            done += got
+        if sys.byteorder != "little":
+            raise HarnessError("reading safetensors needs a little-endian machine")
+        return torch.frombuffer(buffer, dtype=dtype) if count else torch.empty(0, dtype=dtype)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)

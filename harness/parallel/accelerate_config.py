@@ -5,7 +5,7 @@
 has. What maps: distributed_type (FSDP -> fsdp2, DEEPSPEED -> deepspeed), mixed_precision, the
 FSDP sharding strategy / reshard_after_forward and activation checkpointing, the DeepSpeed ZeRO
 stage, gradient accumulation and clipping, and deepspeed_config_file (read as a DeepSpeed JSON).
-What would change the training semantics and has no harness equivalent (DDP, offload, hybrid
+What would change the training semantics and has no harness equivalent (DDP, NVMe offload, hybrid
 sharding, fp8) is a one-line error. Launch-only settings (num_processes, machine_rank, ...)
 belong to the launcher and are ignored. Pure Python: config.py uses it.
 """
@@ -80,8 +80,10 @@ def _merge_fsdp(fsdp: dict[str, Any], m: Merger) -> None:
     })
     if unknown:
         raise ConfigError(f"{m.source} fsdp_config.{unknown[0]} has no harness equivalent; remove it")
-    if fsdp.get("fsdp_offload_params"):
-        raise ConfigError(f"{m.source} fsdp_offload_params=true is not supported by harness; set it to false")
+    offload = fsdp.get("fsdp_offload_params")
+    if isinstance(offload, bool):
+        # FSDP's CPUOffload(offload_params=True) keeps parameters, gradients and the optimizer step on the CPU.
+        m.adopt("fsdp_config.fsdp_offload_params", offload, "parallel.offload", "params" if offload else "none")
     for key in ("fsdp_sharding_strategy", "fsdp_reshard_after_forward"):
         value = fsdp.get(key)
         if value is None:
@@ -98,6 +100,22 @@ def _merge_fsdp(fsdp: dict[str, Any], m: Merger) -> None:
         m.adopt("fsdp_config.fsdp_activation_checkpointing", checkpointing, "model.gradient_checkpointing", checkpointing)
 
 
+def _merge_offload(ds: dict[str, Any], m: Merger) -> None:
+    """offload_param_device / offload_optimizer_device: cpu, nvme or none (params implies optimizer)."""
+    devices = {key: str(ds.get(key, "none")).lower() for key in ("offload_param_device", "offload_optimizer_device")}
+    for key, device in devices.items():
+        if device not in ("none", "null", "cpu"):
+            raise ConfigError(f"{m.source} deepspeed_config.{key}={ds[key]}: harness offloads to host memory only; use cpu or none")
+    if "offload_param_device" not in ds and "offload_optimizer_device" not in ds:
+        return
+    if devices["offload_param_device"] == "cpu":
+        m.adopt("deepspeed_config.offload_param_device", "cpu", "parallel.offload", "params")
+    elif devices["offload_optimizer_device"] == "cpu":
+        m.adopt("deepspeed_config.offload_optimizer_device", "cpu", "parallel.offload", "optimizer")
+    else:
+        m.adopt("deepspeed_config.offload_optimizer_device", "none", "parallel.offload", "none")
+
+
 def _merge_deepspeed(ds: dict[str, Any], m: Merger, accelerate_file: Path) -> None:
     unknown = sorted(set(ds) - _DEEPSPEED_IGNORED - {
         "zero_stage", "gradient_accumulation_steps", "gradient_clipping", "offload_optimizer_device",
@@ -105,9 +123,7 @@ def _merge_deepspeed(ds: dict[str, Any], m: Merger, accelerate_file: Path) -> No
     })
     if unknown:
         raise ConfigError(f"{m.source} deepspeed_config.{unknown[0]} has no harness equivalent; remove it")
-    for key in ("offload_optimizer_device", "offload_param_device"):
-        if str(ds.get(key, "none")).lower() not in ("none", "null"):
-            raise ConfigError(f"{m.source} deepspeed_config.{key}={ds[key]}: ZeRO offload is not supported; use none")
+    _merge_offload(ds, m)
     if "zero_stage" in ds:
         stage = ds["zero_stage"]
         if stage not in (1, 2, 3):

@@ -19,7 +19,7 @@ from __future__ import annotations
 import copy
 import json
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 from harness.errors import ConfigError
 from harness.parallel.merge import AUTO, Merger, get_dotted as _get, integer
@@ -36,7 +36,8 @@ _OWNED_BY_HARNESS = (
     "scheduler",
 )
 _SCHEDULES = {"warmuplr": "constant", "warmupdecaylr": "linear", "warmupcosinelr": "cosine"}
-_UNSUPPORTED_ZERO_KEYS = ("offload_optimizer", "offload_param", "cpu_offload")
+# The JSON sections that set parallel.offload, and what each means there (params implies optimizer).
+_OFFLOAD_SECTIONS = (("offload_param", "params"), ("offload_optimizer", "optimizer"))
 
 
 def read_json(path: str) -> dict[str, Any]:
@@ -68,6 +69,7 @@ def merge_into_config(cfg, explicit: set[str]) -> None:
     _merge_zero(data, m)
     _merge_optimizer(data, m)
     _merge_scheduler(data, m)
+    check_data_types(data, m.source, m.harness_value("precision"))
 
 
 def _enabled(data: dict[str, Any], section: str) -> Optional[bool]:
@@ -135,13 +137,74 @@ def _merge_zero(data: dict[str, Any], m: Merger) -> None:
                 "(stage 0 is plain data parallel: use parallel.backend=fsdp2)"
             )
         m.adopt("zero_optimization.stage", stage, "parallel.zero_stage", stage)
-    for key in _UNSUPPORTED_ZERO_KEYS:
-        value = zero.get(key)
-        if value and (not isinstance(value, dict) or value.get("device", "none") not in ("none", None)):
+    offload = offload_from_json(zero, m.source)
+    if offload is not None:
+        their_key, their_value, value = offload
+        m.adopt(f"zero_optimization.{their_key}", their_value, "parallel.offload", value)
+
+
+def offload_from_json(zero: dict[str, Any], source: str) -> Optional[tuple[str, Any, str]]:
+    """(the JSON key, its value, the parallel.offload it means) for a zero_optimization section,
+    or None when it says nothing about offload."""
+    if zero.get("cpu_offload") is True:  # the pre-0.3.16 spelling of offload_optimizer: cpu
+        return "cpu_offload", True, "optimizer"
+    said = None
+    for key, value in _OFFLOAD_SECTIONS:
+        section = zero.get(key)
+        if section is None or section == AUTO:
+            continue
+        device = section.get("device", "none") if isinstance(section, dict) else section
+        if device == AUTO:
+            continue
+        if device in ("none", None):
+            said = said or (key, section, "none")
+            continue
+        if device != "cpu":
             raise ConfigError(
-                f"{m.source} zero_optimization.{key} is not supported by harness yet (its gradients live in a "
-                "host buffer the shared loss-scale/clip module does not read); remove it"
+                f"{source} zero_optimization.{key}.device={device!r}: harness offloads to host memory only; "
+                'use "cpu" or "none"'
             )
+        return key, section, value
+    return said
+
+
+_COMPUTE_DTYPE_NAMES = {"bf16": ("bf16", "bfloat16"), "fp16": ("fp16", "float16", "half"), "fp32": ("fp32", "float32", "float")}
+
+
+def check_data_types(data: dict[str, Any], source: str, precision: str) -> None:
+    """A user's `data_types` section runs as written or is refused here, in one line.
+
+    harness accumulates and reduces gradients in fp32 on every backend (FSDP2 does so by design),
+    so that ZeRO and FSDP2 compute the same thing; parameters run in the precision's dtype and
+    buffers keep their loaded dtype, as under FSDP2.
+    """
+    section = data.get("data_types")
+    if section is None:
+        return
+    if not isinstance(section, dict):
+        raise ConfigError(f"{source} data_types must be an object")
+    for key, value in section.items():
+        if value in (AUTO, None) or key == "keep_in_fp32_modules":
+            continue  # keep_in_fp32_modules only keeps more buffers in fp32: DeepSpeed applies it as written
+        if key == "grad_accum_dtype":
+            if value not in _COMPUTE_DTYPE_NAMES["fp32"]:
+                raise ConfigError(
+                    f"{source} data_types.grad_accum_dtype={value!r}: harness accumulates gradients in fp32 on every "
+                    'backend, as FSDP2 does; write "fp32" or remove it'
+                )
+        elif key == "param_dtype":
+            if value not in _COMPUTE_DTYPE_NAMES[precision]:
+                raise ConfigError(
+                    f"{source} data_types.param_dtype={value!r} contradicts precision={precision}; "
+                    'remove it or write "auto"'
+                )
+        elif key == "buffer_dtype":
+            raise ConfigError(
+                f"{source} data_types.buffer_dtype={value!r}: harness keeps buffers (e.g. rotary frequencies) in their "
+                'loaded dtype on every backend; remove it or write "auto"'
+            )
+        else:
+            raise ConfigError(f"{source} data_types.{key} is not a DeepSpeed data type harness knows; remove it")
 
 
 def _merge_optimizer(data: dict[str, Any], m: Merger) -> None:
@@ -196,8 +259,9 @@ def check_train_batch_size(cfg, world_size: int) -> None:
         )
 
 
-def runtime_config(cfg, world_size: int, hidden_size: int) -> dict[str, Any]:
-    """The dict passed to deepspeed.initialize for this run."""
+def runtime_config(cfg, world_size: int, hidden_size: int, pin_memory: bool = False) -> dict[str, Any]:
+    """The dict passed to deepspeed.initialize for this run. pin_memory: offload buffers may be
+    page-locked (a GPU run; the JSON can still say false)."""
     user = read_json(cfg.parallel.deepspeed_config) if cfg.parallel.deepspeed_config else {}
     ds = {k: copy.deepcopy(v) for k, v in user.items() if k not in _OWNED_BY_HARNESS}
     t = cfg.train
@@ -210,17 +274,42 @@ def runtime_config(cfg, world_size: int, hidden_size: int) -> dict[str, Any]:
         # A static scale that harness overrides before every backward and step.
         ds["fp16"] = {"enabled": True, "loss_scale": 1.0}
     elif cfg.precision == "bf16":
-        ds["bf16"] = {"enabled": True}
-    # Reduce gradients in fp32, as FSDP2 does here, unless the user chose otherwise.
+        # Explicit: older DeepSpeed builds applied a non-finite bf16 update (the default changed in
+        # PR #8035). harness's own check decides, and DeepSpeed's must agree (deepspeed.py).
+        ds["bf16"] = {"enabled": True, "check_grad_overflow": True}
+    # Accumulate across micro-batches and reduce in fp32, as FSDP2 does: DeepSpeed's default
+    # accumulates in the compute dtype. check_data_types refused anything else the user wrote.
+    data_types = dict(ds.get("data_types") or {})
+    data_types["grad_accum_dtype"] = "fp32"
+    data_types = {k: v for k, v in data_types.items() if v != AUTO}
+    ds["data_types"] = data_types
     ds.setdefault("communication_data_type", "fp32")
     ds.setdefault("steps_per_print", 2**31 - 1)
     ds.setdefault("wall_clock_breakdown", False)
     zero = dict(ds.get("zero_optimization") or {})
     zero["stage"] = cfg.parallel.zero_stage
+    _set_offload(zero, cfg.parallel.offload, pin_memory)
     _fill_auto_sizes(zero, hidden_size)
     ds["zero_optimization"] = zero
     _drop_remaining_auto(ds)
     return ds
+
+
+def _set_offload(zero: dict[str, Any], offload: str, pin_memory: bool) -> None:
+    """parallel.offload decides; the user's other settings in the sections (buffer sizes, ratio)
+    stay. harness offloads to host memory (device "cpu")."""
+    zero.pop("cpu_offload", None)
+    wanted = {"offload_optimizer": offload in ("optimizer", "params"), "offload_param": offload == "params"}
+    for key, on in wanted.items():
+        section = zero.get(key)
+        section = dict(section) if isinstance(section, dict) else {}
+        if not on:
+            zero.pop(key, None)
+            continue
+        section["device"] = "cpu"
+        # Pinned (page-locked) buffers only help GPU copies, and need a GPU to allocate.
+        section["pin_memory"] = pin_memory and section.get("pin_memory") is not False
+        zero[key] = section
 
 
 def _fill_auto_sizes(zero: dict[str, Any], hidden: int) -> None:

@@ -12,7 +12,7 @@ import math
 import torch
 from torch import nn
 from torch.distributed.device_mesh import init_device_mesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from harness.config import ParallelConfig, TrainConfig
@@ -37,18 +37,27 @@ class FSDP2Backend(ParallelBackend):
             param_dtype=self.policy.compute_dtype if self.policy.is_mixed else None,
             reduce_dtype=self.policy.reduce_dtype,
         )
+        # FSDP2 has one offload switch: sharded fp32 parameters, their gradients and the optimizer
+        # step all live in host memory, and each unit's parameters are copied to the device for
+        # its forward/backward. parallel.offload=optimizer therefore offloads the same as params.
+        offloaded = self.cfg.offload != "none"
+        offload_policy = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if offloaded else OffloadPolicy()
+        shard = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy)
         for block in transformer_blocks(model):
-            fully_shard(block, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=self.cfg.reshard_after_forward)
+            fully_shard(block, reshard_after_forward=self.cfg.reshard_after_forward, **shard)
         # The root holds what is left (embeddings, final norm, a tied head); it is needed again
         # right at the start of backward, so keeping it gathered saves one all-gather.
-        fully_shard(model, mesh=mesh, mp_policy=mp_policy, reshard_after_forward=False)
+        fully_shard(model, reshard_after_forward=False, **shard)
         # The skeleton's parameters were on the meta device: only now, sharded, do they get
         # memory, this rank's shards alone. Register the shards on every module that shares
         # a parameter (a tied head), whatever to_empty left there.
-        materialize_on(model, self.device)
+        shard_device = torch.device("cpu") if offloaded else self.device
+        materialize_on(model, shard_device, buffer_device=self.device)
         self.model = self.module = model
         self._reshard()
-        self.optimizer = build_adamw(param_groups(model, train_cfg.weight_decay), train_cfg, self.device)
+        self.optimizer = build_adamw(param_groups(model, train_cfg.weight_decay), train_cfg, shard_device)
+        if offloaded:
+            self.name = "fsdp2 (parameters, gradients and optimizer offloaded to host memory, stepped by torch AdamW)"
 
     def _reshard(self) -> None:
         """Register every FSDP unit's sharded parameters on its modules (all sharers of a tied one)."""
