@@ -81,7 +81,8 @@ def test_setup_host_peak_follows_the_sharded_plan(tmp_path, backend):
     added = small - baseline
     print(f"{backend}: setup adds {added:.3f} GiB, predicted {predicted:.3f} GiB, full fp32 model {full_model:.3f} GiB")
     assert added <= 1.15 * predicted + 0.03
-    assert added < 0.8 * full_model or backend == "zero3"  # ZeRO-3's own buffers are 10 bytes/param/rank on a CPU
+    if backend == "fsdp2":  # ZeRO-3's own buffers alone are 10 bytes/param/rank here (0.625 x on 4 ranks)
+        assert added < 0.8 * full_model
 
 
 @pytest.fixture(scope="module")

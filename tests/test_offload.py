@@ -74,6 +74,13 @@ def _rank_scenarios(run_root: str) -> dict:
     for label, args in OFFLOADED.items():
         cfg = load_config(TINY, _common(f"{run_root}/drill-{label}", *DRILL, *args, *TORCH_ADAM))
         build_trainer(cfg, info, device).fit()
+    # fp32 and bf16 have no loss scale: DeepSpeed still has to skip where harness decided to.
+    for precision in ("fp32", "bf16"):
+        for label in ("zero2", "zero3"):
+            cfg = load_config(TINY, _common(f"{run_root}/skip-{precision}-{label}", f"precision={precision}",
+                                            "train.steps=4", "faults.nonfinite_grad_steps=[2]", "faults.nonfinite_grad_rank=1",
+                                            "log.per_rank=true", *OFFLOADED[label], *TORCH_ADAM))
+            build_trainer(cfg, info, device).fit()
     return out
 
 
@@ -106,6 +113,16 @@ def test_deepspeed_cpu_adam_steps_offloaded_state_like_torch_adamw(ranks):
     assert "stepped by DeepSpeed's CPU Adam" in results[0]["names"]["zero2_cpu_adam"]
     assert "stepped by torch AdamW" in results[0]["names"]["zero2"]
     assert results[0]["cpu_adam_state"] == ["int"]  # its own step counter, as its C++ kernel wants
+
+
+def test_harness_skips_reach_deepspeed_in_fp32_and_bf16_with_offload(ranks):
+    root, _ = ranks
+    for precision in ("fp32", "bf16"):
+        for label in ("zero2", "zero3"):
+            for rank in (0, 1):
+                path = Path(root, f"skip-{precision}-{label}", "ranks", f"rank-{rank}.jsonl")
+                rows = [json.loads(line) for line in path.read_text().splitlines()]
+                assert [r["skipped"] for r in rows] == [False, True, False, False], (precision, label, rank)
 
 
 def test_fault_schedule_gives_the_same_decisions_with_offload(ranks):

@@ -3,8 +3,9 @@
 `harness train CONFIG.yaml --from-accelerate-config accelerate.yaml` (or
 `parallel.accelerate_config=accelerate.yaml`) lets a team keep the accelerate file it already
 has. What maps: distributed_type (FSDP -> fsdp2, DEEPSPEED -> deepspeed), mixed_precision, the
-FSDP sharding strategy / reshard_after_forward and activation checkpointing, the DeepSpeed ZeRO
-stage, gradient accumulation and clipping, and deepspeed_config_file (read as a DeepSpeed JSON).
+FSDP sharding strategy / reshard_after_forward, activation checkpointing and fsdp_offload_params,
+the DeepSpeed ZeRO stage, offload devices (cpu), gradient accumulation and clipping, and
+deepspeed_config_file (read as a DeepSpeed JSON).
 What would change the training semantics and has no harness equivalent (DDP, NVMe offload, hybrid
 sharding, fp8) is a one-line error. Launch-only settings (num_processes, machine_rank, ...)
 belong to the launcher and are ignored. Pure Python: config.py uses it.

@@ -138,10 +138,6 @@ class DeepSpeedBackend(ParallelBackend):
         if offload != "none":
             what = "parameters and optimizer" if offload == "params" else "optimizer"
             self.name += f" ({what} offloaded to host memory, stepped by {adam})"
-        if self.stage != 3:
-            # fp32 runs get no overflow check from DeepSpeed by default; the offloaded skip path
-            # (_OffloadedSkip) needs one, and it changes nothing where gradients are finite.
-            self.zero.check_grad_overflow = True
 
     def _runtime_config(self, hidden_size: int) -> dict:
         # Page-locked host buffers speed up GPU<->host copies; on a CPU run they only cost memory.
