@@ -163,12 +163,22 @@ def estimate(cfg: Config, world_size: int) -> dict:
         "zero2": dict(master=4 * z12, gradients=4 * z12, optimizer=8 * z12, working=c * n_total),
         "zero3": dict(master=4 * z3, gradients=4 * z3, optimizer=8 * z3, working=c * z3 + gathered),
     }
-    offloaded = {b: _offloaded_bytes(b, numbers, cfg.parallel.offload, c * z3, lp_grads) for b, numbers in states.items()}
+    # What parallel.offload moves to host memory: the fp32 masters, their fp32 gradients and AdamW
+    # state; with params, ZeRO-3's compute-dtype partition too. FSDP2 offloads its sharded
+    # parameters, gradients and optimizer state together whatever the setting; ZeRO-1/2 cannot
+    # offload parameters, and ZeRO-1 keeps its compute-dtype gradients on the device. Without
+    # sharded init DeepSpeed moves the whole compute-dtype module to the device at once.
+    plans = {
+        "fsdp2": dict(none=0, optimizer=16 * fsdp_local, params=16 * fsdp_local, full_build_device=0),
+        "zero1": dict(none=0, optimizer=12 * z12 + 4 * n_total, params=12 * z12 + 4 * n_total, full_build_device=c * n_total),
+        "zero2": dict(none=0, optimizer=16 * z12, params=16 * z12, full_build_device=c * n_total),
+        "zero3": dict(none=0, optimizer=16 * z3, params=16 * z3 + c * z3, full_build_device=c * n_total),
+    }
     backends = {}
     for name, numbers in states.items():
         numbers["activations"] = activations
         numbers["total"] = sum(numbers[k] for k in COMPONENTS)
-        host = offloaded[name]
+        host = plans[name][cfg.parallel.offload]
         numbers["host"] = host
         numbers["device"] = numbers["total"] - host
         # Setup: one init unit (a block, or embeddings + head) in fp32 beside this rank's
@@ -176,7 +186,7 @@ def estimate(cfg: Config, world_size: int) -> dict:
         # and DeepSpeed without zero.Init moves the whole compute-dtype module to the device.
         numbers["setup_host"] = host + 4 * max(largest_block, root_numel)
         numbers["setup_host_full_build"] = host + 4 * n_total
-        numbers["setup_device_full_build"] = max(numbers["device"], c * n_total) if name != "fsdp2" else numbers["device"]
+        numbers["setup_device_full_build"] = max(numbers["device"], plans[name]["full_build_device"])
         backends[name] = numbers
     configured = layout_name(cfg.parallel)
     return {
@@ -189,23 +199,6 @@ def estimate(cfg: Config, world_size: int) -> dict:
         "configured": configured,
         "offload": cfg.parallel.offload,
     }
-
-
-def _offloaded_bytes(backend: str, numbers: dict, offload: str, zero3_working: int, lp_grads: int) -> int:
-    """Bytes parallel.offload moves to host memory on `backend`. FSDP2 offloads its sharded
-    parameters with their gradients and optimizer state (any setting); ZeRO offloads the fp32
-    masters, their gradients and AdamW state, and ZeRO-3 with params its compute-dtype partition
-    too. ZeRO-1/2 cannot offload parameters and offload the optimizer only."""
-    if offload == "none":
-        return 0
-    state = numbers["master"] + numbers["optimizer"]
-    if backend == "fsdp2":
-        return state + numbers["gradients"]
-    if backend == "zero1":
-        return state + numbers["gradients"] - lp_grads  # the compute-dtype gradients stay on the device
-    if backend == "zero3" and offload == "params":
-        return state + numbers["gradients"] + zero3_working
-    return state + numbers["gradients"]
 
 
 def _size(n: float) -> str:
