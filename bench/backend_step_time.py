@@ -56,7 +56,7 @@ def main() -> None:
              "log.progress=off", *extra],
         )
         trainers[name] = build_trainer(cfg, info, device)
-        trainers[name].train_step(1)  # warm-up: first-step allocations and lazy init
+        trainers[name].run_step(1)  # warm-up: first-step allocations and lazy init
     times: dict[str, list[float]] = {name: [] for name in trainers}
     step = 2
     for _ in range(args.rounds):
@@ -65,7 +65,7 @@ def main() -> None:
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 started = time.perf_counter()
-                trainer.train_step(step + offset)
+                trainer.run_step(step + offset)
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 times[name].append(time.perf_counter() - started)

@@ -49,7 +49,7 @@ def main() -> None:
     cfg = load_config(args.config, [f"run.dir={args.dir}", f"precision={args.precision}", f"train.steps={total}",
                                     "eval.every=0", "log.progress=off", "checkpoint.keep_last=1"])
     trainer = build_trainer(cfg, info, device)
-    trainer.train_step(1)  # warm-up: first-step allocations and lazy init
+    trainer.run_step(1)  # warm-up: first-step allocations and lazy init
 
     def checkpointer(async_save: bool) -> Checkpointer:
         mode_cfg = copy.deepcopy(cfg)
@@ -67,7 +67,7 @@ def main() -> None:
                 trainer.checkpointer = saver  # the previous mode's saves are all committed
             started = time.perf_counter()
             for offset in range(args.steps):
-                _, _, agreed = trainer.train_step(step)
+                _, _, agreed = trainer.run_step(step)
                 if saver is None:
                     step += 1
                     continue

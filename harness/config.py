@@ -69,6 +69,10 @@ class TrainConfig:
     """AdamW epsilon."""
     grad_clip: float = 1.0
     """Clip the global gradient norm (over all ranks' shards) to this value; 0 disables clipping."""
+    loss_chunk_tokens: int = 0
+    """Chunked cross-entropy for large vocabularies: the output head computes the fp32 loss this many tokens at a time and recomputes each chunk's logits in backward, so a micro-batch's logits are never held whole (e.g. 4096). 0: off (the plain logits + cross entropy)."""
+    compile: bool = False
+    """torch.compile each transformer block (torchtitan's recipe; inductor: Triton on GPU, C++ on CPU). The first step pays the compilation (tens of seconds per distinct block)."""
 
 
 @dataclass
@@ -95,8 +99,12 @@ class ParallelConfig:
     """CPU offload, to fit a larger model: optimizer keeps the fp32 master weights, their gradients and the AdamW state in host memory and steps there (ZeRO-1/2/3; FSDP2 has no finer split and offloads its sharded parameters with them); params also keeps the parameter shards in host memory between uses (ZeRO-3, FSDP2). params implies optimizer."""
     offload_adam: Literal["auto", "deepspeed", "torch"] = "auto"
     """Which AdamW steps offloaded state on DeepSpeed: deepspeed (DeepSpeed's CPU Adam, a C++ op compiled on first use, minutes once), torch (torch's AdamW on the host), auto (deepspeed where its op builds, else torch, said on the console). FSDP2 always uses torch's."""
+    reduce_every_micro_batch: bool = False
+    """FSDP2 with train.grad_accum > 1: reduce-scatter gradients after every micro-batch (fp32 accumulation in the shards: least memory) instead of once per optimizer step (the default: unsharded fp32 gradients held across micro-batches, 1/grad_accum of the gradient traffic). ZeRO keeps its own rule (ZeRO-1 reduces once per step, ZeRO-2/3 after every micro-batch)."""
     reshard_after_forward: bool = True
-    """FSDP2: free gathered parameters after forward (less memory, one more all-gather in backward)."""
+    """FSDP2: free each block's gathered parameters after forward (less memory, one more all-gather in backward). The last block and the root always stay gathered: backward needs them at once."""
+    prefetch: int = 1
+    """FSDP2: gather the next N blocks' parameters while a block computes (forward and backward), explicitly; 0 leaves it to FSDP2's implicit prefetching."""
     timeout_s: int = 600
     """Collective timeout in seconds before a hung rank fails the job."""
 
@@ -110,7 +118,15 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     """transformers attention kernel: sdpa, eager, flash_attention_2 ..."""
     gradient_checkpointing: bool = False
-    """Recompute activations in backward to save memory."""
+    """Recompute activations in backward to save memory: the same as activation_checkpointing=full (kept for accelerate/HF configs)."""
+    activation_checkpointing: Literal["none", "full", "selective"] = "none"
+    """Per-block activation checkpointing, applied by harness on every backend: full recomputes each block in backward; selective recomputes only what model.selective_ac says."""
+    selective_ac: Union[Literal["op"], int] = "op"
+    """With activation_checkpointing=selective: op (every block keeps its matmul and attention outputs and recomputes the cheap pointwise ops, as torchtitan's "op"), or an integer k (every k-th block fully recomputed)."""
+
+    def checkpointing_mode(self) -> str:
+        """none | full | selective, with the HF-style gradient_checkpointing flag folded in."""
+        return "full" if self.gradient_checkpointing else self.activation_checkpointing
 
 
 @dataclass
@@ -133,6 +149,8 @@ class DataConfig:
     """Where tokenized corpora are cached. Default: $HARNESS_CACHE/tokens (HARNESS_CACHE defaults to ~/.cache/harness)."""
     num_proc: int = 1
     """Processes for tokenization (datasets.map num_proc)."""
+    prefetch: bool = True
+    """Build the next step's micro-batches in a background thread while a step runs (in page-locked memory on a GPU, so the copies to the device are asynchronous)."""
 
 
 @dataclass
@@ -178,7 +196,7 @@ class LogConfig:
     per_rank: bool = False
     """Every rank r also writes ranks/rank-r.jsonl (step, loss_scale, skipped, grad_norm) to check agreement."""
     every: int = 10
-    """Print a progress line every N steps when stderr is not a terminal (Slurm logs)."""
+    """Read the device every N steps: print a progress line (when stderr is not a terminal), write the rows of the steps since the last read to metrics.jsonl and wandb, and act on stop signals. Between reads the host never waits for the GPU."""
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
     """auto: a progress bar on a terminal, plain lines otherwise."""
     peak_tflops: Optional[float] = None
@@ -203,6 +221,8 @@ class LogConfig:
 class DebugConfig:
     nan_hooks: bool = False
     """Check every module's forward output for inf/nan and name the first one when a step is skipped (slow)."""
+    count_syncs: bool = False
+    """Add host_syncs (device->host reads) and collectives (count and bytes per torch.distributed op) of each step to its metrics row, to find what stalls a step (slows every op a little)."""
 
 
 @dataclass
@@ -496,6 +516,10 @@ def validate(cfg: Config) -> None:
     _require(bool(d.path), "data.path is empty: use bundled:shakespeare, a local file/folder, or a hub dataset name")
     _require(bool(d.tokenizer), "data.tokenizer is empty: use bundled:gpt2, a local folder or a hub id")
 
+    _require(
+        cfg.train.loss_chunk_tokens >= 0,
+        f"train.loss_chunk_tokens must be >= 0 (0 disables chunked cross-entropy; got {cfg.train.loss_chunk_tokens})",
+    )
     m = cfg.model
     _require(
         m.pretrained is not None or "model_type" in m.config,
@@ -542,10 +566,26 @@ def validate(cfg: Config) -> None:
     _require(bool(cfg.resume.path), "resume must be auto, none or a checkpoint folder (got an empty string)")
     _require(cfg.parallel.timeout_s >= 1, f"parallel.timeout_s must be >= 1 (got {cfg.parallel.timeout_s})")
     p = cfg.parallel
+    _require(p.prefetch >= 0, f"parallel.prefetch must be >= 0 (0: FSDP2's implicit prefetching; got {p.prefetch})")
     _require(
         not (p.offload == "params" and p.backend == "deepspeed" and p.zero_stage != 3),
         f"parallel.offload=params needs partitioned parameters, and ZeRO-{p.zero_stage} keeps them whole on every "
         "rank: use parallel.zero_stage=3, or parallel.offload=optimizer",
+    )
+    m = cfg.model
+    _require(
+        m.selective_ac == "op" or (isinstance(m.selective_ac, int) and m.selective_ac >= 1),
+        f"model.selective_ac must be op or a positive integer k (every k-th block); got {m.selective_ac!r}",
+    )
+    _require(
+        not (m.gradient_checkpointing and m.activation_checkpointing == "selective"),
+        "model.gradient_checkpointing=true asks for full activation checkpointing but "
+        "model.activation_checkpointing=selective: keep one (gradient_checkpointing is the same as activation_checkpointing=full)",
+    )
+    _require(
+        not (p.reduce_every_micro_batch and p.backend == "deepspeed"),
+        "parallel.reduce_every_micro_batch is an FSDP2 switch; ZeRO decides itself (ZeRO-1 reduces once per step, "
+        "ZeRO-2/3 after every micro-batch): remove it, or use parallel.backend=fsdp2",
     )
 
 

@@ -14,9 +14,10 @@ import glob
 import hashlib
 import json
 import os
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -280,6 +281,34 @@ class TrainBatches:
         mine = self.global_indices(step)[self.rank * per_rank : (self.rank + 1) * per_rank]
         mb = self.shape.micro_batch_size
         return [self.sequences.batch(mine[i : i + mb]) for i in range(0, per_rank, mb)]
+
+
+class PrefetchedBatches:
+    """A TrainBatches whose next step is prepared in a background thread while this one runs:
+    the micro-batches are gathered from the token stream and, for a GPU, copied into page-locked
+    memory, so the trainer's host-to-device copies are asynchronous and the host issues the next
+    step at once. Same batches, same order: only when they are built changes."""
+
+    def __init__(self, batches: TrainBatches, pin_memory: bool) -> None:
+        self.batches = batches
+        self.pin_memory = pin_memory
+        self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="harness-batches")
+        self._next: Optional[tuple[int, Future]] = None
+
+    def _prepare(self, step: int) -> list[torch.Tensor]:
+        micro_batches = self.batches.micro_batches(step)
+        return [batch.pin_memory() for batch in micro_batches] if self.pin_memory else micro_batches
+
+    def micro_batches(self, step: int) -> list[torch.Tensor]:
+        if self._next is not None and self._next[0] == step:
+            ready = self._next[1].result()
+        else:  # the first step, or a step asked for out of order
+            ready = self._prepare(step)
+        self._next = (step + 1, self._worker.submit(self._prepare, step + 1))
+        return ready
+
+    def close(self) -> None:
+        self._worker.shutdown(wait=True, cancel_futures=True)
 
 
 def eval_batches(

@@ -21,21 +21,21 @@ communication buckets, logits kept by the loss beyond what autograd saves.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import sys
 from dataclasses import dataclass
-from typing import Optional, Sequence
-from unittest import mock
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness.config import Config, load_config, validate_for_world
 from harness.errors import HarnessError
+from harness.model.loss import unpacked_sequences
 from harness.parallel import layout_name
 
 BACKENDS = ("fsdp2", "zero1", "zero2", "zero3")
@@ -83,32 +83,72 @@ def zero3_partition_numel(params: list[ParamInfo], world_size: int) -> int:
     return sum(-(-p.numel // world_size) for p in params)
 
 
-def activation_bytes(model: nn.Module, batch: torch.Tensor) -> int:
-    """Bytes of the tensors autograd saves for backward in one forward + loss (parameters excluded)."""
+def activation_bytes(model: nn.Module, batch: torch.Tensor, checkpointing: str = "none",
+                     selective: Union[str, int] = "op") -> int:
+    """Bytes kept for backward by one forward + loss (parameters excluded), under activation
+    checkpointing `checkpointing` (none | full | selective, as harness.model.blocks applies it).
+
+    One plain forward attributes what autograd saves to each block (or to the rest of the model),
+    with each block's input and the outputs of the ops selective AC keeps. A checkpointed block
+    keeps its input (and, selective "op", those outputs) and briefly holds its whole activation
+    set again while it is recomputed in backward: the largest such block is added once."""
+    from harness.model import transformer_blocks
+    from harness.model.blocks import SAVED_OPS, checkpointed_indices
+
     param_ids = {id(p) for p in model.parameters()}
-    saved: dict[int, int] = {}
+    blocks = transformer_blocks(model)
+    saved, inputs, kept = [0] * len(blocks), [0] * len(blocks), [0] * len(blocks)
+    outside = [0]
+    current: list[Optional[int]] = [None]
+
+    def nbytes(tensor: torch.Tensor) -> int:
+        return tensor.numel() * tensor.element_size()
 
     def pack(tensor: torch.Tensor) -> torch.Tensor:
         base = tensor._base if tensor._base is not None else tensor
         if id(tensor) not in param_ids and id(base) not in param_ids:
-            saved[id(tensor)] = tensor.numel() * tensor.element_size()
+            if current[0] is None:
+                outside[0] += nbytes(tensor)
+            else:
+                saved[current[0]] += nbytes(tensor)
         return tensor
 
-    with saved_tensors_hooks(pack, lambda tensor: tensor), _no_packed_sequence_check():
-        logits = model(input_ids=batch[:, :-1]).logits
-        F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
-    return sum(saved.values())
+    class KeptOutputs(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if current[0] is not None and func in SAVED_OPS:
+                kept[current[0]] += sum(nbytes(t) for t in (out if isinstance(out, tuple) else (out,))
+                                        if isinstance(t, torch.Tensor))
+            return out
 
+    def enter(index: int):
+        def hook(module, args, kwargs):
+            current[0] = index
+            hidden = args[0] if args else kwargs.get("hidden_states")
+            inputs[index] = nbytes(hidden)
+        return hook
 
-@contextlib.contextmanager
-def _no_packed_sequence_check():
-    """transformers looks for packed sequences in the position ids with a data-dependent `.item()`
-    when no cache is used (training with gradient checkpointing), which a meta tensor cannot
-    answer. harness's batches are never packed: answer "not packed", as the real run finds."""
-    from transformers import masking_utils
+    def leave(module, args, output):
+        current[0] = None
 
-    with mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda position_ids: None):
-        yield
+    handles = []
+    for i, block in enumerate(blocks):
+        handles.append(block.register_forward_pre_hook(enter(i), with_kwargs=True))
+        handles.append(block.register_forward_hook(leave))
+    try:
+        with saved_tensors_hooks(pack, lambda tensor: tensor), unpacked_sequences(), KeptOutputs():
+            logits = model(input_ids=batch[:, :-1]).logits
+            F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+    finally:
+        for handle in handles:
+            handle.remove()
+
+    chosen = checkpointed_indices(len(blocks), checkpointing, selective)
+    keep_outputs = checkpointing == "selective" and selective == "op"
+    total = outside[0]
+    for i in range(len(blocks)):
+        total += (inputs[i] + (kept[i] if keep_outputs else 0)) if i in chosen else saved[i]
+    return total + max((saved[i] for i in chosen), default=0)
 
 
 def _meta_model(cfg: Config, compute_dtype: torch.dtype) -> nn.Module:
@@ -126,8 +166,6 @@ def _meta_model(cfg: Config, compute_dtype: torch.dtype) -> nn.Module:
     hf_config._attn_implementation = cfg.model.attn_implementation
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=compute_dtype)
-    if cfg.model.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model.train()
 
 
@@ -142,7 +180,7 @@ def estimate(cfg: Config, world_size: int) -> dict:
     params = [ParamInfo(name, tuple(p.shape)) for name, p in model.named_parameters()]
     n_total = sum(p.numel for p in params)
     batch = torch.zeros(cfg.train.micro_batch_size, cfg.train.seq_len + 1, dtype=torch.long, device="meta")
-    activations = activation_bytes(model, batch)
+    activations = activation_bytes(model, batch, cfg.model.checkpointing_mode(), cfg.model.selective_ac)
 
     block_numels = [sum(p.numel() for p in b.parameters()) for b in transformer_blocks(model)]
     largest_block = max(block_numels, default=0)

@@ -4,6 +4,7 @@ reads like the single-GPU recipe: scale the loss, backward, unscale + clip + dec
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,14 +17,16 @@ from harness.checkpoint import Checkpointer, CheckpointError, choose_resume, loa
 from harness.config import Config, dump_yaml
 from harness.console import Progress, RunSummary, print0
 from harness.diagnose import ForwardProbe, OverflowDiagnosis
-from harness.data import BatchShape, PackedSequences, TrainBatches, eval_batches, load_corpus
+from harness.data import BatchShape, PackedSequences, PrefetchedBatches, TrainBatches, eval_batches, load_corpus
 from harness.dist import RankInfo
 from harness.errors import TrainingAborted
 from harness.faults import FaultInjector
-from harness.grad_scale import GradScaler, StepDecision, build_grad_scaler
+from harness.grad_scale import DeviceDecision, GradScaler, StepDecision, build_grad_scaler
 from harness.host_memory import peak_gb as host_peak_gb
 from harness.metrics import (MetricsWriter, device_peak_tflops, peak_memory_gb, peak_reserved_gb,
                              write_json_atomically)
+from harness.model.blocks import compile_blocks
+from harness.model.loss import enable_chunked_loss
 from harness.model import (build_skeleton, flops_per_token, full_numel, initial_weights, model_spec, next_token_loss,
                            per_sequence_loss)
 from harness.optim import lr_at
@@ -32,6 +35,7 @@ from harness.parallel.initial_weights import write_initial_weights
 from harness.parallel.base import ParallelBackend
 from harness.precision import check_device_supports, precision_policy
 from harness.preemption import StopRequest
+from harness.step_counter import StepCounter, host_read
 from harness.tracking import NullTracker, WandbTracker, build_tracker
 
 
@@ -43,6 +47,31 @@ class StepAgreement:
     """Some rank received SIGTERM/SIGUSR1: checkpoint after this step and exit."""
     saves_written: bool
     """No rank is still writing a background checkpoint: the one in flight can be committed."""
+
+
+@dataclass
+class PendingStep:
+    """A step the host has issued but not yet read: its values stay on the device until then."""
+
+    step: int
+    lr: float
+    decision: DeviceDecision
+    agreement: torch.Tensor
+    """All-reduced (loss sum, stop flag, still-writing flag), fp64."""
+    host_fields: dict
+    """Metrics known on the host when the step was issued (tokens, memory peaks, counters)."""
+
+    def packed(self) -> torch.Tensor:
+        return torch.cat([self.agreement, self.decision.packed().to(self.agreement.device)])
+
+    @property
+    def packed_width(self) -> int:
+        return 3 + self.decision.packed_width
+
+
+def _packed(pending: list[PendingStep]) -> torch.Tensor:
+    """Every pending step's values in one vector: one device->host transfer reads them all."""
+    return torch.cat([item.packed() for item in pending])
 
 
 @dataclass
@@ -68,6 +97,10 @@ class Trainer:
     """Every rank's host RSS high-water mark once set up, before step 1 (the number that picks a node)."""
     stop: Optional[StopRequest] = None
     """Set by the entry point: SIGTERM/SIGUSR1 end the run after a checkpoint."""
+    counter: Optional[StepCounter] = None
+    """debug.count_syncs: host syncs and collectives of each step, into its metrics row."""
+    prefetched: Optional[PrefetchedBatches] = None
+    """data.prefetch: `batches` with the next step built in the background."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -80,25 +113,37 @@ class Trainer:
         losses: list[Optional[float]] = []
         eval_loss = None
         steady_tokens, steady_time = 0, 0.0
-        row: dict = {}
         first = self.start_step + 1
         exit_code = 1
         stopped_after = None
+        pending: list[PendingStep] = []
+        window_started = time.perf_counter()
         try:
             for step in range(first, cfg.train.steps + 1):
-                row, decision, agreed = self.train_step(step)
-                if cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
-                    eval_loss = row["eval_loss"] = self.evaluate()
-                self.metrics.write(row)
-                self.tracker.log(row)
-                progress.update(row)
-                losses.append(row["loss"])
-                if step > first or cfg.train.steps == first:
-                    steady_tokens += self.tokens_per_step
-                    steady_time += row["step_time_s"]
-                if decision.abort_reason:
-                    self._land_in_flight_save()
-                    raise TrainingAborted(f"step {step}: {decision.abort_reason}")
+                # The host issues the step's work and moves on; it reads the device (one transfer
+                # for every step since the last read) only where it must act on what it reads.
+                with self.counter or contextlib.nullcontext():
+                    pending.append(self.train_step(step))
+                    values = host_read(_packed(pending)) if self._reads_after(step) else None
+                if self.counter is not None:
+                    pending[-1].host_fields.update(self.counter.take())
+                if values is None:
+                    continue
+                read = self._finish_rows(pending, values, time.perf_counter() - window_started)
+                pending = []
+                for row, decision, agreed in read:
+                    if row is read[-1][0] and cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+                        eval_loss = row["eval_loss"] = self.evaluate()
+                    self.metrics.write(row)
+                    self.tracker.log(row)
+                    progress.update(row)
+                    losses.append(row["loss"])
+                    if row["step"] > first or cfg.train.steps == first:
+                        steady_tokens += self.tokens_per_step
+                        steady_time += row["step_time_s"]
+                    if decision.abort_reason:
+                        self._land_in_flight_save()
+                        raise TrainingAborted(f"step {row['step']}: {decision.abort_reason}")
                 self.checkpointer.commit_if_written(agreed.saves_written)
                 every = cfg.checkpoint.every
                 saved = bool(every) and (step % every == 0 or step == cfg.train.steps)
@@ -112,11 +157,14 @@ class Trainer:
                         self.save_checkpoint(step)
                     stopped_after = step
                     break
+                window_started = time.perf_counter()
             self.checkpointer.finish()
             exit_code = 0
         finally:
             progress.close()
             self.tracker.finish(exit_code)
+            if self.prefetched is not None:
+                self.prefetched.close()
         tokens_per_s = steady_tokens / steady_time if steady_time > 0 else 0.0
         summary = RunSummary(
             steps=cfg.train.steps,
@@ -138,34 +186,79 @@ class Trainer:
             write_json_atomically(Path(cfg.run.dir) / "summary.json", summary.to_json())
         return summary
 
-    def train_step(self, step: int) -> tuple[dict, StepDecision, StepAgreement]:
+    def run_step(self, step: int) -> tuple[dict, StepDecision, StepAgreement]:
+        """Issue step `step` and read it at once (what fit() does with log.every=1): its metrics
+        row, decision and agreement. For benchmarks and tools that drive steps one by one."""
         started = time.perf_counter()
+        pending = [self.train_step(step)]
+        values = host_read(_packed(pending))
+        return self._finish_rows(pending, values, time.perf_counter() - started)[0]
+
+    def _reads_after(self, step: int) -> bool:
+        """Steps after which the host reads the device: the first, every log.every-th, the last,
+        and those where it acts (checkpoint, evaluation, a kill drill). The same on every rank,
+        so a stop signal or an abort is acted on by all ranks at the same step."""
+        cfg = self.cfg
+
+        def due(every: int) -> bool:
+            return bool(every) and step % every == 0
+
+        return (
+            step in (self.start_step + 1, cfg.train.steps, cfg.faults.kill_at_step)
+            or due(cfg.log.every) or due(cfg.checkpoint.every) or due(cfg.eval.every)
+        )
+
+    def train_step(self, step: int) -> "PendingStep":
+        """Issue one optimizer step; nothing here waits for the device (FSDP2)."""
         lr = lr_at(step, self.cfg.train)
         self.faults.begin_step(step)
         self.diagnosis.begin_step()
-        local_loss = self.forward_backward(step, self.scaler.scale)
+        loss_scale = None if self.scaler.fixed_scale_of_one else self.scaler.scale_tensor
+        local_loss = self.forward_backward(step, loss_scale)
         decision = self.apply_gradients(step, lr)
-        mean_loss, agreed = self._agree_at_step_end(local_loss)
-        step_time = time.perf_counter() - started
+        return PendingStep(
+            step=step,
+            lr=lr,
+            decision=decision,
+            agreement=self._agree_at_step_end(local_loss),
+            host_fields={
+                "tokens": self.batches.consumed_after(step) * self.cfg.train.seq_len,
+                "mem_gb": peak_memory_gb(self.device),
+                "mem_reserved_gb": peak_reserved_gb(self.device),
+                "host_mem_gb": host_peak_gb(),
+            },
+        )
+
+    def _finish_rows(
+        self, pending: list["PendingStep"], values: list[float], window_s: float
+    ) -> list[tuple[dict, StepDecision, StepAgreement]]:
+        """Metrics rows of the steps read together, each with its own values. The host waited
+        for the device once for all of them, so each is given the window's mean step time."""
+        step_time = window_s / len(pending)
         tokens_per_s = self.tokens_per_step / step_time
-        row = {
-            "step": step,
-            "loss": mean_loss,
-            "lr": lr,
-            "grad_norm": decision.grad_norm,
-            "loss_scale": decision.loss_scale,
-            "skipped": decision.skipped,
-            "tokens": self.batches.consumed_after(step) * self.cfg.train.seq_len,
-            "tokens_per_s": tokens_per_s,
-            "mfu": self._mfu(tokens_per_s),
-            "mem_gb": peak_memory_gb(self.device),
-            "mem_reserved_gb": peak_reserved_gb(self.device),
-            "host_mem_gb": host_peak_gb(),
-            "step_time_s": step_time,
-        }
-        if decision.skipped:
-            row.update(self.diagnosis.on_skip(step, decision, self.scaler.scale))
-        return row, decision, agreed
+        rows, offset = [], 0
+        for item in pending:
+            width = item.packed_width
+            loss_sum, stopping, writing, *decided = values[offset:offset + width]
+            offset += width
+            decision = item.decision.unpack(decided)
+            row = {
+                "step": item.step,
+                "loss": loss_sum / self.info.world_size,
+                "lr": item.lr,
+                "grad_norm": decision.grad_norm,
+                "loss_scale": decision.loss_scale,
+                "skipped": decision.skipped,
+                "tokens": item.host_fields["tokens"],
+                "tokens_per_s": tokens_per_s,
+                "mfu": self._mfu(tokens_per_s),
+                **{k: v for k, v in item.host_fields.items() if k != "tokens"},
+                "step_time_s": step_time,
+            }
+            if decision.skipped:
+                row.update(self.diagnosis.on_skip(item.step, decision, decision.scale_after))
+            rows.append((row, decision, StepAgreement(stop=stopping > 0, saves_written=writing == 0)))
+        return rows
 
     def save_checkpoint(self, step: int, blocking: bool = True) -> Optional[Path]:
         """Checkpoint after step `step`; with checkpoint.async_save and blocking=False the file
@@ -188,38 +281,30 @@ class Trainer:
         except CheckpointError as exc:
             print0(self.info.rank, f"warning: {exc}")
 
-    def forward_backward(self, step: int, loss_scale: float) -> torch.Tensor:
+    def forward_backward(self, step: int, loss_scale: Optional[torch.Tensor]) -> torch.Tensor:
         """Accumulate this rank's gradients for step `step`; returns its mean (unscaled) loss."""
-        micro_batches = self.batches.micro_batches(step)
+        micro_batches = (self.prefetched or self.batches).micro_batches(step)
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
-            loss = next_token_loss(self.backend.model, batch.to(self.device, non_blocking=True))
+            loss = next_token_loss(self.backend.model, batch.to(self.device, non_blocking=True), self.cfg.train.loss_chunk_tokens)
             last = i == len(micro_batches) - 1
             self.backend.backward(loss / len(micro_batches), loss_scale, last_micro_batch=last)
             loss_sum += loss.detach()
         return loss_sum / len(micro_batches)
 
-    def apply_gradients(self, step: int, lr: float) -> StepDecision:
+    def apply_gradients(self, step: int, lr: float) -> DeviceDecision:
+        """Decide, then step or skip, all on the device (for FSDP2); returns the decision unread."""
         decision = self.unscale_and_clip(step)
-        self.step_or_skip(decision, lr)
+        self.backend.apply_decision(decision, lr)
         return decision
 
-    def unscale_and_clip(self, step: int) -> StepDecision:
-        """One decision for all ranks: non-finite check, global norm, then unscale + clip."""
+    def unscale_and_clip(self, step: int) -> DeviceDecision:
+        """One decision for all ranks (non-finite check, global norm, unscale + clip), on the device."""
         grads = self.backend.local_grad_shards()
         corrupted = self.faults.maybe_corrupt(step, grads)
         if corrupted:
             self._warn(f"step {step}: fault injected: {corrupted}")
-        decision = self.scaler.decide(grads)
-        if not decision.skipped:
-            self.backend.scale_grads(decision.grad_multiplier)
-        return decision
-
-    def step_or_skip(self, decision: StepDecision, lr: float) -> None:
-        if decision.skipped:
-            self.backend.skip_step()
-        else:
-            self.backend.optimizer_step(lr)
+        return self.scaler.decide(grads)
 
     @torch.no_grad()
     def evaluate(self) -> float:
@@ -228,7 +313,7 @@ class Trainer:
         model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch, weights in self.eval_data:
-            losses = per_sequence_loss(model, batch.to(self.device))
+            losses = per_sequence_loss(model, batch.to(self.device), self.cfg.train.loss_chunk_tokens)
             weights = weights.to(self.device)
             totals[0] += (losses.double() * weights).sum()
             totals[1] += weights.sum()
@@ -236,17 +321,24 @@ class Trainer:
         dist.all_reduce(totals)
         return (totals[0] / totals[1]).item()
 
-    def _agree_at_step_end(self, local_loss: torch.Tensor) -> tuple[float, StepAgreement]:
-        """One all-reduce carries everything the ranks must agree on after a step: the mean loss,
-        whether any rank received a stop signal (signals reach ranks at different moments), and
-        whether any rank is still writing a background checkpoint."""
+    def mean_loss(self, local_loss: torch.Tensor) -> float:
+        """The mean over ranks of this step's loss, read now (a collective and a sync: for tests
+        and tools that drive steps one by one; fit() reads it with the step's other values)."""
+        return host_read(self._agree_at_step_end(local_loss))[0] / self.info.world_size
+
+    def _agree_at_step_end(self, local_loss: torch.Tensor) -> torch.Tensor:
+        """One all-reduce carries everything the ranks must agree on after a step: the summed
+        loss, whether any rank received a stop signal (signals reach ranks at different moments),
+        and whether any rank is still writing a background checkpoint. Issued every step, read
+        with the step's other values (fills from host values need no read)."""
         values = torch.zeros(3, dtype=torch.float64, device=self.device)
         values[0] = local_loss.detach()
-        values[1] = 1.0 if self.stop is not None and self.stop.received else 0.0
-        values[2] = 1.0 if self.checkpointer.writing else 0.0
+        if self.stop is not None and self.stop.received:
+            values[1] = 1.0
+        if self.checkpointer.writing:
+            values[2] = 1.0
         dist.all_reduce(values)
-        loss_sum, stopping, writing = values.tolist()
-        return loss_sum / self.info.world_size, StepAgreement(stop=stopping > 0, saves_written=writing == 0)
+        return values
 
     def _mfu(self, tokens_per_s: float) -> Optional[float]:
         if self.peak_tflops is None:
@@ -272,6 +364,10 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
     # The skeleton holds no weights (meta, or ZeRO-3 partitions); setup allocates this rank's
     # shards and the initial weights are written into them, one block at a time.
     model = build_skeleton(spec, backend.construction_context(spec.hf_config.hidden_size))
+    if cfg.train.loss_chunk_tokens:
+        enable_chunked_loss(model)
+    if cfg.train.compile:
+        compile_blocks(model)
     model_name = type(model).__name__
     model_config_json = model.config.to_json_string()
     full_numels = {name: full_numel(p) for name, p in model.named_parameters()}
@@ -337,4 +433,6 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
         checkpointer=Checkpointer(cfg, model_config_json, info, device),
         start_step=start_step,
         setup_host_peak_gb=setup_host_peak,
+        counter=StepCounter(device) if cfg.debug.count_syncs else None,
+        prefetched=PrefetchedBatches(batches, pin_memory=device.type == "cuda") if cfg.data.prefetch else None,
     )

@@ -7,6 +7,7 @@ from collections import Counter
 
 import numpy as np
 import pytest
+import torch
 
 from harness.config import DataConfig
 from harness.data import BatchShape, PackedSequences, TrainBatches, eval_batches, load_corpus
@@ -158,3 +159,18 @@ def test_bad_data_configs_are_one_line_errors(tmp_path, cfg, message):
 def test_too_little_data_for_one_global_batch():
     with pytest.raises(HarnessError, match="fewer than one global batch"):
         TrainBatches(_sequences(n_tokens=30, seq_len=8), 0, BatchShape(4, 1, 2), 0)
+
+
+def test_prefetched_batches_are_the_same_batches_in_any_order():
+    from harness.data import PrefetchedBatches
+
+    seqs = _sequences(n_tokens=4000, seq_len=8)
+    plain = TrainBatches(seqs, 3, BatchShape(2, 3, 2), 1)
+    prefetched = PrefetchedBatches(TrainBatches(seqs, 3, BatchShape(2, 3, 2), 1), pin_memory=False)
+    try:
+        for step in [1, 2, 3, 7, 8, 2]:  # in order (prepared in the background), then jumps
+            got, want = prefetched.micro_batches(step), plain.micro_batches(step)
+            assert len(got) == len(want) == 3
+            assert all(torch.equal(a, b) for a, b in zip(got, want)), step
+    finally:
+        prefetched.close()

@@ -31,7 +31,7 @@ def _measure(run_root: str) -> dict:
     for label, extra in BACKENDS.items():
         cfg = load_config(TINY, [f"run.dir={run_root}/{label}", "precision=bf16", "log.progress=off", *extra])
         trainer = build_trainer(cfg, info, torch.device("cpu"))
-        trainer.forward_backward(1, loss_scale=1.0)
+        trainer.forward_backward(1, loss_scale=None)
         grads = sum(g.numel() * g.element_size() for _, g in trainer.backend.local_grad_shards())
         trainer.apply_gradients(1, lr_at(1, cfg.train))
         optimizer = trainer.backend.torch_optimizer

@@ -116,7 +116,7 @@ def test_unscale_and_clip_fold_into_one_multiplier(world_of_one):
     scaler = _fp16_scaler(init_scale=1024.0)
     true_grads = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]])]  # global norm 5
     scaled = [g * 1024.0 for g in true_grads]
-    decision = scaler.decide([("a", scaled[0]), ("b", scaled[1])])
+    decision = scaler.decide([("a", scaled[0]), ("b", scaled[1])]).read()
     assert not decision.skipped
     assert decision.loss_scale == 1024.0
     assert decision.grad_norm == pytest.approx(5.0)
@@ -130,7 +130,7 @@ def test_unscale_and_clip_fold_into_one_multiplier(world_of_one):
 def test_no_clip_below_threshold_and_scale_one_is_untouched(world_of_one):
     scaler = build_grad_scaler(ScalerConfig(), uses_loss_scaling=False, grad_clip=10.0, device=torch.device("cpu"))
     grad = torch.tensor([0.3, 0.4])
-    decision = scaler.decide([("w", grad)])
+    decision = scaler.decide([("w", grad)]).read()
     assert decision.grad_norm == pytest.approx(0.5) and decision.clip_coef == 1.0
     assert decision.grad_multiplier == 1.0
 
@@ -139,7 +139,7 @@ def test_no_clip_below_threshold_and_scale_one_is_untouched(world_of_one):
 def test_nonfinite_skips_names_the_tensor_and_backs_off(world_of_one, bad):
     scaler = _fp16_scaler(init_scale=256.0, hysteresis=1)
     grads = [("ok", torch.ones(3)), ("broken", torch.tensor([1.0, bad]))]
-    decision = scaler.decide(grads)
+    decision = scaler.decide(grads).read()
     assert decision.skipped and decision.grad_norm is None
     assert decision.local_nonfinite == (("broken", "nan" if bad != bad else "inf"),)
     assert decision.loss_scale == 256.0 and scaler.scale == 128.0
@@ -149,9 +149,9 @@ def test_nonfinite_skips_names_the_tensor_and_backs_off(world_of_one, bad):
 def test_abort_when_scale_is_at_its_floor(world_of_one):
     scaler = _fp16_scaler(init_scale=2.0, min_scale=1.0, hysteresis=1)
     bad = [("w", torch.tensor([float("inf")]))]
-    first = scaler.decide(bad)
+    first = scaler.decide(bad).read()
     assert first.abort_reason is None and scaler.scale == 1.0
-    second = scaler.decide([("w", torch.tensor([float("inf")]))])
+    second = scaler.decide([("w", torch.tensor([float("inf")]))]).read()
     assert second.skipped
     assert "floor" in second.abort_reason and "scaler.min_scale=1" in second.abort_reason
 
@@ -161,20 +161,22 @@ def test_abort_after_too_many_consecutive_skips_in_bf16(world_of_one):
     scaler = build_grad_scaler(cfg, uses_loss_scaling=False, grad_clip=1.0, device=torch.device("cpu"))
     reasons = []
     for _ in range(3):
-        decision = scaler.decide([("w", torch.tensor([float("nan")]))])
+        decision = scaler.decide([("w", torch.tensor([float("nan")]))]).read()
         assert decision.loss_scale == 1.0
         reasons.append(decision.abort_reason)
     assert reasons[:2] == [None, None]
     assert "3 consecutive steps" in reasons[2]
-    # A clean step resets the count.
-    scaler.decide([("w", torch.tensor([1.0]))])
-    assert scaler.consecutive_skips == 0 and scaler.total_skips == 3
+    # Below the limit, a clean step resets the count.
+    scaler = build_grad_scaler(cfg, uses_loss_scaling=False, grad_clip=1.0, device=torch.device("cpu"))
+    for grad in ([float("nan")], [float("nan")], [1.0], [float("nan")], [float("nan")]):
+        assert scaler.decide([("w", torch.tensor(grad))]).read().abort_reason is None
+    assert scaler.consecutive_skips == 2 and scaler.total_skips == 4
 
 
 def test_static_scale_never_moves(world_of_one):
     scaler = _fp16_scaler(init_scale=128.0, dynamic=False)
     for grad in ([float("inf")], [1.0], [float("nan")]):
-        scaler.decide([("w", torch.tensor(grad))])
+        scaler.decide([("w", torch.tensor(grad))]).read()
     assert scaler.scale == 128.0
 
 
@@ -184,3 +186,29 @@ def test_guard_state_dict_round_trip(world_of_one):
     b = _fp16_scaler()
     b.load_state_dict(a.state_dict())
     assert (b.scale, b.total_skips, b.consecutive_skips) == (32.0, 1, 1)
+
+
+def test_deciding_reads_nothing_on_the_host(world_of_one):
+    """The decision, the scale update and the skip counters stay on the device: no host read."""
+    from harness.step_counter import StepCounter
+
+    scaler = _fp16_scaler(init_scale=1024.0, hysteresis=1)
+    counter = StepCounter(torch.device("cpu"))
+    with counter:
+        for grad in ([1.0], [float("inf")], [2.0]):
+            decision = scaler.decide([("w", torch.tensor(grad) * 1024.0)])
+    assert counter.take()["host_syncs"] == 0
+    assert decision.read().loss_scale == 512.0 and scaler.total_skips == 1
+
+
+def test_an_abort_latches_and_every_later_step_is_skipped_unchanged(world_of_one):
+    """The host reads a decision only when it logs: after an abort, the steps issued before that
+    read must change nothing (no scale update, no counters), and say no new abort."""
+    scaler = _fp16_scaler(init_scale=2.0, min_scale=1.0, hysteresis=1)
+    inf = [("w", torch.tensor([float("inf")]))]
+    scaler.decide(inf)  # 2 -> 1
+    aborting = scaler.decide(inf)  # at the floor: abort
+    later = [scaler.decide([("w", torch.tensor([1.0]))]).read() for _ in range(3)]
+    assert "floor" in aborting.read().abort_reason
+    assert all(d.skipped and d.abort_reason is None and d.grad_multiplier == 0.0 for d in later)
+    assert (scaler.scale, scaler.total_skips, scaler.consecutive_skips) == (1.0, 2, 2)

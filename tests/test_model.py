@@ -54,3 +54,36 @@ def test_errors():
         build_model(ModelConfig(config=dict(GPT2, vocab_size=10)), vocab_size=100, seed=0)
     with pytest.raises(HarnessError, match="model.pretrained './nowhere' could not be loaded"):
         build_model(ModelConfig(pretrained="./nowhere"), vocab_size=10, seed=0)
+
+
+@pytest.mark.parametrize("config", [GPT2, dict(model_type="llama", num_hidden_layers=1, hidden_size=16,
+                                               intermediate_size=32, num_attention_heads=2, num_key_value_heads=2,
+                                               tie_word_embeddings=False)], ids=["gpt2-tied", "llama"])
+def test_chunked_loss_equals_the_plain_loss_and_gradients(config):
+    from harness.model.loss import enable_chunked_loss, per_sequence_loss
+
+    batch = torch.randint(0, 100, (3, 11))
+    plain = build_model(ModelConfig(config=config), vocab_size=100, seed=0).eval()
+    chunked = build_model(ModelConfig(config=config), vocab_size=100, seed=0).eval()
+    enable_chunked_loss(chunked)
+    want = next_token_loss(plain, batch)
+    got = next_token_loss(chunked, batch, chunk_tokens=7)  # 30 tokens: chunks of 7, 7, 7, 7, 2
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+    want.backward()
+    got.backward()
+    for (name, a), b in zip(chunked.named_parameters(), plain.parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-7, msg=name)
+    with torch.no_grad():
+        torch.testing.assert_close(per_sequence_loss(chunked, batch, 7), per_sequence_loss(plain, batch), rtol=1e-6, atol=0)
+        # Without targets the head is the plain head again (generation, export).
+        torch.testing.assert_close(chunked(input_ids=batch).logits, plain(input_ids=batch).logits)
+
+
+def test_chunked_loss_refuses_models_that_change_logits_after_the_head():
+    from harness.model.loss import enable_chunked_loss
+
+    gemma2 = dict(model_type="gemma2", num_hidden_layers=1, hidden_size=16, intermediate_size=32, head_dim=8,
+                  num_attention_heads=2, num_key_value_heads=1, final_logit_softcapping=30.0)
+    model = build_model(ModelConfig(config=gemma2, attn_implementation="eager"), vocab_size=100, seed=0)
+    with pytest.raises(HarnessError, match="final_logit_softcapping=30.0.*train.loss_chunk_tokens=0"):
+        enable_chunked_loss(model)

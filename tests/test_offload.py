@@ -31,10 +31,9 @@ def _losses(trainer, cfg) -> tuple[list[float], list[float]]:
 
     losses, norms = [], []
     for step in range(1, STEPS + 1):
-        local_loss = trainer.forward_backward(step, loss_scale=1.0)
-        decision = trainer.unscale_and_clip(step)
-        trainer.step_or_skip(decision, lr_at(step, cfg.train))
-        losses.append(trainer._agree_at_step_end(local_loss)[0])
+        local_loss = trainer.forward_backward(step, loss_scale=None)
+        decision = trainer.apply_gradients(step, lr_at(step, cfg.train)).read()
+        losses.append(trainer.mean_loss(local_loss))
         norms.append(decision.grad_norm)
     return losses, norms
 

@@ -81,11 +81,10 @@ def _rank_scenarios(run_root: str) -> dict:
         trainer = build_trainer(cfg, info, device)
         losses, norms, unsharded = [], [], []
         for step in range(1, STEPS + 1):
-            local_loss = trainer.forward_backward(step, loss_scale=1.0)
+            local_loss = trainer.forward_backward(step, loss_scale=None)
             unsharded.append(_full_grad_norm(trainer, backend))
-            decision = trainer.unscale_and_clip(step)
-            trainer.step_or_skip(decision, lr_at(step, cfg.train))
-            losses.append(trainer._agree_at_step_end(local_loss)[0])  # the mean loss fit() logs
+            decision = trainer.apply_gradients(step, lr_at(step, cfg.train)).read()
+            losses.append(trainer.mean_loss(local_loss))  # the mean loss fit() logs
             norms.append(decision.grad_norm)
         params = _full_params(trainer, backend)  # collective: every rank gathers
         out["parity"][label] = {
@@ -107,9 +106,8 @@ def _rank_scenarios(run_root: str) -> dict:
         trainer = build_trainer(cfg, info, device)
         norms = []
         for step in range(1, 4):
-            trainer.forward_backward(step, loss_scale=1.0)
-            decision = trainer.unscale_and_clip(step)
-            trainer.step_or_skip(decision, lr_at(step, cfg.train))
+            trainer.forward_backward(step, loss_scale=None)
+            decision = trainer.apply_gradients(step, lr_at(step, cfg.train)).read()
             norms.append(decision.grad_norm)
         out["bf16_accum"][label] = {
             "norms": norms,

@@ -39,13 +39,17 @@ def _rank_scenarios(run_root: str) -> dict:
     cfg = load_config(TINY, _overrides(f"{run_root}/fp32", "fp32", f"train.steps={PARITY_STEPS}"))
     trainer = build_trainer(cfg, info, device)
     losses, norms, unsharded, clipped = [], [], [], []
+
+    def global_grad_norm() -> float:  # collective: every rank gathers
+        grads = [p.grad.full_tensor().double() for p in trainer.backend.model.parameters()]
+        return math.sqrt(sum(g.square().sum().item() for g in grads))
+
+    # What AdamW steps on: the gradients as the device-side decision left them (unscaled, clipped).
+    trainer.backend.torch_optimizer.register_step_pre_hook(lambda *_: clipped.append(global_grad_norm()))
     for step in range(1, PARITY_STEPS + 1):
-        local_loss = trainer.forward_backward(step, loss_scale=1.0)
-        params = list(trainer.backend.model.parameters())
-        unsharded.append(math.sqrt(sum(p.grad.full_tensor().double().square().sum().item() for p in params)))
-        decision = trainer.unscale_and_clip(step)
-        clipped.append(math.sqrt(sum(p.grad.full_tensor().double().square().sum().item() for p in params)))
-        trainer.step_or_skip(decision, lr_at(step, cfg.train))
+        local_loss = trainer.forward_backward(step, loss_scale=None)
+        unsharded.append(global_grad_norm())
+        decision = trainer.apply_gradients(step, lr_at(step, cfg.train)).read()
         loss = local_loss.detach().reshape(1).double()
         dist.all_reduce(loss)
         losses.append(loss.item() / info.world_size)

@@ -13,7 +13,7 @@ and `harness estimate`. Nothing here knows about ranks or sharding.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ContextManager, Optional
+from typing import Any, ContextManager, Optional, Union
 
 import torch
 from torch import nn
@@ -29,7 +29,9 @@ class ModelSpec:
 
     hf_config: Any
     pretrained_dir: Optional[str]
-    gradient_checkpointing: bool = False
+    activation_checkpointing: str = "none"
+    """none | full | selective (harness.model.blocks)."""
+    selective_ac: Union[str, int] = "op"
 
 
 def model_spec(cfg: ModelConfig, vocab_size: int) -> ModelSpec:
@@ -63,7 +65,7 @@ def model_spec(cfg: ModelConfig, vocab_size: int) -> ModelSpec:
             f"the tokenizer has {vocab_size} tokens but the model's embedding has {rows} rows; "
             "set model.config.vocab_size or use the model's own tokenizer (data.tokenizer)"
         )
-    return ModelSpec(hf_config, pretrained_dir, cfg.gradient_checkpointing)
+    return ModelSpec(hf_config, pretrained_dir, cfg.checkpointing_mode(), cfg.selective_ac)
 
 
 def on_meta_device() -> ContextManager:
@@ -85,8 +87,9 @@ def build_skeleton(spec: ModelSpec, context: Optional[ContextManager] = None) ->
         model = AutoModelForCausalLM.from_config(spec.hf_config, dtype=torch.float32)
     model.tie_weights()  # no_init_weights skips init_weights, which is also where heads get tied
     model.config.use_cache = False
-    if spec.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from harness.model.blocks import apply_activation_checkpointing
+
+    apply_activation_checkpointing(model, spec.activation_checkpointing, spec.selective_ac)
     return model
 
 

@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from harness.config import TrainConfig
+from harness.grad_scale import DeviceDecision, StepDecision
 
 STATE_KINDS = ("param", "exp_avg", "exp_avg_sq")
 """What a checkpoint holds per parameter: the fp32 master weight and AdamW's two moments."""
@@ -64,8 +65,9 @@ class ParallelBackend(ABC):
         written afterwards through state_pieces(with_optimizer_state=False)."""
 
     @abstractmethod
-    def backward(self, loss: torch.Tensor, loss_scale: float, last_micro_batch: bool) -> None:
-        """Accumulate d(loss * loss_scale)/d(params) into this rank's gradient shards.
+    def backward(self, loss: torch.Tensor, loss_scale: Optional[torch.Tensor], last_micro_batch: bool) -> None:
+        """Accumulate d(loss * loss_scale)/d(params) into this rank's gradient shards; loss_scale
+        is a device tensor (fp16), or None for a fixed scale of 1 (bf16/fp32).
         `last_micro_batch` marks the end of gradient accumulation for this optimizer step."""
 
     @abstractmethod
@@ -73,6 +75,19 @@ class ParallelBackend(ABC):
         """(parameter name, this rank's piece of its gradient); pieces are disjoint across ranks,
         so sums over them add up to the full gradient. Writable in place."""
 
+
+    def apply_decision(self, decision: DeviceDecision, lr: float) -> Optional[StepDecision]:
+        """Unscale + clip and step, or skip, as the shared scaler decided. This default reads the
+        decision on the host (one sync per step; returns what it read), for optimizers that take
+        their orders there; a backend whose optimizer can obey a device tensor overrides it and
+        never waits (returns None)."""
+        outcome = decision.read()
+        if outcome.skipped:
+            self.skip_step()
+        else:
+            self.scale_grads(outcome.grad_multiplier)
+            self.optimizer_step(lr)
+        return outcome
 
     @abstractmethod
     def scale_grads(self, multiplier: float) -> None:

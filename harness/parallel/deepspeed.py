@@ -31,11 +31,13 @@ from torch import nn
 
 from harness.config import Config, TrainConfig
 from harness.errors import HarnessError, first_line
+from harness.grad_scale import DeviceDecision, StepDecision
 from harness.model import materialize_on
 from harness.optim import build_adamw, ensure_adam_state, param_groups
 from harness.parallel.base import STATE_KINDS, ParallelBackend, StatePiece
 from harness.parallel.deepspeed_json import runtime_config
 from harness.precision import PrecisionPolicy
+from harness.step_counter import host_read
 
 
 # harness reads and drives DeepSpeed's optimizer internals (gradient partitions, fp32 flats,
@@ -97,6 +99,9 @@ class DeepSpeedBackend(ParallelBackend):
         self.world_size = world_size
         self.stage = cfg.parallel.zero_stage
         self._grad_multiplier = 1.0
+        self._host_loss_scale: Optional[float] = None
+        """The loss scale DeepSpeed's backward multiplies by, known on the host from the last
+        decision read (DeepSpeed takes it as a Python float)."""
 
     def construction_context(self, hidden_size: int) -> Optional[ContextManager]:
         if self.stage != 3:
@@ -122,7 +127,7 @@ class DeepSpeedBackend(ParallelBackend):
         groups = param_groups(model, train_cfg.weight_decay)
         offload = self.cfg.parallel.offload
         if offload == "none":
-            optimizer = build_adamw(groups, train_cfg, self.device)
+            optimizer = build_adamw(groups, train_cfg)
         else:
             optimizer, adam = host_adamw(groups, train_cfg, self.cfg.parallel.offload_adam)
             # DeepSpeed otherwise insists on its own CPU Adam for offloaded state.
@@ -143,8 +148,12 @@ class DeepSpeedBackend(ParallelBackend):
         # Page-locked host buffers speed up GPU<->host copies; on a CPU run they only cost memory.
         return runtime_config(self.cfg, self.world_size, hidden_size=hidden_size, pin_memory=self.device.type == "cuda")
 
-    def backward(self, loss: torch.Tensor, loss_scale: float, last_micro_batch: bool) -> None:
-        self.layout.set_loss_scale(loss_scale)
+    def backward(self, loss: torch.Tensor, loss_scale: Optional[torch.Tensor], last_micro_batch: bool) -> None:
+        if loss_scale is None:
+            self._host_loss_scale = 1.0
+        elif self._host_loss_scale is None:  # the first step of a run (or of a resume): read it once
+            self._host_loss_scale = float(host_read(loss_scale))
+        self.layout.set_loss_scale(self._host_loss_scale)
         self.engine.set_gradient_accumulation_boundary(last_micro_batch)
         # harness already divided the loss by the number of micro-batches.
         self.engine.backward(loss, scale_wrt_gas=False)
@@ -165,6 +174,13 @@ class DeepSpeedBackend(ParallelBackend):
     def after_state_load(self) -> None:
         # The compute-dtype working copies are derived from the fp32 masters just loaded.
         self.layout.refresh_working_copy()
+
+    def apply_decision(self, decision: DeviceDecision, lr: float) -> StepDecision:
+        """DeepSpeed takes its orders on the host: one read per step (the decision and the next
+        step's loss scale, together)."""
+        outcome = super().apply_decision(decision, lr)
+        self._host_loss_scale = outcome.scale_after
+        return outcome
 
     def scale_grads(self, multiplier: float) -> None:
         self._grad_multiplier = multiplier
@@ -205,8 +221,8 @@ def host_adamw(groups: list[dict], train_cfg: TrainConfig, choice: str) -> tuple
                     f"parallel.offload_adam=deepspeed: DeepSpeed's CPU Adam did not build ({first_line(exc)}); "
                     "install a C++ compiler or use parallel.offload_adam=torch"
                 ) from None
-            return build_adamw(groups, train_cfg, torch.device("cpu")), f"torch AdamW (DeepSpeed's CPU Adam did not build: {first_line(exc)})"
-    return build_adamw(groups, train_cfg, torch.device("cpu")), "torch AdamW"
+            return build_adamw(groups, train_cfg), f"torch AdamW (DeepSpeed's CPU Adam did not build: {first_line(exc)})"
+    return build_adamw(groups, train_cfg), "torch AdamW"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ fp32 master weights and fp32 gradient shards.
 from __future__ import annotations
 
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -16,6 +17,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from harness.config import ParallelConfig, TrainConfig
+from harness.grad_scale import DeviceDecision
 from harness.model import materialize_on, transformer_blocks
 from harness.optim import build_adamw, ensure_adam_state, param_groups
 from harness.parallel.base import STATE_KINDS, ParallelBackend, StatePiece
@@ -43,11 +45,16 @@ class FSDP2Backend(ParallelBackend):
         offloaded = self.cfg.offload != "none"
         offload_policy = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if offloaded else OffloadPolicy()
         shard = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy)
-        for block in transformer_blocks(model):
-            fully_shard(block, reshard_after_forward=self.cfg.reshard_after_forward, **shard)
+        blocks = transformer_blocks(model)
+        for i, block in enumerate(blocks):
+            # The last block's parameters are needed again as soon as backward starts: keep them
+            # gathered rather than free and re-gather them at once.
+            last = i == len(blocks) - 1
+            fully_shard(block, reshard_after_forward=self.cfg.reshard_after_forward and not last, **shard)
         # The root holds what is left (embeddings, final norm, a tied head); it is needed again
         # right at the start of backward, so keeping it gathered saves one all-gather.
         fully_shard(model, reshard_after_forward=False, **shard)
+        self._set_prefetch(blocks)
         # The skeleton's parameters were on the meta device: only now, sharded, do they get
         # memory, this rank's shards alone. Register the shards on every module that shares
         # a parameter (a tied head), whatever to_empty left there.
@@ -55,9 +62,20 @@ class FSDP2Backend(ParallelBackend):
         materialize_on(model, shard_device, buffer_device=self.device)
         self.model = self.module = model
         self._reshard()
-        self.optimizer = build_adamw(param_groups(model, train_cfg.weight_decay), train_cfg, shard_device)
+        self.optimizer = build_adamw(param_groups(model, train_cfg.weight_decay), train_cfg)
         if offloaded:
             self.name = "fsdp2 (parameters, gradients and optimizer offloaded to host memory, stepped by torch AdamW)"
+
+    def _set_prefetch(self, blocks: list[nn.Module]) -> None:
+        """Explicit prefetch: while block i computes, the all-gathers of the next
+        `parallel.prefetch` blocks (in forward) or previous ones (in backward) are already issued,
+        so communication overlaps compute even when the host is not running ahead of the GPU."""
+        depth = self.cfg.prefetch
+        if depth == 0:
+            return  # FSDP2's implicit prefetching alone
+        for i, block in enumerate(blocks):
+            block.set_modules_to_forward_prefetch(blocks[i + 1:i + 1 + depth])
+            block.set_modules_to_backward_prefetch(blocks[max(0, i - depth):i][::-1])
 
     def _reshard(self) -> None:
         """Register every FSDP unit's sharded parameters on its modules (all sharers of a tied one)."""
@@ -65,13 +83,36 @@ class FSDP2Backend(ParallelBackend):
             if isinstance(module, FSDPModule):
                 module.reshard()
 
-    def backward(self, loss: torch.Tensor, loss_scale: float, last_micro_batch: bool) -> None:
-        # Gradients are reduce-scattered after every micro-batch and accumulate in the fp32
-        # shards; skipping the sync would accumulate unsharded grads in the compute dtype.
-        (loss * loss_scale if loss_scale != 1.0 else loss).backward()
+    def backward(self, loss: torch.Tensor, loss_scale: Optional[torch.Tensor], last_micro_batch: bool) -> None:
+        # By default gradients are reduce-scattered once per optimizer step: before then FSDP2
+        # accumulates each unit's unsharded gradient in fp32 (reduce_dtype), a full-size buffer
+        # per unit traded for 1/grad_accum of the traffic. reduce_every_micro_batch reduces each
+        # micro-batch into the fp32 shards instead.
+        if not self.cfg.reduce_every_micro_batch:
+            self.model.set_requires_gradient_sync(last_micro_batch)
+        (loss * loss_scale.to(loss.dtype) if loss_scale is not None else loss).backward()
 
     def local_grad_shards(self) -> list[tuple[str, torch.Tensor]]:
         return [(name, p.grad.to_local()) for name, p in self.model.named_parameters() if p.grad is not None]
+
+    def apply_decision(self, decision: DeviceDecision, lr: float) -> None:
+        """On the device, never waiting: the gradients are multiplied by the decision's multiplier
+        and fused AdamW reads the skip flag as `found_inf` (torch.amp.GradScaler's mechanism),
+        leaving weights, moments and its step count untouched on a skipped step."""
+        grads = [grad for _, grad in self.local_grad_shards()]
+        shard_device = grads[0].device if grads else self.device
+        # Offloaded shards live in host memory: one copy brings both values there.
+        multiplier, found_inf = torch.stack([decision.grad_multiplier, decision.skip.double()]).to(shard_device).float()
+        if grads:
+            torch._foreach_mul_(grads, multiplier)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.found_inf = found_inf
+        try:
+            self.optimizer.step()
+        finally:
+            del self.optimizer.found_inf
+        self.optimizer.zero_grad(set_to_none=True)
 
 
     def scale_grads(self, multiplier: float) -> None:

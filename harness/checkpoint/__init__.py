@@ -42,6 +42,7 @@ from harness.console import print0
 from harness.dist import RankInfo
 from harness.errors import HarnessError
 from harness.optim import adam_step_count, set_adam_step_count
+from harness.checkpoint.staging import HostStaging, Snapshot, write_safetensors
 from harness.parallel.base import STATE_KINDS, ParallelBackend
 
 FORMAT = "harness-checkpoint/1"
@@ -104,44 +105,13 @@ def _config_value(cfg_dict: dict, dotted: str) -> Any:
 # Saving
 
 
-@dataclass
-class _Snapshot:
-    """A CPU copy of what this rank writes: taken between steps, so training may go on while it
-    is written."""
-
-    tensors: dict[str, torch.Tensor]
-    index: list[dict]
-
-
-def _snapshot(backend: ParallelBackend, device: torch.device) -> _Snapshot:
-    index, flats = [], {kind: [] for kind in STATE_KINDS}
-    at = 0
-    for piece in backend.state_pieces():
-        index.append({"name": piece.name, "shape": list(piece.shape), "offset": piece.offset,
-                      "length": piece.numel, "at": at})
-        at += piece.numel
-        for kind in STATE_KINDS:
-            flats[kind].append(piece.tensors[kind].detach().to("cpu", torch.float32))
-    # torch.cat copies, so later optimizer steps cannot reach into the snapshot.
-    tensors = {kind: torch.cat(parts) if parts else torch.zeros(0) for kind, parts in flats.items()}
-    tensors["rng.cpu"] = torch.get_rng_state()
-    if device.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
-    return _Snapshot(tensors, index)
-
-
-def _write_rank_file(path: Path, snapshot: _Snapshot, rank: int) -> tuple[Optional[dict], Optional[str]]:
+def _write_rank_file(path: Path, snapshot: Snapshot, rank: int) -> tuple[Optional[dict], Optional[str]]:
     """Write, fsync and hash one rank's file: (manifest entry, None) or (None, what went wrong)."""
-    from safetensors import SafetensorError
-    from safetensors.torch import save_file
-
     try:
-        save_file(snapshot.tensors, str(path), metadata={"format": FORMAT, "index": json.dumps(snapshot.index)})
-        _fsync(path)
-        return {"file": path.name, "bytes": path.stat().st_size, "sha256": _sha256(path)}, None
-    except (OSError, SafetensorError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        return None, f"rank {rank} could not write {path.name}: {reason}"
+        size, sha256 = write_safetensors(path, snapshot.tensors, {"format": FORMAT, "index": json.dumps(snapshot.index)})
+        return {"file": path.name, "bytes": size, "sha256": sha256}, None
+    except OSError as exc:
+        return None, f"rank {rank} could not write {path.name}: {exc.strerror or exc}"
 
 
 @dataclass
@@ -161,7 +131,8 @@ class Checkpointer:
     """Writes step-<N> checkpoints atomically. Every method is collective: all ranks call it at
     the same point of the loop.
 
-    With `async_save`, `save()` only copies this rank's state to CPU memory and returns; a thread
+    With `async_save`, `save()` only copies this rank's state to host memory (staging.py: reused
+    buffers, one copy) and returns; a thread
     writes, fsyncs and hashes the file while training goes on, and the checkpoint is committed
     (manifest, rename, pruning) between two later steps, once every rank's file is on disk. One
     save is in flight at a time; the next save, a stop signal and the end of the run wait for it.
@@ -175,6 +146,7 @@ class Checkpointer:
         self.info = info
         self.device = device
         self.in_flight: Optional[_InFlight] = None
+        self.staging = HostStaging(device)
 
     def save(self, step: int, backend: ParallelBackend, state: TrainerState, blocking: bool = True) -> Optional[Path]:
         """Save step `step`. Returns the committed folder, or None while an async save is in
@@ -182,7 +154,7 @@ class Checkpointer:
         self.finish()
         started = time.perf_counter()
         staging = self._begin(step)
-        snapshot = _snapshot(backend, self.device)
+        snapshot = self.staging.snapshot(backend)
         path = staging / rank_file_name(self.info.rank, self.info.world_size)
         if blocking or not self.cfg.checkpoint.async_save:
             result = _write_rank_file(path, snapshot, self.info.rank)
