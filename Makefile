@@ -9,7 +9,7 @@ STAMP := $(VENV)/.harness-installed
 QUIET_PIP = 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 ARGS ?=
 
-.PHONY: demo test test-heavy parity venv clean
+.PHONY: demo test test-heavy bench parity venv clean
 
 venv: $(STAMP)
 
@@ -42,6 +42,10 @@ test: $(STAMP)
 # The heavy drills (a ~300M model on 4 ranks, ...): minutes each, not part of `make test`.
 test-heavy: $(STAMP)
 	$(PY) -m pytest tests -m heavy $(ARGS)
+
+# CPU benchmarks, side by side ratios (bench/run_all.sh): Markdown for bench/RESULTS.md.
+bench: $(STAMP)
+	bench/run_all.sh $(ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,6 +1,6 @@
 """A rank's checkpoint write, old path vs new, side by side in one run: save time and host peak.
 
-    .venv/bin/python bench/checkpoint_staging.py [--config configs/smollm2-135m.yaml] [--saves 3]
+    .venv/bin/python bench/checkpoint_staging.py [--config smollm2-135m|CONFIG] [--device cpu|cuda] [--saves 3]
 
 The state is SmolLM2-135M's (by default) fp32 master weights and two AdamW moments, held as one
 rank would (1.6 GB). Each method runs in its own process, so its host peak (RSS high-water mark
@@ -27,23 +27,33 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
 
 
-def _state_pieces(config: str):
+# SmolLM2-135M's architecture (its config.json), so that no weights package is needed to size it.
+SMOLLM2_135M = dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
+                    num_attention_heads=9, num_key_value_heads=3, vocab_size=49152, tie_word_embeddings=True)
+
+
+def _state_pieces(config: str, device: str):
     import torch
 
-    from harness.config import load_config
+    from harness.config import ModelConfig, load_config
     from harness.data import load_tokenizer
     from harness.model import build_skeleton, model_spec
     from harness.parallel.base import StatePiece
 
-    cfg = load_config(config, [])
-    spec = model_spec(cfg.model, len(load_tokenizer(cfg.data.tokenizer)))
+    if config == "smollm2-135m":
+        spec = model_spec(ModelConfig(config=SMOLLM2_135M), SMOLLM2_135M["vocab_size"])
+    else:
+        cfg = load_config(config, [])
+        spec = model_spec(cfg.model, len(load_tokenizer(cfg.data.tokenizer)))
     skeleton = build_skeleton(spec)
-    generator = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
     pieces = []
     for name, param in skeleton.named_parameters():
-        tensors = {kind: torch.randn(param.numel(), generator=generator) for kind in ("param", "exp_avg", "exp_avg_sq")}
+        # Made where they live: a CPU detour would put its own high-water mark into the baseline.
+        tensors = {kind: torch.randn(param.numel(), device=device) for kind in ("param", "exp_avg", "exp_avg_sq")}
         pieces.append(StatePiece(name, tuple(param.shape), 0, tensors))
     return pieces
 
@@ -57,7 +67,8 @@ class _Backend:
 
 
 def _cat_path(pieces, path: Path) -> None:
-    """The previous implementation, kept here as the baseline."""
+    """The previous implementation, kept here as the baseline: a host copy of every piece, then
+    torch.cat (a second copy), then a read-back for the hash."""
     import hashlib
 
     import torch
@@ -74,14 +85,14 @@ def _cat_path(pieces, path: Path) -> None:
             digest.update(block)
 
 
-def _run_one(method: str, config: str, saves: int) -> dict:
+def _run_one(method: str, config: str, saves: int, device: str) -> dict:
     import torch
 
     from harness.checkpoint.staging import HostStaging, write_safetensors
 
-    pieces = _state_pieces(config)
+    pieces = _state_pieces(config, device)
     baseline = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
-    staging = HostStaging(torch.device("cpu"))
+    staging = HostStaging(torch.device(device))
     times = []
     with tempfile.TemporaryDirectory(dir=ROOT / "runs") as out:
         for i in range(saves):
@@ -93,6 +104,9 @@ def _run_one(method: str, config: str, saves: int) -> dict:
                 snapshot = staging.snapshot(_Backend(pieces))
                 write_safetensors(path, snapshot.tensors, {"format": "bench"})
             times.append(time.perf_counter() - started)
+            if method == "staged" and i == 0:  # what was written is what the device holds
+                written = snapshot.tensors["param"][:pieces[0].numel]
+                assert torch.equal(written, pieces[0].tensors["param"].cpu()), "staged copy differs from the source"
             path.unlink()
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
     state_gb = sum(t.numel() * 4 for p in pieces for t in p.tensors.values()) / 2**30
@@ -102,22 +116,26 @@ def _run_one(method: str, config: str, saves: int) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--config", default="configs/smollm2-135m.yaml")
+    parser.add_argument("--config", default="smollm2-135m", help="smollm2-135m (built in) or a harness config")
     parser.add_argument("--saves", type=int, default=3)
+    parser.add_argument("--device", default="cpu", help="where the state lives (cuda: a GPU rank's shards)")
     parser.add_argument("--method", choices=["cat", "staged"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.method:
-        print(json.dumps(_run_one(args.method, args.config, args.saves)))
+        print(json.dumps(_run_one(args.method, args.config, args.saves, args.device)))
         return
     (ROOT / "runs").mkdir(exist_ok=True)
     rows = {}
     for method in ("cat", "staged"):
         out = subprocess.run([sys.executable, __file__, "--config", args.config, "--saves", str(args.saves),
-                              "--method", method], capture_output=True, text=True, cwd=ROOT, check=True)
+                              "--device", args.device, "--method", method],
+                             capture_output=True, text=True, cwd=ROOT)
+        if out.returncode != 0:
+            sys.exit(f"checkpoint_staging: the {method} run failed:\n{out.stderr[-3000:]}")
         rows[method] = json.loads(out.stdout.strip().splitlines()[-1])
     state = rows["staged"]["state_gb"]
-    print(f"config {args.config}: one rank's state {state:.2f} GiB (fp32 params + 2 AdamW moments), "
-          f"median of {args.saves} saves")
+    print(f"config {args.config}: one rank's state {state:.2f} GiB (fp32 params + 2 AdamW moments) on "
+          f"{args.device}, median of {args.saves} saves")
     print(f"{'method':<8} {'save s':>8} {'host peak over baseline GiB':>28}")
     for method, row in rows.items():
         print(f"{method:<8} {row['save_s']:>8.2f} {row['peak_over_baseline_gb']:>28.2f}")

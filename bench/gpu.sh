@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # One prepared GPU check, sized for a short lease on one H100/H200: configs/llama-1b.yaml (1.1B
-# parameters, seq 2048, 16k tokens per step) on 1 GPU, harness in bf16, bf16 + activation
-# checkpointing, fp16, fp32 (TF32 off) and DeepSpeed ZeRO-3 bf16, next to a hand-written
-# single-GPU loop (bench/plain_loop.py). Prints Markdown rows for bench/RESULTS.md.
-#   bench/gpu.sh [OUT_DIR]         (STEPS=10 RUN_TIMEOUT=150 by default)
+# parameters, seq 2048, 16k tokens per step) on 1 GPU, in one process (bench/switches.py --set
+# gpu): a hand-written loop, harness bf16, + compile, + chunked cross-entropy, + selective AC, full
+# AC, fp16, fp32 (TF32 off) and DeepSpeed ZeRO-3 bf16; then host syncs counted on CUDA (fp16 with
+# an injected overflow: the skip happens on the device) and the checkpoint staging bench with the
+# state on the GPU. Prints Markdown tables for bench/RESULTS.md.
+#   bench/gpu.sh [OUT_DIR]         (STEPS=8 by default; ONLY=variant,variant to run a subset)
 # Wheels the GPU image lacks (datasets, deepspeed, ...) are installed from .whl/ when they are
 # missing (the device tool's README says how to download them).
 # On a CPU-only machine it runs end to end with a tiny model instead (GPU_SH_SMOKE=1 forces it).
@@ -22,16 +24,18 @@ else
   export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
 fi
 export HARNESS_CACHE=${HARNESS_CACHE:-/tmp/harness-cache} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-STEPS=${STEPS:-10}
-RUN_TIMEOUT=${RUN_TIMEOUT:-150}
+STEPS=${STEPS:-8}
 
 CONFIG=configs/llama-1b.yaml
 SHAPE=()
+SYNC_SHAPE=(train.seq_len=512)
 if [[ -n "${GPU_SH_SMOKE:-}" ]] || ! "$PYTHON" -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   echo "gpu.sh: no GPU: a smoke run with a tiny model (numbers mean nothing)"
   CONFIG=configs/tiny.yaml
-  STEPS=4
-  SHAPE=(train.seq_len=32 train.micro_batch_size=2 train.grad_accum=1 eval.every=0)
+  STEPS=2
+  SHAPE=(--override train.seq_len=32 --override train.micro_batch_size=2 --override train.grad_accum=1)
+  SYNC_SHAPE=(train.seq_len=32)
+  ONLY=${ONLY:-base,fp16}
 fi
 
 {
@@ -50,22 +54,21 @@ if torch.cuda.is_available():
 PY
 } | tee "$OUT/device.txt"
 
-run_harness() {  # NAME [overrides...]
-  local name=$1; shift
-  echo "== harness $name: $*"
-  timeout "$RUN_TIMEOUT" "$PYTHON" -m harness.train "$CONFIG" "train.steps=$STEPS" log.every=1 log.progress=lines \
-    eval.every=0 "run.dir=$OUT/$name" "${SHAPE[@]}" "$@" >"$OUT/$name.log" 2>&1
-  echo "   exit $? ($(tail -n 1 "$OUT/$name.log"))"
-}
+echo "== switches (one process, every variant side by side)"
+"$PYTHON" bench/switches.py --config "$CONFIG" --set gpu --steps "$STEPS" ${ONLY:+--only "$ONLY"} "${SHAPE[@]}" \
+  2>&1 | grep -v -i "warn" | tee "$OUT/switches.log" | grep -E '^\||^config|"variant"'
 
-echo "== plain loop bf16"
-timeout "$RUN_TIMEOUT" "$PYTHON" bench/plain_loop.py "$CONFIG" --steps "$STEPS" --precision bf16 \
-  --out "$OUT/plain-bf16.json" >"$OUT/plain-bf16.log" 2>&1
+echo "== host syncs on CUDA (fp16, an overflow injected at step 2; rows read at steps 1, 4)"
+"$PYTHON" -m harness.train "$CONFIG" train.steps=4 log.every=4 eval.every=0 log.progress=off precision=fp16 \
+  debug.count_syncs=true faults.nonfinite_grad_steps=[2] "run.dir=$OUT/syncs" "${SYNC_SHAPE[@]}" >"$OUT/syncs.log" 2>&1
 echo "   exit $?"
-run_harness bf16 precision=bf16
-run_harness bf16-ac precision=bf16 model.gradient_checkpointing=true
-run_harness fp16 precision=fp16
-run_harness fp32 precision=fp32
-run_harness zero3-bf16 precision=bf16 parallel.backend=deepspeed parallel.zero_stage=3
+"$PYTHON" -c "
+import json, sys
+for line in open(sys.argv[1]):
+    r = json.loads(line)
+    print(r['step'], 'skipped' if r['skipped'] else 'applied', 'scale', r['loss_scale'], 'host_syncs', r['host_syncs'], r['collectives'])
+" "$OUT/syncs/metrics.jsonl" | tee "$OUT/syncs.txt"
 
-"$PYTHON" bench/gpu_rows.py "$OUT/plain-bf16.json" "$OUT"/{bf16,bf16-ac,fp16,fp32,zero3-bf16} | tee "$OUT/rows.md"
+echo "== checkpoint staging (SmolLM2-135M state on the device)"
+DEVICE=cuda; [[ "$CONFIG" == configs/tiny.yaml ]] && DEVICE=cpu
+"$PYTHON" bench/checkpoint_staging.py --device "$DEVICE" --saves 2 2>&1 | tail -n 5 | tee "$OUT/staging.txt"

@@ -75,6 +75,24 @@ def _packed(pending: list[PendingStep]) -> torch.Tensor:
 
 
 @dataclass
+class _Tally:
+    """What fit() reports at the end, accumulated from the rows as they are read."""
+
+    first_step: int
+    losses: list = field(default_factory=list)
+    eval_loss: Optional[float] = None
+    steady_tokens: int = 0
+    steady_time: float = 0.0
+    """Tokens and time of every step but the run's first (compilation, first allocations)."""
+
+    def add(self, row: dict, tokens_per_step: int, last_step: int) -> None:
+        self.losses.append(row["loss"])
+        if row["step"] > self.first_step or last_step == self.first_step:
+            self.steady_tokens += tokens_per_step
+            self.steady_time += row["step_time_s"]
+
+
+@dataclass
 class Trainer:
     cfg: Config
     info: RankInfo
@@ -110,16 +128,13 @@ class Trainer:
         cfg = self.cfg
         progress = Progress(self.info.rank, cfg.train.steps, cfg.log.progress, cfg.log.every)
         started = time.perf_counter()
-        losses: list[Optional[float]] = []
-        eval_loss = None
-        steady_tokens, steady_time = 0, 0.0
-        first = self.start_step + 1
+        tally = _Tally(first_step=self.start_step + 1)
         exit_code = 1
         stopped_after = None
         pending: list[PendingStep] = []
         window_started = time.perf_counter()
         try:
-            for step in range(first, cfg.train.steps + 1):
+            for step in range(tally.first_step, cfg.train.steps + 1):
                 # The host issues the step's work and moves on; it reads the device (one transfer
                 # for every step since the last read) only where it must act on what it reads.
                 with self.counter or contextlib.nullcontext():
@@ -131,30 +146,8 @@ class Trainer:
                     continue
                 read = self._finish_rows(pending, values, time.perf_counter() - window_started)
                 pending = []
-                for row, decision, agreed in read:
-                    if row is read[-1][0] and cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
-                        eval_loss = row["eval_loss"] = self.evaluate()
-                    self.metrics.write(row)
-                    self.tracker.log(row)
-                    progress.update(row)
-                    losses.append(row["loss"])
-                    if row["step"] > first or cfg.train.steps == first:
-                        steady_tokens += self.tokens_per_step
-                        steady_time += row["step_time_s"]
-                    if decision.abort_reason:
-                        self._land_in_flight_save()
-                        raise TrainingAborted(f"step {row['step']}: {decision.abort_reason}")
-                self.checkpointer.commit_if_written(agreed.saves_written)
-                every = cfg.checkpoint.every
-                saved = bool(every) and (step % every == 0 or step == cfg.train.steps)
-                if saved:
-                    self.save_checkpoint(step, blocking=step == cfg.train.steps)
-                self.faults.maybe_kill(step)
-                if agreed.stop and step < cfg.train.steps:
-                    if saved:
-                        self.checkpointer.finish()
-                    else:
-                        self.save_checkpoint(step)
+                self._record(read, progress, tally)
+                if self._act_after_read(step, agreed=read[-1][2]):
                     stopped_after = step
                     break
                 window_started = time.perf_counter()
@@ -165,13 +158,13 @@ class Trainer:
             self.tracker.finish(exit_code)
             if self.prefetched is not None:
                 self.prefetched.close()
-        tokens_per_s = steady_tokens / steady_time if steady_time > 0 else 0.0
+        tokens_per_s = tally.steady_tokens / tally.steady_time if tally.steady_time > 0 else 0.0
         summary = RunSummary(
             steps=cfg.train.steps,
             skipped=self.scaler.total_skips,
-            first_loss=losses[0] if losses else None,
-            final_loss=losses[-1] if losses else None,
-            eval_loss=eval_loss,
+            first_loss=tally.losses[0] if tally.losses else None,
+            final_loss=tally.losses[-1] if tally.losses else None,
+            eval_loss=tally.eval_loss,
             tokens=self.batches.consumed_after(cfg.train.steps) * cfg.train.seq_len,
             tokens_per_s=tokens_per_s,
             mfu=self._mfu(tokens_per_s),
@@ -185,6 +178,40 @@ class Trainer:
         if self.info.is_main:
             write_json_atomically(Path(cfg.run.dir) / "summary.json", summary.to_json())
         return summary
+
+    def _record(self, read: list[tuple[dict, StepDecision, StepAgreement]], progress: Progress, tally: "_Tally") -> None:
+        """Write the rows just read (evaluating after the last one when due); stop the run at the
+        first row that carries an abort (later rows belong to steps the latch left untouched)."""
+        cfg = self.cfg
+        for row, decision, _ in read:
+            step = row["step"]
+            if row is read[-1][0] and cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+                tally.eval_loss = row["eval_loss"] = self.evaluate()
+            self.metrics.write(row)
+            self.tracker.log(row)
+            progress.update(row)
+            tally.add(row, self.tokens_per_step, last_step=cfg.train.steps)
+            if decision.abort_reason:
+                self._land_in_flight_save()
+                raise TrainingAborted(f"step {step}: {decision.abort_reason}")
+
+    def _act_after_read(self, step: int, agreed: StepAgreement) -> bool:
+        """Between steps, after a read: commit a finished background save, save when due, the
+        kill drill, and a stop signal (save, then True: the run ends here)."""
+        cfg = self.cfg
+        self.checkpointer.commit_if_written(agreed.saves_written)
+        every = cfg.checkpoint.every
+        saved = bool(every) and (step % every == 0 or step == cfg.train.steps)
+        if saved:
+            self.save_checkpoint(step, blocking=step == cfg.train.steps)
+        self.faults.maybe_kill(step)
+        if not (agreed.stop and step < cfg.train.steps):
+            return False
+        if saved:
+            self.checkpointer.finish()
+        else:
+            self.save_checkpoint(step)
+        return True
 
     def run_step(self, step: int) -> tuple[dict, StepDecision, StepAgreement]:
         """Issue step `step` and read it at once (what fit() does with log.every=1): its metrics

@@ -98,6 +98,13 @@ BAD = [
     (["train=3"], "train must be a mapping"),
     (["train.steps"], "is not of the form key.sub=value"),
     (["train.steps.deep=1"], "goes inside train.steps, which is not a section"),
+    (["model.selective_ac=0"], "model.selective_ac must be op or a positive integer k"),
+    (["model.activation_checkpointing=some"], "model.activation_checkpointing must be one of none, full, selective"),
+    (["model.gradient_checkpointing=true", "model.activation_checkpointing=selective"], "keep one"),
+    (["train.loss_chunk_tokens=-1"], "train.loss_chunk_tokens must be >= 0"),
+    (["parallel.prefetch=-1"], "parallel.prefetch must be >= 0"),
+    (["parallel.backend=deepspeed", "parallel.reduce_every_micro_batch=true"],
+     "parallel.reduce_every_micro_batch is an FSDP2 switch"),
 ]
 
 

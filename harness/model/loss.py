@@ -34,6 +34,9 @@ def unpacked_sequences():
     so the positions are 0..L-1 in every row and the answer is always "not packed": give it."""
     from transformers import masking_utils
 
+    if not hasattr(masking_utils, "find_packed_sequence_indices"):  # a transformers without the check
+        yield
+        return
     with mock.patch.object(masking_utils, "find_packed_sequence_indices", lambda position_ids: None):
         yield
 

@@ -1,0 +1,43 @@
+"""bench/ in its seconds-long form: every benchmark script runs end to end on CPU and prints its
+tables (the numbers are not asserted: they belong to bench/RESULTS.md, measured side by side)."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _run(cmd: list[str], tmp_path: Path, **env: str) -> str:
+    result = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                            env={**os.environ, **env})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_make_bench_quick_form_writes_every_table(tmp_path):
+    out = tmp_path / "results.md"
+    _run(["bench/run_all.sh", str(out)], tmp_path, BENCH_QUICK="1")
+    text = out.read_text()
+    assert text.startswith("### make bench: ") and "commit" in text
+    for header in ("| case | harness s/step | hand-written s/step | harness / hand |",
+                   "| variant | step s | tokens/s | vs base (time) |",
+                   "staged / cat: save time"):
+        assert header in text, header
+    for row in ("| fsdp2 fp32 |", "| fsdp2 bf16 |", "| zero3 fp32 |", "| base |", "| no_batch_prefetch |",
+                "| ac_selective_op |"):
+        assert row in text, row
+    assert "failed:" not in text
+
+
+def test_gpu_script_runs_end_to_end_without_a_gpu(tmp_path):
+    out = _run(["bench/gpu.sh", str(tmp_path / "gpu")], tmp_path, GPU_SH_SMOKE="1")
+    assert "a smoke run with a tiny model" in out
+    assert "| base |" in out and "| fp16 |" in out and "| plain |" in out
+    syncs = (tmp_path / "gpu" / "syncs.txt").read_text().splitlines()
+    # Rows are read at steps 1 and 4: only those wait for the device; step 2's overflow is
+    # skipped on the device.
+    assert [line.split()[:2] for line in syncs] == [["1", "applied"], ["2", "skipped"], ["3", "applied"], ["4", "applied"]]
+    assert [int(line.split("host_syncs ")[1].split()[0]) for line in syncs] == [1, 0, 0, 1]
