@@ -11,16 +11,15 @@ file lock, so every rank on a node (or many jobs) can ask for them at the same t
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import importlib.util
 import json
 import os
 import shutil
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 from harness.errors import HarnessError, first_line
+from harness.locks import file_lock
 
 BUNDLED = "bundled:"
 _PACKAGES = {
@@ -95,17 +94,6 @@ def local_model_dir(ref: str) -> str:
     except Exception as exc:  # any hub failure (offline, unknown id, no access) is the user's to fix
         raise HarnessError(f"model.pretrained {ref!r} is not a local folder and could not be fetched ({first_line(exc)}); "
                            "point it at a local Hugging Face folder") from None
-
-
-@contextlib.contextmanager
-def file_lock(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def _prepared(relative: str, build: Callable[[Path], None]) -> Path:

@@ -25,6 +25,7 @@ import torch
 from harness import assets
 from harness.config import DataConfig
 from harness.errors import HarnessError, first_line
+from harness.locks import file_lock
 
 _FORMATS = {".txt": "text", ".md": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 _CACHE_VERSION = 1
@@ -129,7 +130,7 @@ def load_corpus(cfg: DataConfig) -> TokenCorpus:
     cache_dir = Path(cfg.cache_dir or assets.cache_root() / "tokens")
     path = cache_dir / f"{key}.npy"
     if not path.exists():
-        with assets.file_lock(cache_dir / f"{key}.lock"):
+        with file_lock(cache_dir / f"{key}.lock"):
             if not path.exists():
                 tokens = _tokenize(source, cfg, tokenizer)
                 staging = path.with_name(f"{key}.tmp-{os.getpid()}.npy")

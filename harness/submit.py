@@ -12,6 +12,7 @@ cluster the same command runs G CPU ranks per node.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import shlex
 import shutil
@@ -47,6 +48,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="request GPUs: auto asks sinfo whether the cluster has any")
     parser.add_argument("--signal-seconds", type=int, default=120,
                         help="ask Slurm for USR1 this long before the time limit (checkpoint + requeue)")
+    parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
+                        help="an environment variable for every rank, e.g. --env NCCL_SOCKET_IFNAME=ib0 (repeatable); "
+                             "NCCL_*, TORCH_NCCL_*, GLOO_SOCKET_IFNAME and FI_* set where you submit are passed on too")
     parser.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                         help="extra sbatch option, e.g. --sbatch-arg=--exclusive (repeatable)")
     parser.add_argument("--dry-run", action="store_true", help="print the job script and the sbatch command")
@@ -110,6 +114,25 @@ def _validate(args: argparse.Namespace) -> None:
         raise HarnessError(f"--time {args.time!r} is not a Slurm time (minutes, HH:MM:SS or D-HH:MM:SS)")
     if args.signal_seconds < 1:
         raise HarnessError(f"--signal-seconds must be >= 1 (got {args.signal_seconds})")
+    for item in args.env:
+        key, sep, _ = item.partition("=")
+        if not sep or not _ENV_KEY.match(key):
+            raise HarnessError(f"--env {item!r} is not KEY=VALUE (e.g. --env NCCL_SOCKET_IFNAME=ib0)")
+
+
+# Network settings a cluster's admins tell users to set (interfaces, HCAs, debug): recorded in
+# the job script, so the job runs with them even where sbatch does not export the environment.
+_PASSED_ON = ("NCCL_", "TORCH_NCCL_", "GLOO_SOCKET_IFNAME", "FI_", "UCX_")
+_ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def job_environment(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, str]:
+    """The variables the job script exports: harness's own, the network settings of the
+    submitting shell, then --env (which wins)."""
+    env = {"HARNESS_ROOT": str(ROOT), "HARNESS_PYTHON": sys.executable}
+    env.update({k: v for k, v in sorted(environ.items()) if k.startswith(_PASSED_ON)})
+    env.update(dict(item.split("=", 1) for item in args.env))
+    return env
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -121,7 +144,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         validate_for_world(cfg, world)
         job_name = args.job_name or f"harness-{cfg.run.name}"
         request_gpus = args.gpus == "yes" or (args.gpus == "auto" and (args.dry_run or cluster_has_gpus(args.partition)))
-        env = {"HARNESS_ROOT": str(ROOT), "HARNESS_PYTHON": sys.executable}
+        env = job_environment(args, dict(os.environ))
         explicit_run_dir = any(o.startswith("run.dir=") for o in args.overrides) or _config_sets_run_dir(args.config)
         if explicit_run_dir:
             env["HARNESS_RUN_DIR"] = cfg.run.dir

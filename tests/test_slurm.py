@@ -5,6 +5,7 @@ and deepspeed job scripts, two-node rendezvous, and the preemption drill (SIGTER
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -158,19 +159,37 @@ def test_preemption_drill_saves_requeues_resumes_and_matches_an_uninterrupted_ru
     assert steps == set(range(1, 41))
 
 
+def _without_network_settings() -> dict:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("NCCL_", "TORCH_NCCL_", "GLOO_", "FI_", "UCX_"))}
+
+
 def test_submit_dry_run_for_4_nodes_x_8_gpus_matches_the_checked_in_script():
     result = subprocess.run([HARNESS, "submit", "configs/demo.yaml", "train.steps=1000", "--nodes", "4",
                              "--gpus-per-node", "8", "--partition", "gpu", "--time", "04:00:00", "--dry-run"],
-                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=_without_network_settings())
     assert result.returncode == 0, result.stderr
     rendered = result.stdout.replace(str(ROOT), "<ROOT>").replace(sys.executable, "<PYTHON>")
     expected = (ROOT / "tests" / "data" / "submit-4x8.sbatch").read_text()
     assert rendered == expected
 
 
+def test_submit_passes_network_settings_on_to_every_rank():
+    env = {**_without_network_settings(), "NCCL_DEBUG": "INFO", "NCCL_IB_HCA": "mlx5_0,mlx5_1", "UNRELATED": "x"}
+    result = subprocess.run([HARNESS, "submit", "configs/tiny.yaml", "--nodes", "2", "--dry-run",
+                             "--env", "NCCL_SOCKET_IFNAME=ib0", "--env", "NCCL_DEBUG=WARN"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=env)
+    assert result.returncode == 0, result.stderr
+    exports = [line for line in result.stdout.splitlines() if line.startswith("export ")]
+    assert "export NCCL_IB_HCA=mlx5_0,mlx5_1" in exports
+    assert "export NCCL_SOCKET_IFNAME=ib0" in exports
+    assert "export NCCL_DEBUG=WARN" in exports and "export NCCL_DEBUG=INFO" not in exports  # --env wins
+    assert not any("UNRELATED" in line for line in exports)
+
+
 @pytest.mark.parametrize(
     "args, env, message",
     [
+        (["--env", "NCCL_DEBUG"], {}, "--env 'NCCL_DEBUG' is not KEY=VALUE"),
         (["--nodes", "0"], {}, "--nodes must be >= 1"),
         (["--time", "soon"], {}, "--time 'soon' is not a Slurm time"),
         (["train.stepz=3"], {}, "unknown config key train.stepz"),

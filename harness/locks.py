@@ -1,0 +1,98 @@
+"""A lock between processes (and nodes) sharing a folder, for building caches once.
+
+`flock` is the lock of choice: the kernel drops it when its holder dies. Some shared filesystems
+do not implement it (NFS mounted with `nolock`, some FUSE and object-store mounts: ENOLCK,
+EOPNOTSUPP, ENOSYS), so there the lock falls back to a marker file created with O_EXCL (atomic on
+any POSIX filesystem, NFSv3 included) that names its holder. A marker left by a process that died
+on this host is removed; one held past `timeout_s` (default 600 s) by another host is an error
+naming the holder and the file to delete, never a silent hang. (Two waiters may both clear the
+same dead holder's marker; what harness builds under a lock is written to a private folder and
+renamed into place, so at worst it is built twice.)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import os
+import socket
+import time
+from pathlib import Path
+from typing import Iterator
+
+from harness.errors import HarnessError
+
+_NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
+_POLL_S = 0.2
+
+
+@contextlib.contextmanager
+def file_lock(path: Path, timeout_s: float = 600.0) -> Iterator[None]:
+    """Hold an exclusive lock named by `path` while the block runs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in _NO_FLOCK:
+                raise
+            with marker_lock(path.with_name(path.name + ".held"), timeout_s):
+                yield
+            return
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def marker_lock(marker: Path, timeout_s: float = 600.0) -> Iterator[None]:
+    """The fallback: whoever creates `marker` (O_EXCL) holds the lock until it deletes it."""
+    me = f"{socket.gethostname()} {os.getpid()}"
+    deadline = time.monotonic() + timeout_s
+    while True:
+        try:
+            fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_holder(marker)
+            if _is_dead_here(holder):
+                with contextlib.suppress(FileNotFoundError):
+                    marker.unlink()
+                continue
+            if time.monotonic() > deadline:
+                raise HarnessError(
+                    f"{marker} has been held by {holder or 'an unknown process'} for over {timeout_s:.0f}s "
+                    f"(this filesystem has no flock); if that process is gone, delete {marker}"
+                ) from None
+            time.sleep(_POLL_S)
+            continue
+        with os.fdopen(fd, "w") as f:
+            f.write(me + "\n")
+        break
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            marker.unlink()
+
+
+def _read_holder(marker: Path) -> str:
+    try:
+        return marker.read_text().strip()
+    except OSError:
+        return ""
+
+
+def _is_dead_here(holder: str) -> bool:
+    """The holder ran on this host and its process no longer exists."""
+    host, _, pid = holder.partition(" ")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False
+    return False
