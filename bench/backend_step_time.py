@@ -43,10 +43,7 @@ def main() -> None:
     from harness.config import load_config
     from harness.trainer import build_trainer
 
-    info = hdist.rank_info_from_env()
-    backend = hdist.pick_dist_backend("auto")
-    device = hdist.device_for(info, backend)
-    hdist.init_process_group(info, backend, 600, device)
+    info, device = hdist.start(timeout_s=600)
     total = args.steps * args.rounds + 1
     trainers = {}
     for name, extra in variants.items():

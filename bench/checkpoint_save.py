@@ -41,10 +41,7 @@ def main() -> None:
     from harness.config import load_config
     from harness.trainer import build_trainer
 
-    info = hdist.rank_info_from_env()
-    backend = hdist.pick_dist_backend("auto")
-    device = hdist.device_for(info, backend)
-    hdist.init_process_group(info, backend, 600, device)
+    info, device = hdist.start(timeout_s=600)
     total = 3 * args.steps * args.rounds + 1
     cfg = load_config(args.config, [f"run.dir={args.dir}", f"precision={args.precision}", f"train.steps={total}",
                                     "eval.every=0", "log.progress=off", "checkpoint.keep_last=1"])

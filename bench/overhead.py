@@ -111,10 +111,7 @@ def main() -> None:
     from harness.step_counter import host_read
     from harness.trainer import _packed, build_trainer
 
-    info = hdist.rank_info_from_env()
-    backend = hdist.pick_dist_backend("auto")
-    device = hdist.device_for(info, backend)
-    hdist.init_process_group(info, backend, 900, device)
+    info, device = hdist.start(timeout_s=900)
     total = 1 + args.rounds * args.steps + 1
     rows = []
     cases = {k: v for k, v in CASES.items() if not args.only or k in args.only.split(",")}

@@ -143,48 +143,9 @@ class HarnessVariant:
 
 def _measure_plain(cfg, device, steps: int) -> dict:
     """bench/plain_loop.py's loop: one device, autocast, fused AdamW, nothing else."""
-    import contextlib
+    from plain_loop import measure  # bench/ is this script's folder
 
-    import torch.nn.functional as F
-
-    from harness.metrics import device_peak_tflops
-    from harness.model import build_model, flops_per_token
-    from harness.precision import precision_policy
-
-    policy = precision_policy(cfg.precision)
-    model = build_model(cfg.model, 50257, cfg.train.seed).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.train.lr, fused=True)
-    shape = (cfg.train.micro_batch_size, cfg.train.seq_len + 1)
-    vocab = model.get_input_embeddings().num_embeddings
-    autocast = torch.autocast(device.type, dtype=policy.compute_dtype) if policy.is_mixed else contextlib.nullcontext()
-
-    def step() -> torch.Tensor:
-        for _ in range(cfg.train.grad_accum):
-            batch = torch.randint(0, vocab, shape, device=device)
-            with autocast:
-                logits = model(input_ids=batch[:, :-1]).logits
-            loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
-            (loss / cfg.train.grad_accum).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return loss
-
-    step()
-    _sync(device)
-    started = time.perf_counter()
-    for _ in range(steps):
-        loss = step()
-    _sync(device)
-    step_time = (time.perf_counter() - started) / steps
-    tokens = cfg.train.micro_batch_size * cfg.train.grad_accum * cfg.train.seq_len
-    peak = device_peak_tflops(device, policy, cfg.log.peak_tflops)
-    fpt = flops_per_token(model, cfg.train.seq_len)
-    row = {"step_time_s": step_time, "tokens_per_s": tokens / step_time,
-           "mfu": fpt * tokens / step_time / (peak * 1e12) if peak else None,
-           "mem_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-           "loss": loss.item()}
-    return row
+    return measure(cfg, device, steps)
 
 
 def main() -> None:
@@ -204,10 +165,7 @@ def main() -> None:
     from harness import dist as hdist
     from harness.config import load_config
 
-    info = hdist.rank_info_from_env()
-    backend = hdist.pick_dist_backend("auto")
-    device = hdist.device_for(info, backend)
-    hdist.init_process_group(info, backend, 900, device)
+    info, device = hdist.start(timeout_s=900)
     variants = dict(VARIANTS[args.set])
     for extra in args.extra:
         name, _, overrides = extra.partition("=")

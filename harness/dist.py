@@ -208,3 +208,13 @@ def shutdown() -> None:
         except RuntimeError:
             pass
         dist.destroy_process_group()
+
+
+def start(dist_backend: str = "auto", timeout_s: int = 600) -> tuple[RankInfo, torch.device]:
+    """This process's rank (from the launcher's environment), its device, and the process group
+    joined: what every entry point and benchmark does first."""
+    info = rank_info_from_env()
+    backend = pick_dist_backend(dist_backend)
+    device = device_for(info, backend)
+    init_process_group(info, backend, timeout_s, device)
+    return info, device
