@@ -66,10 +66,6 @@ class DynamicLossScale:
         return host_read(self.iteration_t)
 
     @property
-    def last_overflow_iteration(self) -> int:
-        return host_read(self.last_overflow_iteration_t)
-
-    @property
     def hysteresis_left(self) -> int:
         return host_read(self.hysteresis_left_t)
 
