@@ -107,6 +107,8 @@ class ParallelConfig:
     """FSDP2: gather the next N blocks' parameters while a block computes (forward and backward), explicitly; 0 leaves it to FSDP2's implicit prefetching."""
     timeout_s: int = 600
     """Collective timeout in seconds before a hung rank fails the job."""
+    replicate: int = 1
+    """Hierarchical sharding past one node: R replicas of the sharded state, each sharded over world_size / R ranks (one node per shard group is the natural choice: the per-layer all-gathers and reduce-scatters stay on the node's fabric, and only one gradient all-reduce per unit crosses nodes). FSDP2: HSDP on a 2-D (replicate x shard) mesh. DeepSpeed ZeRO-3: hpZ (zero_hpz_partition_size = world_size / R: a secondary copy of the parameters sharded within the group serves backward's all-gathers; gradients and optimizer state stay sharded over all ranks). 1: one flat shard group."""
 
 
 @dataclass
@@ -566,6 +568,12 @@ def validate(cfg: Config) -> None:
     _require(bool(cfg.resume.path), "resume must be auto, none or a checkpoint folder (got an empty string)")
     _require(cfg.parallel.timeout_s >= 1, f"parallel.timeout_s must be >= 1 (got {cfg.parallel.timeout_s})")
     p = cfg.parallel
+    _require(p.replicate >= 1, f"parallel.replicate must be >= 1 (1: one flat shard group; got {p.replicate})")
+    _require(
+        p.replicate == 1 or p.backend == "fsdp2" or p.zero_stage == 3,
+        f"parallel.replicate={p.replicate} needs partitioned parameters (HSDP on FSDP2, hpZ on ZeRO-3); "
+        f"ZeRO-{p.zero_stage} has no hierarchical form: use parallel.zero_stage=3, or parallel.replicate=1",
+    )
     _require(p.prefetch >= 0, f"parallel.prefetch must be >= 0 (0: FSDP2's implicit prefetching; got {p.prefetch})")
     _require(
         not (p.offload == "params" and p.backend == "deepspeed" and p.zero_stage != 3),
@@ -596,10 +604,22 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
         rank < world_size,
         f"faults.nonfinite_grad_rank={rank} but the job has {world_size} rank(s): use 0..{world_size - 1}",
     )
+    replicas = cfg.parallel.replicate
+    _require(
+        world_size % replicas == 0,
+        f"parallel.replicate={replicas} does not divide the world size {world_size}: every replica needs the same "
+        f"number of ranks (use a divisor of {world_size}, e.g. the number of nodes)",
+    )
+    _require(
+        not (cfg.parallel.backend == "deepspeed" and replicas > 1 and world_size // replicas < 2),
+        f"parallel.replicate={replicas} on {world_size} rank(s) leaves one rank per ZeRO-3 group, and hpZ needs at "
+        f"least 2: use parallel.replicate <= {world_size // 2}, or parallel.backend=fsdp2 (plain replication)",
+    )
     if cfg.parallel.deepspeed_config:
-        from harness.parallel.deepspeed_json import check_train_batch_size
+        from harness.parallel.deepspeed_json import check_hierarchy, check_train_batch_size
 
         check_train_batch_size(cfg, world_size)
+        check_hierarchy(cfg, world_size)
 
 
 # --------------------------------------------------------------------------------------------

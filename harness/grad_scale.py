@@ -250,9 +250,10 @@ class GradScaler:
     def total_skips(self) -> int:
         return host_read(self.total_skips_t)
 
-    def decide(self, named_grads: Sequence[tuple[str, torch.Tensor]]) -> DeviceDecision:
-        """Runs on every rank with that rank's local gradient shards (disjoint across ranks).
-        Reads the gradients only; the backend applies the decision. Nothing is read by the host."""
+    def decide(self, named_grads: Sequence[tuple[str, torch.Tensor]], counted: bool = True) -> DeviceDecision:
+        """Runs on every rank with that rank's local gradient shards (disjoint across ranks, or,
+        with `counted=False`, a copy of another rank's: an HSDP replica). Reads the gradients
+        only; the backend applies the decision. Nothing is read by the host."""
         names = tuple(name for name, _ in named_grads)
         grads = [grad for _, grad in named_grads]
         used_scale = self.scale_tensor
@@ -263,6 +264,10 @@ class GradScaler:
         # With CPU offload the gradient shards live in host memory; the collective runs on the
         # process group's device (nccl takes no host tensor).
         sumsq = local_norms.square().sum().to(self.device).reshape(1)
+        if not counted:
+            # A replica's copy adds 0 to the sum, so each element counts once, but a non-finite
+            # value still poisons it (0 * inf = nan): the same decision on every rank.
+            sumsq = sumsq * 0
         dist.all_reduce(sumsq, op=dist.ReduceOp.SUM, group=self.group)
         nonfinite = ~torch.isfinite(sumsq[0])
 

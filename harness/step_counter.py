@@ -72,6 +72,23 @@ def _nbytes(value: Any) -> int:
     return sum(t.numel() * t.element_size() for t in _tensors(value))
 
 
+def _sorted(entry: dict) -> dict:
+    out = {k: v for k, v in entry.items() if k != "groups"}
+    if "groups" in entry:
+        out["groups"] = {size: dict(entry["groups"][size]) for size in sorted(entry["groups"], key=int)}
+    return out
+
+
+def _group_size(args: tuple) -> Optional[int]:
+    """The size of the process group a c10d op runs on (its ProcessGroup argument)."""
+    import torch.distributed as dist
+
+    for arg in args:
+        if isinstance(arg, torch.ScriptObject) and arg._type().name() == "ProcessGroup":
+            return dist.ProcessGroup.unbox(arg).size()
+    return None
+
+
 class StepCounter(TorchDispatchMode):
     """Counts host syncs and collectives while active (`with counter:`); `take()` returns and resets."""
 
@@ -93,7 +110,7 @@ class StepCounter(TorchDispatchMode):
 
     def take(self) -> dict:
         """This step's counts as metrics fields, and a fresh start for the next step."""
-        fields = {"host_syncs": self.host_syncs, "collectives": {k: dict(v) for k, v in sorted(self.collectives.items())}}
+        fields = {"host_syncs": self.host_syncs, "collectives": {k: _sorted(v) for k, v in sorted(self.collectives.items())}}
         self.host_syncs = 0
         self.collectives.clear()
         return fields
@@ -108,11 +125,19 @@ class StepCounter(TorchDispatchMode):
         return func(*args, **kwargs)
 
     def _count_collective(self, name: str, args: tuple) -> None:
-        entry = self.collectives[name]
-        entry["count"] += 1
         # The full buffer: the larger of the output and the input (a gather's output, a
         # reduce-scatter's input, the one tensor of an all-reduce).
-        entry["bytes"] += max(_nbytes(args[0]) if args else 0, _nbytes(args[1]) if len(args) > 1 else 0)
+        nbytes = max(_nbytes(args[0]) if args else 0, _nbytes(args[1]) if len(args) > 1 else 0)
+        entry = self.collectives[name]
+        entry["count"] += 1
+        entry["bytes"] += nbytes
+        # Which fabric it crosses depends on who takes part: split by process-group size (HSDP's
+        # shard and replica groups, hpZ's intra-node group, the whole world).
+        size = _group_size(args)
+        if size is not None:
+            by_size = entry.setdefault("groups", {}).setdefault(str(size), {"count": 0, "bytes": 0})
+            by_size["count"] += 1
+            by_size["bytes"] += nbytes
 
     def _count_sync(self, name: str, args: tuple, kwargs: dict) -> None:
         if name == "_local_scalar_dense":

@@ -331,7 +331,7 @@ class Trainer:
         corrupted = self.faults.maybe_corrupt(step, grads)
         if corrupted:
             self._warn(f"step {step}: fault injected: {corrupted}")
-        return self.scaler.decide(grads)
+        return self.scaler.decide(grads, counted=self.backend.primary_copy)
 
     @torch.no_grad()
     def evaluate(self) -> float:

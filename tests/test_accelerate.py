@@ -63,6 +63,9 @@ def test_mapping(tmp_path):
                           "deepspeed_config": {"deepspeed_config_file": "ds.json", "zero3_init_flag": True}})
     assert ds.parallel.backend == "deepspeed" and ds.parallel.deepspeed_config == str(ds_json)
     assert ds.scaler.init_scale == 1024.0  # the JSON went through the DeepSpeed mapping too
+    hybrid = _with(tmp_path, {"distributed_type": "FSDP", "num_machines": 4,
+                              "fsdp_config": {"fsdp_sharding_strategy": "HYBRID_SHARD_ZERO2"}})
+    assert (hybrid.parallel.replicate, hybrid.parallel.reshard_after_forward) == (4, False)  # HSDP, one node per group
     single = _with(tmp_path, {"distributed_type": "NO", "mixed_precision": "no"})
     assert single.precision == "fp32" and single.parallel.backend == "fsdp2"
 
@@ -75,8 +78,10 @@ def test_mapping(tmp_path):
         ({"mixed_precision": "fp8"}, [], "mixed_precision=fp8 is not supported"),
         ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_offload_params": True}}, ["parallel.offload=none"],
          "fsdp_offload_params=true contradicts parallel.offload=none"),
-        ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_sharding_strategy": "HYBRID_SHARD"}}, [],
-         "HYBRID_SHARD have no equivalent"),
+        ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_sharding_strategy": "NO_SHARD"}}, [],
+         "NO_SHARD (plain DDP) has no equivalent"),
+        ({"distributed_type": "FSDP", "num_machines": 4, "fsdp_config": {"fsdp_sharding_strategy": "HYBRID_SHARD"}},
+         ["parallel.replicate=2"], "contradicts parallel.replicate=2"),
         ({"distributed_type": "FSDP", "fsdp_config": {"fsdp_magic": 1}}, [], "fsdp_config.fsdp_magic has no harness"),
         ({"distributed_type": "DEEPSPEED", "deepspeed_config": {"offload_optimizer_device": "nvme"}}, [],
          "offload_optimizer_device=nvme: harness offloads to host memory only"),

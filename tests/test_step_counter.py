@@ -72,7 +72,7 @@ def test_fsdp2_collectives_per_step(counted):
         assert ops["all_gather_into_tensor"]["count"] == gathers
         assert ops["reduce_scatter_tensor"]["count"] == units
         # ONE all-reduce for the decision (flag and norm together), ONE for the step-end agreement.
-        assert ops["all_reduce"] == {"count": 2, "bytes": 8 + 3 * 8}
+        assert ops["all_reduce"] == {"count": 2, "bytes": 8 + 3 * 8, "groups": {"2": {"count": 2, "bytes": 8 + 3 * 8}}}
     once, every = counted["fsdp2_accum"][1]["collectives"], counted["fsdp2_accum_every"][1]["collectives"]
     assert once["all_gather_into_tensor"]["count"] == every["all_gather_into_tensor"]["count"] == 2 * gathers
     assert once["reduce_scatter_tensor"]["count"] == units
@@ -118,6 +118,7 @@ def test_counter_counts_reads_and_names_collectives(world_of_one):
     fields = counter.take()
     assert fields == {
         "host_syncs": 2,
-        "collectives": {"all_reduce": {"count": 1, "bytes": 12}, "broadcast": {"count": 1, "bytes": 12}},
+        "collectives": {"all_reduce": {"count": 1, "bytes": 12, "groups": {"1": {"count": 1, "bytes": 12}}},
+                        "broadcast": {"count": 1, "bytes": 12, "groups": {"1": {"count": 1, "bytes": 12}}}},
     }
     assert counter.take() == {"host_syncs": 0, "collectives": {}}

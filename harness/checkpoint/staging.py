@@ -60,7 +60,9 @@ class HostStaging:
         return buffer
 
     def snapshot(self, backend: ParallelBackend) -> Snapshot:
-        pieces = backend.state_pieces()
+        # An HSDP replica other than the first holds copies of the first one's pieces: it writes
+        # only its RNG states, so every element is in the checkpoint exactly once.
+        pieces = backend.state_pieces() if backend.primary_copy else []
         index, at = [], 0
         for piece in pieces:
             index.append({"name": piece.name, "shape": list(piece.shape), "offset": piece.offset,

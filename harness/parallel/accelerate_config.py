@@ -23,7 +23,10 @@ from harness.parallel.merge import Merger, integer
 
 _PRECISION = {"no": "fp32", "bf16": "bf16", "fp16": "fp16"}
 _BACKEND = {"FSDP": "fsdp2", "DEEPSPEED": "deepspeed"}
-_RESHARD = {"FULL_SHARD": True, "1": True, "SHARD_GRAD_OP": False, "2": False}
+_RESHARD = {"FULL_SHARD": True, "1": True, "SHARD_GRAD_OP": False, "2": False,
+            "HYBRID_SHARD": True, "4": True, "_HYBRID_SHARD_ZERO2": False, "HYBRID_SHARD_ZERO2": False, "5": False}
+# Shard within a node, replicate across nodes: HSDP, parallel.replicate = num_machines.
+_HYBRID = {"HYBRID_SHARD", "4", "_HYBRID_SHARD_ZERO2", "HYBRID_SHARD_ZERO2", "5"}
 # fsdp_config keys with no effect on what is computed, or that harness decides itself
 # (it wraps every block in the model's _no_split_modules, then the root).
 _FSDP_IGNORED = {
@@ -70,12 +73,12 @@ def merge_into_config(cfg, explicit: set[str]) -> None:
         m.adopt("mixed_precision", precision, "precision", _PRECISION[str(precision)])
 
     if kind == "FSDP":
-        _merge_fsdp(data.get("fsdp_config") or {}, m)
+        _merge_fsdp(data.get("fsdp_config") or {}, m, data.get("num_machines", 1))
     if kind == "DEEPSPEED":
         _merge_deepspeed(data.get("deepspeed_config") or {}, m, Path(path))
 
 
-def _merge_fsdp(fsdp: dict[str, Any], m: Merger) -> None:
+def _merge_fsdp(fsdp: dict[str, Any], m: Merger, num_machines: Any) -> None:
     unknown = sorted(set(fsdp) - _FSDP_IGNORED - {
         "fsdp_sharding_strategy", "fsdp_reshard_after_forward", "fsdp_offload_params", "fsdp_activation_checkpointing",
     })
@@ -92,10 +95,14 @@ def _merge_fsdp(fsdp: dict[str, Any], m: Merger) -> None:
         reshard = value if isinstance(value, bool) else _RESHARD.get(str(value).upper())
         if reshard is None:
             raise ConfigError(
-                f"{m.source} fsdp_config.{key}={value}: harness shards fully (FULL_SHARD or SHARD_GRAD_OP); "
-                "NO_SHARD and HYBRID_SHARD have no equivalent"
+                f"{m.source} fsdp_config.{key}={value}: harness shards (FULL_SHARD, SHARD_GRAD_OP, HYBRID_SHARD or "
+                "HYBRID_SHARD_ZERO2); NO_SHARD (plain DDP) has no equivalent"
             )
         m.adopt(f"fsdp_config.{key}", value, "parallel.reshard_after_forward", reshard)
+        if key == "fsdp_sharding_strategy" and str(value).upper() in _HYBRID:
+            if not isinstance(num_machines, int) or num_machines < 1:
+                raise ConfigError(f"{m.source} num_machines={num_machines!r} must be a positive integer for {value}")
+            m.adopt(f"fsdp_config.{key}", value, "parallel.replicate", num_machines)
     checkpointing = fsdp.get("fsdp_activation_checkpointing")
     if isinstance(checkpointing, bool):
         m.adopt("fsdp_config.fsdp_activation_checkpointing", checkpointing, "model.gradient_checkpointing", checkpointing)

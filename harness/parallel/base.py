@@ -52,6 +52,10 @@ class ParallelBackend(ABC):
     """Call this for forward passes (it may be a wrapper around the original module)."""
     module: nn.Module
     """The original model (same parameter and module names), for hooks and diagnostics."""
+    primary_copy: bool = True
+    """False on a rank whose state pieces and gradient shards are copies of another rank's (an
+    HSDP replica other than the first): they count once in the global gradient norm, in the
+    initial-weights coverage check, and in a checkpoint (only the first replica writes them)."""
 
     def construction_context(self, hidden_size: int) -> Optional[ContextManager]:
         """Where the model's parameters are created; None: on the meta device (no memory), to be

@@ -303,6 +303,10 @@ class _Zero3Layout(_ZeroLayout):
     def refresh_working_copy(self) -> None:
         for sub_group in range(len(self.zero.fp16_groups)):
             self.zero._reassign_or_swap_out_partitioned_parameters(sub_group)
+        # hpZ: the secondary copies (sharded within the group) were taken from the values the
+        # parameters had when zero.Init partitioned them; drop them so the next gather reads the
+        # partitions just written and the secondary copies are rebuilt from them, as after a step.
+        self.zero.invalidate_secondary_tensor()
 
 
 class _Bf16Zero1Layout(_ZeroLayout):

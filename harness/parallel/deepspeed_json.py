@@ -259,6 +259,29 @@ def check_train_batch_size(cfg, world_size: int) -> None:
         )
 
 
+def check_hierarchy(cfg, world_size: int) -> None:
+    """A JSON's hpZ / MiCS settings must say what parallel.replicate says (which decides)."""
+    zero = read_json(cfg.parallel.deepspeed_config).get("zero_optimization") or {}
+    if not isinstance(zero, dict):
+        return
+    if zero.get("mics_shard_size", -1) not in (-1, AUTO, None):
+        raise ConfigError(
+            f"{cfg.parallel.deepspeed_config}: zero_optimization.mics_shard_size: harness shards hierarchically "
+            "with hpZ; remove it and set parallel.replicate=<number of shard groups> (e.g. the number of nodes)"
+        )
+    theirs = zero.get("zero_hpz_partition_size")
+    if theirs in (None, AUTO, 0, 1) and cfg.parallel.replicate == 1:
+        return
+    ours = world_size // cfg.parallel.replicate if cfg.parallel.replicate > 1 else 1
+    if theirs not in (None, AUTO) and theirs != ours:
+        replicas = world_size // theirs if isinstance(theirs, int) and theirs > 0 and world_size % theirs == 0 else None
+        fix = f"set parallel.replicate={replicas}" if replicas else f"use a divisor of the world size {world_size}"
+        raise ConfigError(
+            f"{cfg.parallel.deepspeed_config}: zero_optimization.zero_hpz_partition_size={theirs!r} but "
+            f"parallel.replicate={cfg.parallel.replicate} on {world_size} ranks means {ours}: {fix}, or remove the key"
+        )
+
+
 def runtime_config(cfg, world_size: int, hidden_size: int, pin_memory: bool = False) -> dict[str, Any]:
     """The dict passed to deepspeed.initialize for this run. pin_memory: offload buffers may be
     page-locked (a GPU run; the JSON can still say false)."""
@@ -289,6 +312,9 @@ def runtime_config(cfg, world_size: int, hidden_size: int, pin_memory: bool = Fa
     zero = dict(ds.get("zero_optimization") or {})
     zero["stage"] = cfg.parallel.zero_stage
     _set_offload(zero, cfg.parallel.offload, pin_memory)
+    if cfg.parallel.replicate > 1:
+        # hpZ: backward gathers parameters from a secondary copy sharded within the group.
+        zero["zero_hpz_partition_size"] = world_size // cfg.parallel.replicate
     _fill_auto_sizes(zero, hidden_size)
     ds["zero_optimization"] = zero
     _drop_remaining_auto(ds)

@@ -34,7 +34,7 @@ class FSDP2Backend(ParallelBackend):
         self.world_size = world_size
 
     def setup(self, model: nn.Module, train_cfg: TrainConfig) -> None:
-        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        mesh = self._mesh()
         mp_policy = MixedPrecisionPolicy(
             param_dtype=self.policy.compute_dtype if self.policy.is_mixed else None,
             reduce_dtype=self.policy.reduce_dtype,
@@ -64,7 +64,21 @@ class FSDP2Backend(ParallelBackend):
         self._reshard()
         self.optimizer = build_adamw(param_groups(model, train_cfg.weight_decay), train_cfg)
         if offloaded:
-            self.name = "fsdp2 (parameters, gradients and optimizer offloaded to host memory, stepped by torch AdamW)"
+            self.name += " (parameters, gradients and optimizer offloaded to host memory, stepped by torch AdamW)"
+
+    def _mesh(self):
+        """One flat shard group, or HSDP: parallel.replicate groups of world_size / R ranks each
+        holding the whole sharded state (consecutive ranks shard together, so with one node per
+        group the all-gathers and reduce-scatters stay inside a node and only the replicas'
+        gradient all-reduce crosses nodes)."""
+        replicas = self.cfg.replicate
+        if replicas == 1:
+            return init_device_mesh(self.device.type, (self.world_size,))
+        mesh = init_device_mesh(self.device.type, (replicas, self.world_size // replicas),
+                                mesh_dim_names=("replicate", "shard"))
+        self.primary_copy = mesh["replicate"].get_local_rank() == 0
+        self.name = f"fsdp2 HSDP ({replicas} replicas x {self.world_size // replicas} shards)"
+        return mesh
 
     def _set_prefetch(self, blocks: list[nn.Module]) -> None:
         """Explicit prefetch: while block i computes, the all-gathers of the next

@@ -30,8 +30,9 @@ def write_initial_weights(backend: ParallelBackend, source: InitialWeights, full
 def _check_coverage(by_name: dict[str, list], full_numels: dict[str, int], backend: ParallelBackend) -> None:
     names = sorted(full_numels)
     written = torch.zeros(len(names), dtype=torch.float64, device=backend.device)
-    for i, name in enumerate(names):
-        written[i] = sum(piece.numel for piece in by_name.get(name, []))
+    if backend.primary_copy:  # a replica's pieces are copies: each element counts once
+        for i, name in enumerate(names):
+            written[i] = sum(piece.numel for piece in by_name.get(name, []))
     if dist.is_initialized():
         dist.all_reduce(written)
     wrong = [(name, int(count)) for name, count in zip(names, written.tolist()) if count != full_numels[name]]
