@@ -41,3 +41,13 @@ def test_gpu_script_runs_end_to_end_without_a_gpu(tmp_path):
     # skipped on the device.
     assert [line.split()[:2] for line in syncs] == [["1", "applied"], ["2", "skipped"], ["3", "applied"], ["4", "applied"]]
     assert [int(line.split("host_syncs ")[1].split()[0]) for line in syncs] == [1, 0, 0, 1]
+
+
+def test_scaling_table_quick_form(tmp_path):
+    import sys
+
+    out = _run([sys.executable, "bench/scaling_table.py", "--quick"], tmp_path)
+    rows = [line for line in out.splitlines() if line.startswith("| 1B")]
+    # 8 GPUs: one node, flat FSDP2 only; 64: flat and HSDP with a node per shard group.
+    assert [row.split(" | ")[1:3] for row in rows] == [["8", "FSDP2"], ["64", "FSDP2"], ["64", "HSDP 8x8"]]
+    assert all(row.rstrip(" |").split(" | ")[-1] for row in rows)

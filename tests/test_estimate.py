@@ -138,3 +138,101 @@ def test_cli_marks_what_fits():
     assert lines["fits"] == ["yes", "NO", "NO", "yes"]
     assert lines["fits, full build"][-1] == "NO"
     assert "setup host" in lines and "in host mem" in lines
+
+
+# --------------------------------------------------------------------------------------------
+# The step-time model (harness/estimate/step_time.py). Its byte counts are checked against real
+# runs in tests/test_parallel_hierarchical.py; here: fabrics, overlap, limits and the CLI.
+
+HARNESS = str(Path(sys.executable).parent / "harness")
+
+
+def _step(config: str, world_size: int, *overrides: str, nodes: int = 0, **cluster) -> tuple:
+    from harness.estimate.cli import predict_step
+    from harness.estimate.memory import meta_model
+    from harness.estimate.step_time import GPUS, Cluster
+
+    cfg = load_config(ROOT / "configs" / config, list(overrides))
+    gpu = GPUS[cluster.pop("gpu", "h100")]
+    nodes = nodes or max(1, world_size // 8)
+    settings = dict(intra_gbps=gpu.intra_gbps, inter_gbps=gpu.inter_gbps, mfu=0.4, memory_gib=gpu.memory_gib)
+    settings.update(cluster)
+    layout = Cluster(world_size, nodes, gpu, **settings)
+    model = meta_model(cfg)
+    return predict_step(cfg, layout, model, estimate(cfg, world_size, model)), layout
+
+
+def test_ring_costs_and_fabrics():
+    from harness.estimate.step_time import _ring_seconds
+
+    gbit = 8.0  # Gbit/s: 1 GB/s
+    assert _ring_seconds("all_gather_into_tensor", 8e9, 8, gbit) == pytest.approx(7.0)
+    assert _ring_seconds("all_reduce", 8e9, 8, gbit) == pytest.approx(14.0)
+    assert _ring_seconds("all_reduce", 8e9, 1, gbit) == 0.0
+    flat, _ = _step("llama-1b.yaml", 16, "train.micro_batch_size=1")
+    hsdp, _ = _step("llama-1b.yaml", 16, "train.micro_batch_size=1", "parallel.replicate=2")
+    # Flat FSDP2 over 2 nodes: every gather crosses nodes. HSDP, one node per shard group:
+    # gathers and reduce-scatters stay on NVLink, only the replicas' all-reduce crosses.
+    assert {(c.op, c.fabric) for c in flat.collectives if c.group == "shard"} == {
+        ("all_gather_into_tensor", "inter"), ("reduce_scatter_tensor", "inter")}
+    assert {(c.op, c.group, c.fabric) for c in hsdp.collectives if c.op != "all_reduce" or c.group != "world"} == {
+        ("all_gather_into_tensor", "shard", "intra"), ("reduce_scatter_tensor", "shard", "intra"),
+        ("all_reduce", "replicate", "inter")}
+    assert hsdp.comm_s < flat.comm_s / 3
+
+
+def test_limits_are_named():
+    memory, _ = _step("llama-70b.yaml", 8, "parallel.backend=fsdp2", "parallel.offload=none")
+    assert memory.limit.startswith("memory: ") and "GiB per GPU needed" in memory.limit
+    compute, _ = _step("llama-8b.yaml", 64, "train.micro_batch_size=1")
+    assert compute.limit.startswith("compute")
+    # 1,024 GPUs on a slow network, a small batch per GPU and flat sharding: the gathers dominate.
+    slow, _ = _step("llama-1b.yaml", 1024, "train.micro_batch_size=1", "train.grad_accum=1", inter_gbps=25)
+    assert slow.limit.startswith("exposed communication") and "inter-node network" in slow.limit
+    assert slow.exposed_s > slow.compute_s
+    # Compute time follows the FLOPs at the assumed MFU; the step is never faster than that.
+    for result in (compute, slow):
+        assert result.step_s >= result.compute_s > 0
+
+
+def test_mfu_and_recompute_move_compute_time():
+    base, _ = _step("llama-1b.yaml", 8, "train.micro_batch_size=1")
+    full, _ = _step("llama-1b.yaml", 8, "train.micro_batch_size=1", "model.activation_checkpointing=full")
+    faster, _ = _step("llama-1b.yaml", 8, "train.micro_batch_size=1", mfu=0.8)
+    assert full.compute_s == pytest.approx(base.compute_s * 4 / 3)  # one more forward of three thirds
+    assert faster.compute_s == pytest.approx(base.compute_s / 2)
+    assert full.flops == base.flops  # model FLOPs do not count recomputation
+
+
+def test_hsdp_and_hpz_memory_columns():
+    flat4 = estimate(load_config(TINY, []), 4)["backends"]
+    flat2 = estimate(load_config(TINY, []), 2)["backends"]
+    hsdp = estimate(load_config(TINY, ["parallel.replicate=2"]), 4)["backends"]
+    assert hsdp["fsdp2"]["master"] == flat2["fsdp2"]["master"] > flat4["fsdp2"]["master"]
+    # hpZ adds the secondary copy (compute dtype, sharded over the group of 2) to ZeRO-3's working set.
+    assert hsdp["zero3"]["master"] == flat4["zero3"]["master"]
+    assert hsdp["zero3"]["working"] - flat4["zero3"]["working"] == 4 * (1_637_792 // 2)  # fp32 tiny, no padding
+
+
+def test_cli_step_section_json_and_errors():
+    result = subprocess.run([HARNESS, "estimate", "configs/llama-8b.yaml", "--world-size", "64", "--nodes", "8",
+                             "--gpu", "h100", "--intra-gbps", "2400", "--inter-gbps", "400", "parallel.replicate=8"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "on 64 x H100 SXM 80GB in 8 node(s): intra 2,400 Gbit/s, inter 400 Gbit/s" in out
+    assert "fsdp2 x 8 replicas" in out and "limit: " in out and "tokens/s per GPU" in out
+    as_json = subprocess.run([HARNESS, "estimate", "configs/llama-8b.yaml", "--world-size", "16", "--json"],
+                             cwd=ROOT, capture_output=True, text=True, timeout=300)
+    step = json.loads(as_json.stdout)["step"]
+    assert step["nodes"] == 2 and step["step_s"] >= step["compute_s"] and 0 < step["mfu"] <= 0.4
+    assert {c["op"] for c in step["collectives"]} == {"all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce"}
+    for args, message in (
+        (["--world-size", "16", "--nodes", "3"], "--nodes 3 does not divide --world-size 16"),
+        (["--world-size", "8", "--mfu", "0"], "--mfu must be in (0, 1]"),
+        (["--world-size", "8", "--inter-gbps", "-1"], "--inter-gbps must be > 0"),
+        (["--world-size", "6", "parallel.replicate=4"], "parallel.replicate=4 does not divide the world size 6"),
+    ):
+        bad = subprocess.run([HARNESS, "estimate", "configs/tiny.yaml", *args], cwd=ROOT, capture_output=True,
+                             text=True, timeout=120)
+        assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)

@@ -1,4 +1,4 @@
-"""`harness estimate CONFIG [overrides] --world-size N`: per-rank memory before you launch.
+"""Per-rank memory: what `harness estimate` prints first.
 
 Builds the model on the meta device (no weights, no memory), then predicts, for rank 0 (which
 holds the largest shards), the bytes of:
@@ -20,12 +20,10 @@ communication buckets, logits kept by the loss beyond what autograd saves.
 
 from __future__ import annotations
 
-import argparse
-import json
+import contextlib
 import math
-import sys
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -33,8 +31,7 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from harness.config import Config, load_config, validate_for_world
-from harness.errors import HarnessError
+from harness.config import Config
 from harness.model.loss import unpacked_sequences
 from harness.parallel import layout_name
 
@@ -83,6 +80,45 @@ def zero3_partition_numel(params: list[ParamInfo], world_size: int) -> int:
     return sum(-(-p.numel // world_size) for p in params)
 
 
+class _FlashAttention(torch.autograd.Function):
+    """What a fused attention kernel (flash / memory-efficient SDPA, on GPU and CPU) keeps for
+    backward: q, k, v, the output and one fp32 log-sum-exp per query, never the seq x seq
+    probabilities. On the meta device SDPA would take its math path, which saves them."""
+
+    @staticmethod
+    def forward(ctx, query, key, value):
+        out = query.new_empty(*query.shape[:-1], value.shape[-1])
+        logsumexp = query.new_empty(query.shape[:-1], dtype=torch.float32)
+        ctx.save_for_backward(query, key, value, out, logsumexp)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad):
+        query, key, value, _, _ = ctx.saved_tensors
+        return torch.zeros_like(query), torch.zeros_like(key), torch.zeros_like(value)
+
+
+@contextlib.contextmanager
+def _fused_attention(model: nn.Module, on_output: Callable[[torch.Tensor], None]):
+    """SDPA as a fused kernel runs it; `on_output` sees each attention output (selective AC
+    keeps it, as it keeps the fused kernels' outputs in SAVED_OPS)."""
+    if getattr(model.config, "_attn_implementation", "sdpa") == "eager":
+        yield  # eager attention really keeps the probabilities
+        return
+    original = F.scaled_dot_product_attention
+
+    def fused(query, key, value, *args, **kwargs):
+        out = _FlashAttention.apply(query, key, value)
+        on_output(out)
+        return out
+
+    F.scaled_dot_product_attention = fused
+    try:
+        yield
+    finally:
+        F.scaled_dot_product_attention = original
+
+
 def activation_bytes(model: nn.Module, batch: torch.Tensor, checkpointing: str = "none",
                      selective: Union[str, int] = "op") -> int:
     """Bytes kept for backward by one forward + loss (parameters excluded), under activation
@@ -121,6 +157,10 @@ def activation_bytes(model: nn.Module, batch: torch.Tensor, checkpointing: str =
                                         if isinstance(t, torch.Tensor))
             return out
 
+    def attention_output(out: torch.Tensor) -> None:
+        if current[0] is not None:
+            kept[current[0]] += nbytes(out)
+
     def enter(index: int):
         def hook(module, args, kwargs):
             current[0] = index
@@ -136,7 +176,8 @@ def activation_bytes(model: nn.Module, batch: torch.Tensor, checkpointing: str =
         handles.append(block.register_forward_pre_hook(enter(i), with_kwargs=True))
         handles.append(block.register_forward_hook(leave))
     try:
-        with saved_tensors_hooks(pack, lambda tensor: tensor), unpacked_sequences(), KeptOutputs():
+        with saved_tensors_hooks(pack, lambda tensor: tensor), unpacked_sequences(), KeptOutputs(), \
+                _fused_attention(model, attention_output):
             logits = model(input_ids=batch[:, :-1]).logits
             F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
     finally:
@@ -169,14 +210,18 @@ def _meta_model(cfg: Config, compute_dtype: torch.dtype) -> nn.Module:
     return model.train()
 
 
-def estimate(cfg: Config, world_size: int) -> dict:
+def meta_model(cfg: Config) -> nn.Module:
+    """The configured model on the meta device, in its compute dtype."""
+    return _meta_model(cfg, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision])
+
+
+def estimate(cfg: Config, world_size: int, model: Optional[nn.Module] = None) -> dict:
     """{"model": ..., "backends": {backend: {component: bytes, "total": bytes}}, "configured": name}."""
     from harness.model import transformer_blocks
 
     compute = cfg.precision
     c = _BYTES[compute]
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[compute]
-    model = _meta_model(cfg, dtype)
+    model = model if model is not None else meta_model(cfg)
     params = [ParamInfo(name, tuple(p.shape)) for name, p in model.named_parameters()]
     n_total = sum(p.numel for p in params)
     batch = torch.zeros(cfg.train.micro_batch_size, cfg.train.seq_len + 1, dtype=torch.long, device="meta")
@@ -186,7 +231,11 @@ def estimate(cfg: Config, world_size: int) -> dict:
     largest_block = max(block_numels, default=0)
     root_numel = n_total - sum(block_numels)
 
-    fsdp_local = sum(fsdp2_local_numel(p.shape, world_size) for p in params)
+    # HSDP shards over a group of world_size / replicate ranks; hpZ keeps a secondary copy of
+    # the compute-dtype parameters sharded over the same group.
+    shard_group = world_size // cfg.parallel.replicate
+    fsdp_local = sum(fsdp2_local_numel(p.shape, shard_group) for p in params)
+    hpz_secondary = c * zero3_partition_numel(params, shard_group) if cfg.parallel.replicate > 1 else 0
     z12 = zero12_partition_numel(params, world_size)
     z3 = zero3_partition_numel(params, world_size)
     # Gathered for compute: the root unit stays gathered, one block plus one prefetched block.
@@ -199,7 +248,7 @@ def estimate(cfg: Config, world_size: int) -> dict:
                       working=gathered if world_size > 1 or compute != "fp32" else 0),
         "zero1": dict(master=4 * z12, gradients=4 * n_total + lp_grads, optimizer=8 * z12, working=c * n_total),
         "zero2": dict(master=4 * z12, gradients=4 * z12, optimizer=8 * z12, working=c * n_total),
-        "zero3": dict(master=4 * z3, gradients=4 * z3, optimizer=8 * z3, working=c * z3 + gathered),
+        "zero3": dict(master=4 * z3, gradients=4 * z3, optimizer=8 * z3, working=c * z3 + hpz_secondary + gathered),
     }
     # What parallel.offload moves to host memory: the fp32 masters, their fp32 gradients and AdamW
     # state; with params, ZeRO-3's compute-dtype partition too. FSDP2 offloads its sharded
@@ -232,6 +281,7 @@ def estimate(cfg: Config, world_size: int) -> dict:
         "parameters": n_total,
         "precision": compute,
         "world_size": world_size,
+        "replicate": cfg.parallel.replicate,
         "micro_batch": [cfg.train.micro_batch_size, cfg.train.seq_len],
         "backends": backends,
         "configured": configured,
@@ -251,7 +301,9 @@ def format_table(result: dict) -> str:
     mb, seq = result["micro_batch"]
     lines = [
         f"{result['model']}, {result['parameters']:,} parameters; {result['precision']} compute; "
-        f"world size {result['world_size']}; micro-batch {mb} x {seq} tokens",
+        f"world size {result['world_size']}"
+        + (f" ({result['replicate']} replicas; fsdp2 is HSDP, zero3 is hpZ)" if result.get("replicate", 1) > 1 else "")
+        + f"; micro-batch {mb} x {seq} tokens",
         "bytes on rank 0 (the largest shards); * = the configured backend",
         "",
     ]
@@ -272,37 +324,3 @@ def format_table(result: dict) -> str:
     if device_gb:
         lines.append(f"fits: device bytes <= --device-gb {device_gb:g} (activations of one micro-batch included).")
     return "\n".join(lines)
-
-
-def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="harness estimate", description=__doc__.split("\n\n")[1])
-    parser.add_argument("config", help="YAML config")
-    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    parser.add_argument("--world-size", type=int, default=1, help="number of ranks")
-    parser.add_argument("--device-gb", type=float, default=None, help="GPU memory per rank: mark what fits")
-    parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
-    return parser.parse_intermixed_args(argv)
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        if args.world_size < 1:
-            raise HarnessError(f"--world-size must be >= 1 (got {args.world_size})")
-        cfg = load_config(args.config, args.overrides)
-        validate_for_world(cfg, args.world_size)
-        if args.device_gb is not None and args.device_gb <= 0:
-            raise HarnessError(f"--device-gb must be > 0 (got {args.device_gb})")
-        result = estimate(cfg, args.world_size)
-        result["device_gb"] = args.device_gb
-    except HarnessError as exc:
-        print(f"harness: error: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(json.dumps(result) if args.json else format_table(result))
-    return 0
-
-
-if __name__ == "__main__":
-    from harness.cli import exit_process
-
-    exit_process(main())

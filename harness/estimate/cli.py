@@ -1,0 +1,140 @@
+"""`harness estimate CONFIG [overrides] --world-size N [--nodes M] [--gpu h100|h200|a100]
+[--intra-gbps X --inter-gbps Y] [--mfu F] [--device-gb G] [--json]`."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import Optional, Sequence
+
+from harness.config import Config, load_config, validate_for_world
+from harness.errors import HarnessError
+from harness.estimate.communication import collective_plan
+from harness.estimate.memory import estimate, format_table, meta_model
+from harness.estimate.step_time import GPUS, Cluster, StepTime, model_flops_utilization, step_time
+from harness.parallel import layout_name
+
+DEFAULT_MFU = 0.40
+"""Roughly what FSDP2 + torch.compile reaches on H100s for dense Llama models (torchtitan's
+Llama 3 8B runs report ~38-42%)."""
+GPUS_PER_NODE = 8
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="harness estimate",
+        description="Per-rank memory of every backend, and one optimizer step's compute, collectives "
+                    "(bytes and time over intra- and inter-node bandwidth), exposed communication and "
+                    "the limit, for a config on a cluster, before you queue.")
+    parser.add_argument("config", help="YAML config")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    parser.add_argument("--world-size", type=int, default=1, help="number of ranks (GPUs)")
+    parser.add_argument("--nodes", type=int, default=None,
+                        help=f"nodes the ranks spread over (default: {GPUS_PER_NODE} GPUs per node)")
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU model: peak FLOPs, memory, bandwidths")
+    parser.add_argument("--intra-gbps", type=float, default=None, help="per-GPU bus bandwidth within a node, Gbit/s")
+    parser.add_argument("--inter-gbps", type=float, default=None, help="per-GPU bandwidth across nodes, Gbit/s")
+    parser.add_argument("--mfu", type=float, default=DEFAULT_MFU,
+                        help=f"assumed model FLOPs utilization of the compute (default {DEFAULT_MFU})")
+    parser.add_argument("--device-gb", type=float, default=None,
+                        help="GPU memory per rank in GiB: mark what fits (the step model's memory limit; default: the --gpu's)")
+    parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
+    return parser.parse_intermixed_args(argv)
+
+
+def _cluster(args: argparse.Namespace) -> Cluster:
+    world = args.world_size
+    nodes = args.nodes if args.nodes is not None else max(1, -(-world // GPUS_PER_NODE))
+    if nodes < 1 or world % nodes:
+        raise HarnessError(f"--nodes {nodes} does not divide --world-size {world}: every node runs the same number of ranks")
+    gpu = GPUS[args.gpu]
+    for flag in ("intra_gbps", "inter_gbps"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise HarnessError(f"--{flag.replace('_', '-')} must be > 0 Gbit/s (got {value:g})")
+    if not 0 < args.mfu <= 1:
+        raise HarnessError(f"--mfu must be in (0, 1] (got {args.mfu:g})")
+    return Cluster(world, nodes, gpu, args.intra_gbps or gpu.intra_gbps, args.inter_gbps or gpu.inter_gbps, args.mfu,
+                   args.device_gb or gpu.memory_gib)
+
+
+def predict_step(cfg: Config, cluster: Cluster, model, memory: dict) -> StepTime:
+    from harness.model.build import flops_per_token
+
+    plan = collective_plan(model, cfg, cluster.world_size)
+    t = cfg.train
+    tokens = t.micro_batch_size * t.grad_accum * t.seq_len
+    mode = cfg.model.checkpointing_mode()
+    recompute = {"none": 0.0, "full": 1.0}.get(mode, 0.0 if cfg.model.selective_ac == "op" else 1.0 / cfg.model.selective_ac)
+    numbers = memory["backends"][layout_name(cfg.parallel)]
+    local_numel = numbers["master"] // 4
+    device_bytes = numbers["device"]
+    return step_time(plan, cluster, flops_per_token(model, t.seq_len), tokens, recompute, local_numel,
+                     cfg.precision, device_bytes)
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:,.1f} ms"
+
+
+def format_step(result: StepTime, cluster: Cluster, cfg: Config) -> str:
+    gpu = cluster.gpu
+    mfu = model_flops_utilization(result, cluster, cfg.precision)
+    lines = [
+        "",
+        f"one optimizer step, {layout_name(cfg.parallel)}"
+        + (f" x {cfg.parallel.replicate} replicas" if cfg.parallel.replicate > 1 else "")
+        + f", on {cluster.world_size} x {gpu.name} in {cluster.nodes} node(s): "
+        f"intra {cluster.intra_gbps:,.0f} Gbit/s, inter {cluster.inter_gbps:,.0f} Gbit/s per GPU; assumed MFU {cluster.mfu:.0%}",
+        f"  compute     {result.flops / 1e12:,.1f} TFLOPs per rank ({result.tokens_per_rank:,} tokens) -> {_ms(result.compute_s)}",
+        f"  {'collective':<24}{'group':>14}{'fabric':>8}{'calls':>7}{'buffers':>14}{'time':>12}",
+    ]
+    for c in result.collectives:
+        lines.append(f"  {c.op:<24}{f'{c.group} of {c.group_size}':>14}{c.fabric:>8}{c.count:>7}"
+                     f"{c.bytes / 2**20:>11,.1f} MiB{_ms(c.seconds):>12}")
+    lines += [
+        f"  communication {_ms(result.comm_s)}, exposed {_ms(result.exposed_s)}; optimizer {_ms(result.optimizer_s)}",
+        f"  step {_ms(result.step_s)}: {result.tokens_per_rank / result.step_s:,.0f} tokens/s per GPU, MFU {mfu:.1%}",
+        f"  limit: {result.limit}",
+    ]
+    if cfg.parallel.offload != "none":
+        lines.append("  (host offload traffic over PCIe and the host AdamW are not in this step time)")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.world_size < 1:
+            raise HarnessError(f"--world-size must be >= 1 (got {args.world_size})")
+        cfg = load_config(args.config, args.overrides)
+        validate_for_world(cfg, args.world_size)
+        if args.device_gb is not None and args.device_gb <= 0:
+            raise HarnessError(f"--device-gb must be > 0 (got {args.device_gb})")
+        cluster = _cluster(args)
+        model = meta_model(cfg)
+        result = estimate(cfg, args.world_size, model)
+        result["device_gb"] = args.device_gb
+        step = predict_step(cfg, cluster, model, result)
+    except HarnessError as exc:
+        print(f"harness: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    if args.json:
+        result["step"] = step_json(step, cluster, cfg)
+        print(json.dumps(result))
+    else:
+        print(format_table(result) + "\n" + format_step(step, cluster, cfg))
+    return 0
+
+
+def step_json(step: StepTime, cluster: Cluster, cfg: Config) -> dict:
+    return {
+        "gpu": cluster.gpu.name, "nodes": cluster.nodes, "mfu_assumed": cluster.mfu, "memory_gib": cluster.memory_gib,
+        "intra_gbps": cluster.intra_gbps, "inter_gbps": cluster.inter_gbps,
+        "flops": step.flops, "compute_s": step.compute_s, "comm_s": step.comm_s, "exposed_s": step.exposed_s,
+        "optimizer_s": step.optimizer_s, "step_s": step.step_s,
+        "tokens_per_s_per_gpu": step.tokens_per_rank / step.step_s,
+        "mfu": model_flops_utilization(step, cluster, cfg.precision), "limit": step.limit,
+        "collectives": [vars(c) for c in step.collectives],
+    }
