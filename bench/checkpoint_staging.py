@@ -59,6 +59,8 @@ def _state_pieces(config: str, device: str):
 
 
 class _Backend:
+    primary_copy = True  # what HostStaging asks of a backend: this rank writes its pieces
+
     def __init__(self, pieces) -> None:
         self.pieces = pieces
 

@@ -7,6 +7,7 @@
 #   (b) each throughput switch on and off (bench/switches.py --set cpu)
 #   (c) backend step times (bench/backend_step_time.py)
 #   (d) checkpoint staging (bench/checkpoint_staging.py)
+#   (e) harness estimate's step-time model against measured step times (bench/step_model.py)
 set -euo pipefail
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
@@ -19,6 +20,7 @@ RUN=("$PYTHON" -m torch.distributed.run --standalone --nproc-per-node 2)
 
 CONFIG=configs/bench-cpu.yaml
 STEPS=6; ROUNDS=3; SWITCH_STEPS=4; SAVES=3; STAGING_CONFIG=smollm2-135m; BACKEND_CONFIG=$CONFIG; SMALL=(); ONLY=()
+MODEL_CASES=()
 # bf16 matmuls are emulated on CPUs without avx512_bf16 (~5x slower than fp32): the hand-written
 # comparison runs a shorter sequence so its bf16 cases take minutes, not an hour.
 OVERHEAD_SHAPE=(--override train.seq_len=64 --override train.grad_accum=1)
@@ -27,6 +29,7 @@ if [[ -n "${BENCH_QUICK:-}" ]]; then
   SMALL=(--override train.seq_len=32 --override train.grad_accum=1 --override train.micro_batch_size=2)
   OVERHEAD_SHAPE=("${SMALL[@]}")
   ONLY=(--only "no_batch_prefetch,ac_selective_op")
+  MODEL_CASES=(--case "fsdp2:")
 fi
 
 {
@@ -48,5 +51,9 @@ echo "== (c) backend step times"
 echo >>"$OUT"
 echo "== (d) checkpoint staging"
 "$PYTHON" bench/checkpoint_staging.py --config "$STAGING_CONFIG" --saves "$SAVES" | tee -a "$OUT"
+echo >>"$OUT"
+echo "== (e) step-time model vs measured"
+"${RUN[@]}" bench/step_model.py --config "$BACKEND_CONFIG" --steps "$STEPS" "${SMALL[@]}" "${MODEL_CASES[@]}" 2>&1 \
+  | grep -E '^\||^measured' | tee -a "$OUT"
 echo
 echo "results: $OUT"

@@ -24,10 +24,11 @@ def test_make_bench_quick_form_writes_every_table(tmp_path):
     assert text.startswith("### make bench: ") and "commit" in text
     for header in ("| case | harness s/step | hand-written s/step | harness / hand |",
                    "| variant | step s | tokens/s | vs base (time) |",
-                   "staged / cat: save time"):
+                   "staged / cat: save time",
+                   "| case | measured s/step | predicted s/step | predicted / measured |"):
         assert header in text, header
     for row in ("| fsdp2 fp32 |", "| fsdp2 bf16 |", "| zero3 fp32 |", "| base |", "| no_batch_prefetch |",
-                "| ac_selective_op |"):
+                "| ac_selective_op |", "| fsdp2 | "):
         assert row in text, row
     assert "failed:" not in text
 

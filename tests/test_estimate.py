@@ -227,10 +227,15 @@ def test_cli_step_section_json_and_errors():
     step = json.loads(as_json.stdout)["step"]
     assert step["nodes"] == 2 and step["step_s"] >= step["compute_s"] and 0 < step["mfu"] <= 0.4
     assert {c["op"] for c in step["collectives"]} == {"all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce"}
+    # A GPU not in --gpu: its peak given, the compute time scales with it.
+    slower = subprocess.run([HARNESS, "estimate", "configs/llama-8b.yaml", "--world-size", "16", "--json",
+                             "--peak-tflops", "494.5"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert json.loads(slower.stdout)["step"]["compute_s"] == pytest.approx(2 * step["compute_s"])
     for args, message in (
         (["--world-size", "16", "--nodes", "3"], "--nodes 3 does not divide --world-size 16"),
         (["--world-size", "8", "--mfu", "0"], "--mfu must be in (0, 1]"),
         (["--world-size", "8", "--inter-gbps", "-1"], "--inter-gbps must be > 0"),
+        (["--world-size", "8", "--peak-tflops", "0"], "--peak-tflops must be > 0"),
         (["--world-size", "6", "parallel.replicate=4"], "parallel.replicate=4 does not divide the world size 6"),
     ):
         bad = subprocess.run([HARNESS, "estimate", "configs/tiny.yaml", *args], cwd=ROOT, capture_output=True,

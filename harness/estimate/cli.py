@@ -1,9 +1,10 @@
 """`harness estimate CONFIG [overrides] --world-size N [--nodes M] [--gpu h100|h200|a100]
-[--intra-gbps X --inter-gbps Y] [--mfu F] [--device-gb G] [--json]`."""
+[--intra-gbps X --inter-gbps Y] [--peak-tflops P] [--mfu F] [--device-gb G] [--json]`."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 from typing import Optional, Sequence
@@ -33,6 +34,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=None,
                         help=f"nodes the ranks spread over (default: {GPUS_PER_NODE} GPUs per node)")
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU model: peak FLOPs, memory, bandwidths")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="dense peak TFLOP/s of the compute dtype, for a GPU not in --gpu (its other numbers stay)")
     parser.add_argument("--intra-gbps", type=float, default=None, help="per-GPU bus bandwidth within a node, Gbit/s")
     parser.add_argument("--inter-gbps", type=float, default=None, help="per-GPU bandwidth across nodes, Gbit/s")
     parser.add_argument("--mfu", type=float, default=DEFAULT_MFU,
@@ -49,6 +52,11 @@ def _cluster(args: argparse.Namespace) -> Cluster:
     if nodes < 1 or world % nodes:
         raise HarnessError(f"--nodes {nodes} does not divide --world-size {world}: every node runs the same number of ranks")
     gpu = GPUS[args.gpu]
+    if args.peak_tflops is not None:
+        if args.peak_tflops <= 0:
+            raise HarnessError(f"--peak-tflops must be > 0 (got {args.peak_tflops:g})")
+        peak = args.peak_tflops
+        gpu = dataclasses.replace(gpu, name=f"{gpu.name} at {peak:g} TFLOP/s", peak_tflops={k: peak for k in gpu.peak_tflops})
     for flag in ("intra_gbps", "inter_gbps"):
         value = getattr(args, flag)
         if value is not None and value <= 0:

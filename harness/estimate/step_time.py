@@ -140,7 +140,7 @@ def _exposed(times: list[CollectiveTime], forward_s: float, backward_s: float) -
             continue
         # The first gather of forward and the last reduction of backward have nothing to hide behind.
         edge = max(c.seconds / c.count for c in in_phase)
-        exposed += max(0.0, total - capacity) + min(edge, total)
+        exposed += min(total, max(0.0, total - capacity) + edge)
     exposed += sum(c.seconds for c in times if c.phase == "step")
     return exposed
 
