@@ -10,6 +10,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("harness.train", "run one rank of a training job (same as python -m harness.train)"),
     "export": ("harness.export", "write a Hugging Face folder from a checkpoint (any backend, any world size)"),
     "report": ("harness.report", "compare runs (e.g. fp32/bf16/fp16): curves, deltas, verdict -> html/png/md"),
+    "prepare-data": ("harness.data.cli", "tokenize a config's corpus into shard files in the shared cache, once"),
     "estimate": ("harness.estimate", "predict per-rank memory, collectives and step time for a config on a cluster"),
     "submit": ("harness.submit", "render and sbatch a Slurm job (N nodes x G ranks), requeued on preemption"),
 }

@@ -132,11 +132,31 @@ class ModelConfig:
 
 
 @dataclass
+class SourceConfig:
+    path: str = ""
+    """One corpus of a mixture: anything data.path takes (a local file/folder/glob, bundled:shakespeare, a hub name)."""
+    weight: float = 1.0
+    """Its share of the training tokens, relative to the other sources' weights."""
+    name: str = ""
+    """Its name in metrics (tokens_by_source); default: the file or folder name."""
+    format: Literal["auto", "text", "json", "parquet", "hub", "tokens"] = "auto"
+    """As data.format, for this source."""
+    text_field: str = ""
+    """As data.text_field, for this source (default: data.text_field)."""
+
+    def display_name(self) -> str:
+        if self.name:
+            return self.name
+        stem = self.path.rstrip("/").split("/")[-1]
+        return stem.split(":")[-1].split(".")[0] or self.path
+
+
+@dataclass
 class DataConfig:
     path: str = "bundled:shakespeare"
     """Text source: bundled:shakespeare, a local file/folder/glob (.txt .md .json .jsonl .parquet) or a datasets hub name."""
-    format: Literal["auto", "text", "json", "parquet", "hub"] = "auto"
-    """How to read data.path; auto infers from file extensions, else treats it as a hub name."""
+    format: Literal["auto", "text", "json", "parquet", "hub", "tokens"] = "auto"
+    """How to read data.path; auto infers from file extensions, else treats it as a hub name; tokens reads an existing flat token file (.npy, or the raw .bin nanoGPT/Megatron-style preprocessors write) without tokenizing."""
     name: Optional[str] = None
     """Hub dataset config name (load_dataset's second argument)."""
     split: str = "train"
@@ -149,8 +169,18 @@ class DataConfig:
     """Fraction of the token stream (its tail) held out for evaluation."""
     cache_dir: str = ""
     """Where tokenized corpora are cached. Default: $HARNESS_CACHE/tokens (HARNESS_CACHE defaults to ~/.cache/harness)."""
-    num_proc: int = 1
-    """Processes for tokenization (datasets.map num_proc)."""
+    num_proc: int = 0
+    """Processes that tokenize while preparing the corpus; 0: the cores this process may use."""
+    invalid_utf8: Literal["skip", "fail"] = "skip"
+    """Text files with undecodable bytes: skip drops those bytes and warns with a count; fail stops, naming the file."""
+    shard_mb: int = 1024
+    """Size of each prepared token shard file, in MiB."""
+    wait_timeout_s: int = 3600
+    """How long a rank waits for another process (or node) preparing the same corpus before giving up."""
+    sources: list[SourceConfig] = field(default_factory=list)
+    """A weighted mixture of corpora instead of data.path: [{path, weight, name, format, text_field}, ...]; tokens are drawn in proportion to the weights, in an order fixed by train.seed."""
+    token_dtype: Optional[Literal["uint16", "uint32"]] = None
+    """data.format=tokens with a raw .bin file: the dtype it was written with (default: uint16 when the vocabulary fits, else uint32)."""
     prefetch: bool = True
     """Build the next step's micro-batches in a background thread while a step runs (in page-locked memory on a GPU, so the copies to the device are asynchronous)."""
 
@@ -514,7 +544,24 @@ def validate(cfg: Config) -> None:
         cfg.eval.every == 0 or d.val_fraction > 0,
         f"eval.every={cfg.eval.every} needs held-out data: set data.val_fraction > 0 (e.g. 0.05) or eval.every=0",
     )
-    _require(d.num_proc >= 1, f"data.num_proc must be >= 1 (got {d.num_proc})")
+    _require(d.num_proc >= 0, f"data.num_proc must be >= 0 (0: every core available; got {d.num_proc})")
+    if d.sources:
+        _require(
+            d.path == DataConfig.path,
+            f"data.sources replaces data.path; remove data.path={d.path!r} (or list it as one of the sources)",
+        )
+        names = [source.display_name() for source in d.sources]
+        for i, source in enumerate(d.sources):
+            _require(bool(source.path), f"data.sources[{i}].path is empty; give each source a path")
+            _require(source.weight > 0, f"data.sources[{i}].weight must be > 0 (got {source.weight})")
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        _require(duplicate is None, f"two data.sources are named {duplicate!r}; give them distinct names (data.sources[i].name)")
+    _require(d.shard_mb >= 1, f"data.shard_mb must be >= 1 (got {d.shard_mb})")
+    _require(d.wait_timeout_s >= 1, f"data.wait_timeout_s must be >= 1 (got {d.wait_timeout_s})")
+    _require(
+        d.token_dtype is None or d.format == "tokens",
+        f"data.token_dtype={d.token_dtype} only applies to data.format=tokens (got data.format={d.format})",
+    )
     _require(bool(d.path), "data.path is empty: use bundled:shakespeare, a local file/folder, or a hub dataset name")
     _require(bool(d.tokenizer), "data.tokenizer is empty: use bundled:gpt2, a local folder or a hub id")
 

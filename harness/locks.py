@@ -19,7 +19,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator, Optional
 
 from harness.errors import HarnessError
 
@@ -28,22 +28,57 @@ _POLL_S = 0.2
 
 
 @contextlib.contextmanager
-def file_lock(path: Path, timeout_s: float = 600.0) -> Iterator[None]:
-    """Hold an exclusive lock named by `path` while the block runs."""
+def file_lock(path: Path, timeout_s: float = 600.0, wait_s: Optional[float] = None,
+              on_wait: Optional[Callable[[str], None]] = None) -> Iterator[None]:
+    """Hold an exclusive lock named by `path` while the block runs.
+
+    `timeout_s` bounds the wait on the marker fallback; `wait_s` also bounds an flock wait (None:
+    wait as long as the holder lives, which the kernel knows). `on_wait(holder)` is called once
+    when the lock is found held ("host pid" of the holder, as it wrote it), to say who is waited for."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w") as handle:
+    with open(path, "a+") as handle:
         try:
-            fcntl.flock(handle, fcntl.LOCK_EX)
+            _flock_waiting(handle, path, wait_s, on_wait)
         except OSError as exc:
             if exc.errno not in _NO_FLOCK:
                 raise
-            with marker_lock(path.with_name(path.name + ".held"), timeout_s):
+            if on_wait is not None and (path.with_name(path.name + ".held")).exists():
+                on_wait(_read_holder(path.with_name(path.name + ".held")))
+            with marker_lock(path.with_name(path.name + ".held"), wait_s or timeout_s):
                 yield
             return
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{socket.gethostname()} {os.getpid()}\n")
+        handle.flush()
         try:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _flock_waiting(handle, path: Path, wait_s: Optional[float], on_wait: Optional[Callable[[str], None]]) -> None:
+    if wait_s is None and on_wait is None:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        return
+    deadline = None if wait_s is None else time.monotonic() + wait_s
+    told = False
+    while True:
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            pass
+        holder = _read_holder(path)
+        if not told and on_wait is not None:
+            on_wait(holder)
+            told = True
+        if deadline is not None and time.monotonic() > deadline:
+            raise HarnessError(
+                f"waited {wait_s:.0f}s for {holder or 'another process'} holding {path}; if it is still working, "
+                "wait for it (or raise the timeout), and if it is gone, its lock is released already: run again"
+            )
+        time.sleep(_POLL_S)
 
 
 @contextlib.contextmanager

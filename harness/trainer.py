@@ -17,9 +17,9 @@ from harness.checkpoint import Checkpointer, CheckpointError, choose_resume, loa
 from harness.config import Config, dump_yaml
 from harness.console import Progress, RunSummary, print0
 from harness.diagnose import ForwardProbe, OverflowDiagnosis
-from harness.data import BatchShape, PackedSequences, PrefetchedBatches, TrainBatches, eval_batches, load_corpus
+from harness.data import BatchShape, PrefetchedBatches, TrainBatches, eval_batches, load_corpus
 from harness.dist import RankInfo
-from harness.errors import TrainingAborted
+from harness.errors import HarnessError, TrainingAborted
 from harness.faults import FaultInjector
 from harness.grad_scale import DeviceDecision, GradScaler, StepDecision, build_grad_scaler
 from harness.host_memory import peak_gb as host_peak_gb
@@ -250,6 +250,7 @@ class Trainer:
             agreement=self._agree_at_step_end(local_loss),
             host_fields={
                 "tokens": self.batches.consumed_after(step) * self.cfg.train.seq_len,
+                **({"tokens_by_source": by_source} if (by_source := self.batches.tokens_by_source(step)) else {}),
                 "mem_gb": peak_memory_gb(self.device),
                 "mem_reserved_gb": peak_reserved_gb(self.device),
                 "host_mem_gb": host_peak_gb(),
@@ -376,6 +377,25 @@ class Trainer:
         print(f"[rank {self.info.rank}] {message}", flush=True)
 
 
+def _load_corpus(cfg: Config, info: RankInfo):
+    """The corpus, prepared once per filesystem (each node's first rank reports the progress), and
+    the same on every rank: nodes without a shared filesystem prepare their own copies, and a
+    difference (other files, another tokenizer version) stops the run before step 1."""
+    reporter = info.local_rank == 0
+    corpus = load_corpus(cfg.data, show_progress=reporter, log=print if reporter else (lambda *_: None))
+    if dist.is_initialized() and info.world_size > 1:
+        digests: list = [None] * info.world_size
+        dist.all_gather_object(digests, corpus.digest)
+        odd = next((rank for rank, digest in enumerate(digests) if digest != digests[0]), None)
+        if odd is not None:
+            raise HarnessError(
+                f"rank {odd} prepared a different token stream than rank 0 (sha256 {str(digests[odd])[:12]} vs "
+                f"{str(digests[0])[:12]}): the nodes read different files or tokenizers; give every node the same "
+                "data, or put data.cache_dir on a shared filesystem"
+            )
+    return corpus
+
+
 def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
     policy = precision_policy(cfg.precision)
     check_device_supports(policy, device)
@@ -384,8 +404,8 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
 
-    corpus = load_corpus(cfg.data)
-    print0(info.rank, f"data: {corpus.description}; {len(corpus.train):,} train / {len(corpus.val):,} val tokens")
+    corpus = _load_corpus(cfg, info)
+    print0(info.rank, f"data: {corpus.description}; {corpus.tokens('train'):,} train / {corpus.tokens('val'):,} val tokens")
     spec = model_spec(cfg.model, corpus.vocab_size)
     backend = build_backend(cfg, policy, device, info.world_size)
     # The skeleton holds no weights (meta, or ZeRO-3 partitions); setup allocates this rank's
@@ -432,11 +452,11 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
             scaler.load_state_dict(state.scaler)
             print0(info.rank, f"resume: continuing after step {state.step} of {resume_path}")
     batches = TrainBatches(
-        PackedSequences(corpus.train, cfg.train.seq_len), cfg.train.seed, shape, info.rank, start_step, start_offset
+        corpus.sequences("train", cfg.train.seq_len), cfg.train.seed, shape, info.rank, start_step, start_offset
     )
     eval_data = []
     if cfg.eval.every:
-        val = PackedSequences(corpus.val, cfg.train.seq_len)
+        val = corpus.sequences("val", cfg.train.seq_len)
         eval_data = eval_batches(val, cfg.eval.sequences, cfg.train.micro_batch_size, info.rank, info.world_size)
 
     # Measured last, once everything a step needs is built: what a node must have before step 1.

@@ -32,3 +32,26 @@ def reference_fp32(config: str, overrides: list[str], world_size: int = 2) -> tu
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses, norms
+
+
+def previous_tokens(data_cfg):
+    """The token stream as harness produced it before prepared shards (datasets' text builder
+    with sample_by=document, one datasets.map over the whole corpus, every document's tokens then
+    EOS, empty documents dropped): what every earlier curve and checkpoint was trained on."""
+    import datasets
+    import numpy as np
+
+    from harness.data import load_tokenizer
+    from harness.data.sources import find_source
+
+    source = find_source(data_cfg)
+    assert source.builder == "text", "the reference covers text corpora"
+    dataset = datasets.load_dataset("text", data_files=list(source.files), split="train", sample_by="document")
+    tokenizer = load_tokenizer(data_cfg.tokenizer)
+    tokenizer.model_max_length = 1 << 60
+    encoded = dataset.map(lambda batch: {"ids": tokenizer(list(batch["text"]), add_special_tokens=False)["input_ids"]},
+                          batched=True, remove_columns=dataset.column_names)
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    pieces = [np.asarray(ids + eos) for ids in encoded["ids"] if ids]
+    dtype = np.uint16 if len(tokenizer) <= np.iinfo(np.uint16).max + 1 else np.uint32
+    return np.concatenate(pieces).astype(dtype)

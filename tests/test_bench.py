@@ -52,3 +52,11 @@ def test_scaling_table_quick_form(tmp_path):
     # 8 GPUs: one node, flat FSDP2 only; 64: flat and HSDP with a node per shard group.
     assert [row.split(" | ")[1:3] for row in rows] == [["8", "FSDP2"], ["64", "FSDP2"], ["64", "HSDP 8x8"]]
     assert all(row.rstrip(" |").split(" | ")[-1] for row in rows)
+
+
+def test_prepare_data_bench_quick_form(tmp_path):
+    import sys
+
+    out = _run([sys.executable, "bench/prepare_data.py", "--megabytes", "2", "--workdir", str(tmp_path)], tmp_path)
+    assert "| corpus | tokens | prepare-data tokens/s | tokenizer alone tokens/s |" in out
+    assert "| 2 MB |" in out and "| 4 MB |" in out

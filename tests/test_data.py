@@ -121,8 +121,8 @@ def test_local_files_tokenize_with_eos_between_documents(tmp_path, kind):
     assert everything == expected
     assert len(corpus.val) == int(len(expected) * 0.1)
     assert corpus.vocab_size == 50257
-    # The second load is served from the cache file.
-    cached = list((tmp_path / "cache").glob("*.npy"))
+    # The second load is served from the prepared folder.
+    cached = list((tmp_path / "cache").glob("*/tokens-00000.bin"))
     assert len(cached) == 1
     mtime = cached[0].stat().st_mtime_ns
     again = load_corpus(cfg)

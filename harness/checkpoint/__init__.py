@@ -51,7 +51,7 @@ _STEP_DIR = re.compile(r"^step-(\d+)$")
 # Settings that define which sequences exist and in what order; a resume that changes them
 # cannot continue the same data stream.
 _DATA_KEYS = ("train.seed", "train.seq_len", "data.path", "data.name", "data.split", "data.text_field",
-              "data.tokenizer", "data.val_fraction")
+              "data.tokenizer", "data.val_fraction", "data.sources", "data.format", "data.token_dtype")
 
 
 class CheckpointError(HarnessError):
@@ -438,6 +438,8 @@ def check_compatible(path: Path, manifest: dict, cfg: Config, global_batch: int)
     now = cfg.to_dict()
     for key in _DATA_KEYS:
         before, after = _config_value(saved_cfg, key), _config_value(now, key)
+        if before is None and after in ([], "auto", None):
+            continue  # a key newer than the checkpoint, at its default: the same data as before
         if before != after:
             raise CheckpointError(
                 f"the checkpoint was written with {key}={before!r} and this run has {after!r}: the data position "

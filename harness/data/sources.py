@@ -1,0 +1,252 @@
+"""Where the text comes from, read as a stream of documents in a fixed order, in bounded memory.
+
+A source is local files (text, json/jsonl, parquet), the bundled plays, or a `datasets` hub
+dataset. Documents are what the tokenizer sees as one unit, each followed by EOS in the token
+stream: a whole text file (as `datasets`' text builder with sample_by=document reads it:
+UTF-8, universal newlines), or one row's text field (json, parquet, hub; read with `datasets` in
+streaming mode, so no row group or file is held whole).
+
+A text file larger than PIECE_CHARS is handed over in pieces cut at a pre-token boundary of the
+tokenizer (pretoken_cutter), which byte-level BPE tokenizers (GPT-2's, Llama 3's, SmolLM2's) never
+merge across, so the tokens are those of the whole file and memory stays bounded however large
+the file is. (SentencePiece tokenizers without such boundaries read a text file whole.)
+"""
+
+from __future__ import annotations
+
+import codecs
+import glob
+import io
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+from harness import assets
+from harness.config import DataConfig
+from harness.errors import HarnessError, first_line
+
+FORMATS = {".txt": "text", ".md": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+PIECE_CHARS = 8 << 20
+_READ_CHARS = 1 << 20
+_CUT_WINDOW = 1 << 14
+_CUT_MARGIN = 1 << 10
+_INVALID_UTF8 = "harness-count-invalid-utf8"
+
+
+@dataclass(frozen=True)
+class Source:
+    builder: str
+    """text | json | parquet, or a hub dataset name."""
+    files: tuple[str, ...]
+    path: str
+    """data.path as the user wrote it (for messages)."""
+    hub_name: str | None = None
+    split: str = "train"
+    text_field: str = "text"
+
+    @property
+    def is_local(self) -> bool:
+        return bool(self.files)
+
+    def identity(self) -> list[Any]:
+        """What the token cache key depends on: files by size and mtime, or the hub name."""
+        stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in self.files]
+        field = "text" if self.builder == "text" else self.text_field
+        return [self.builder, stats, self.hub_name, self.split, field]
+
+    def total_bytes(self) -> int:
+        return sum(os.stat(f).st_size for f in self.files)
+
+
+def find_source(cfg: DataConfig, path: str | None = None, fmt: str | None = None, text_field: str | None = None) -> Source:
+    """The source data.path (or a data.sources entry's path) names."""
+    path = path or cfg.path
+    fmt = fmt or cfg.format
+    field_name = text_field or cfg.text_field
+    if assets.is_bundled(path):
+        files = tuple(str(f) for f in assets.bundled_text_files(path))
+        return Source("text", files, path)
+    files = local_files(path)
+    if files is None:
+        if fmt not in ("auto", "hub"):
+            raise HarnessError(f"data.path {path!r} does not exist; point it at a local {fmt} file or folder")
+        return Source(path, (), path, hub_name=cfg.name, split=cfg.split, text_field=field_name)
+    builder = fmt if fmt != "auto" else format_of(files, path)
+    for f in files:
+        if os.stat(f).st_size == 0:
+            raise HarnessError(f"data file {f} is empty; remove it or point data.path elsewhere")
+    return Source(builder, tuple(files), path, text_field=field_name)
+
+
+def local_files(path: str) -> list[str] | None:
+    """The files a local data.path names, or None if it is not local (then it is a hub name)."""
+    expanded = os.path.expanduser(path)
+    if any(ch in expanded for ch in "*?["):
+        files = sorted(f for f in glob.glob(expanded, recursive=True) if os.path.isfile(f))
+        if not files:
+            raise HarnessError(f"data.path {path!r} matches no files; check the pattern")
+        return files
+    p = Path(expanded)
+    if p.is_file():
+        return [str(p)]
+    if p.is_dir():
+        files = sorted(str(f) for f in p.rglob("*") if f.is_file() and f.suffix.lower() in FORMATS)
+        if not files:
+            raise HarnessError(f"data.path {path!r} has no {', '.join(sorted(FORMATS))} files")
+        return files
+    if expanded.startswith((".", "/", "~")) or Path(expanded).suffix.lower() in FORMATS:
+        raise HarnessError(f"data.path {path!r} does not exist; check the path (or use bundled:shakespeare)")
+    return None
+
+
+def format_of(files: list[str], path: str) -> str:
+    formats = {FORMATS.get(Path(f).suffix.lower()) for f in files}
+    if None in formats:
+        odd = next(f for f in files if Path(f).suffix.lower() not in FORMATS)
+        raise HarnessError(f"data.path {path!r}: cannot tell the format of {odd}; set data.format=text|json|parquet")
+    if len(formats) > 1:
+        raise HarnessError(f"data.path {path!r} mixes formats {sorted(formats)}; point it at one kind of file")
+    return formats.pop()
+
+
+# --------------------------------------------------------------------------------------------
+# Reading documents
+
+
+@dataclass
+class Piece:
+    """Part (or all) of one document's text."""
+
+    text: str
+    first: bool
+    last: bool
+
+
+@dataclass
+class ReadStats:
+    invalid_utf8: int = 0
+    """Undecodable bytes skipped (data.invalid_utf8=skip)."""
+    invalid_files: list[str] = field(default_factory=list)
+    bytes_read: int = 0
+    """Of local files, for the progress bar's ETA."""
+    skipped_rows: int = 0
+    """Rows whose text field was null."""
+
+
+class _Counter:
+    """A codecs error handler that drops each undecodable byte and counts it."""
+
+    def __init__(self) -> None:
+        self.count = 0
+
+    def __call__(self, error: UnicodeDecodeError):
+        self.count += error.end - error.start
+        return "", error.end
+
+
+_counter = _Counter()
+codecs.register_error(_INVALID_UTF8, _counter)
+
+
+def iter_pieces(source: Source, invalid_utf8: str, stats: ReadStats,
+                cutter: Optional[Callable[[str], int]] = None) -> Iterator[Piece]:
+    """Every document of `source`, in order; with a `cutter` (pretoken_cutter), text files come
+    in pieces of about PIECE_CHARS characters."""
+    if source.builder == "text" and source.is_local:
+        for path in source.files:
+            yield from _text_file_pieces(path, invalid_utf8, stats, cutter)
+    else:
+        yield from _row_pieces(source, stats)
+
+
+def _text_file_pieces(path: str, invalid_utf8: str, stats: ReadStats,
+                      cutter: Optional[Callable[[str], int]]) -> Iterator[Piece]:
+    errors = _INVALID_UTF8 if invalid_utf8 == "skip" else "strict"
+    before = _counter.count
+    raw = open(path, "rb")
+    with io.TextIOWrapper(raw, encoding="utf-8", errors=errors, newline=None) as f:
+        pending, first = "", True
+        try:
+            while True:
+                block = f.read(_READ_CHARS)
+                if not block:
+                    break
+                pending += block
+                if cutter is not None and len(pending) >= PIECE_CHARS:
+                    cut = cutter(pending)
+                    if cut > 0:
+                        yield Piece(pending[:cut], first, False)
+                        pending, first = pending[cut:], False
+        except UnicodeDecodeError as exc:
+            raise HarnessError(
+                f"data file {path} is not valid UTF-8 ({first_line(exc)}); fix the file, or set "
+                "data.invalid_utf8=skip to drop undecodable bytes with a count"
+            ) from None
+        stats.bytes_read += os.stat(path).st_size
+        yield Piece(pending, first, True)
+    skipped = _counter.count - before
+    if skipped:
+        stats.invalid_utf8 += skipped
+        stats.invalid_files.append(path)
+
+
+def pretoken_cutter(tokenizer) -> Optional[Callable[[str], int]]:
+    """A function giving where a long text can be cut without changing its tokens, or None when
+    the tokenizer gives no such guarantee (no pre-tokenizer, or SentencePiece's Metaspace, which
+    marks the start of every text it sees).
+
+    Byte-level BPE merges only inside pre-tokens, and a regex pre-tokenizer restarts cleanly at a
+    pre-token boundary: a cut there, after a non-space character (a trailing space would be
+    matched differently at the end of a piece), leaves every token as it was. The boundary is
+    found by pre-tokenizing a window at the end of the text, away from the window's edges."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    pre = getattr(backend, "pre_tokenizer", None)
+    if pre is None or "Metaspace" in repr(pre):
+        return None
+
+    def cut(text: str) -> int:
+        lo = max(0, len(text) - _CUT_WINDOW)
+        window = text[lo:]
+        margin = min(_CUT_MARGIN, len(window) // 4)
+        for _, (start, _end) in reversed(pre.pre_tokenize_str(window)):
+            if margin <= start <= len(window) - margin and not window[start - 1].isspace():
+                return lo + start
+        return 0
+
+    return cut
+
+
+def _row_pieces(source: Source, stats: ReadStats) -> Iterator[Piece]:
+    import datasets
+
+    field_name = source.text_field
+    try:
+        if source.is_local:
+            rows = datasets.load_dataset(source.builder, data_files=list(source.files), split="train", streaming=True)
+        else:
+            kwargs = {"name": source.hub_name} if source.hub_name else {}
+            rows = datasets.load_dataset(source.builder, split=source.split, streaming=True, **kwargs)
+        for i, row in enumerate(rows):
+            if i == 0 and field_name not in row:
+                raise HarnessError(
+                    f"data.text_field={field_name!r} is not a column of {source.path!r}; columns: {', '.join(row)}"
+                )
+            text = row[field_name]
+            if text is None:
+                stats.skipped_rows += 1
+                continue
+            if not isinstance(text, str):
+                raise HarnessError(
+                    f"data.text_field={field_name!r} of {source.path!r} holds {type(text).__name__}, not text; "
+                    "point data.text_field at a string column"
+                )
+            yield Piece(text, True, True)
+    except HarnessError:
+        raise
+    except Exception as exc:  # datasets/pyarrow raise many types for unreadable files
+        raise HarnessError(
+            f"data.path {source.path!r} could not be read ({first_line(exc)}); "
+            "check the file (a corrupt parquet/json file?) or point data.path elsewhere"
+        ) from None
+    stats.bytes_read = source.total_bytes()
