@@ -137,7 +137,9 @@ def test_processes_sharing_a_cache_prepare_once(tmp_path):
     corpus = generated_corpus(tmp_path / "corpus", 6)
     cache = tmp_path / "cache"
     first = _prepare_cli(corpus, cache)
-    time.sleep(1.0)
+    deadline = time.monotonic() + 120
+    while not list(cache.glob("*.tmp-*")) and time.monotonic() < deadline:  # the first one holds the lock
+        time.sleep(0.05)
     second = _prepare_cli(corpus, cache)
     outputs = [p.communicate(timeout=300) for p in (first, second)]
     assert first.returncode == second.returncode == 0, outputs
