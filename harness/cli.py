@@ -18,7 +18,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
 
 def _usage() -> str:
     lines = ["usage: harness COMMAND [args]", "", "commands:"]
-    lines += [f"  {name:<10} {doc}" for name, (_, doc) in COMMANDS.items()]
+    width = max(len(name) for name in COMMANDS)
+    lines += [f"  {name:<{width}}  {doc}" for name, (_, doc) in COMMANDS.items()]
     return "\n".join(lines)
 
 
