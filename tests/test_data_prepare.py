@@ -185,10 +185,12 @@ def test_token_files_train_on_the_same_batches(tmp_path):
     reference = TrainBatches(PackedSequences(prepared, 32), 7, shape, 0)
     for name, dtype in (("tokens.npy", None), ("tokens16.bin", None), ("tokens32.bin", "uint32")):
         corpus = load_corpus(DataConfig(path=str(tmp_path / name), format="tokens", token_dtype=dtype,
-                                        val_fraction=0.0))
+                                        val_fraction=0.0, cache_dir=str(tmp_path / "cache")))
         batches = TrainBatches(corpus.sequences("train", 32), 7, shape, 0)
         for step in (1, 9):
             assert all((a == b).all() for a, b in zip(batches.micro_batches(step), reference.micro_batches(step)))
+    # Each file's vocabulary scan is done once and remembered (not on every start and rank).
+    assert len(list((tmp_path / "cache" / "checked").glob("*.checked"))) == 3
 
 
 # --------------------------------------------------------------------------------------------

@@ -90,9 +90,9 @@ def load_corpus(cfg: DataConfig, show_progress: bool = True, log=print) -> Token
         split = len(stream) - n_val
         parts.append(CorpusPart(name or path, weight, stream.view(0, split), stream.view(split, len(stream))))
         folders.append(folder)
-        digests.append(f"{name}:{weight}:{digest}")
+        digests.append((name, weight, digest))
         described.append(f"{name}={weight:g}: {what}" if name else what)
-    digest = digests[0].split(":", 2)[2] if len(digests) == 1 else hashlib.sha256("|".join(digests).encode()).hexdigest()
+    digest = digests[0][2] if len(digests) == 1 else hashlib.sha256(repr(digests).encode()).hexdigest()
     description = described[0] if len(described) == 1 else "mixture of " + "; ".join(described)
     return TokenCorpus(parts, len(tokenizer), description, digest, folders)
 
@@ -104,7 +104,9 @@ def _load_source(cfg: DataConfig, tokenizer, tokenizer_path: str, name: str, pat
     from harness.data.stream import open_token_file
 
     if fmt == "tokens":
-        stream = open_token_file(path, cfg.token_dtype, len(tokenizer))
+        from harness.data.prepare import cache_dir
+
+        stream = open_token_file(path, cfg.token_dtype, len(tokenizer), cache_dir(cfg) / "checked")
         return stream, f"tokens:{path}:{len(stream)}", f"{path} (used as it is)", \
             f"{path} (prepared tokens, {len(stream):,} tokens)"
     source = find_source(cfg, path, fmt, text_field)

@@ -52,8 +52,8 @@ class Source:
     def identity(self) -> list[Any]:
         """What the token cache key depends on: files by size and mtime, or the hub name."""
         stats = [(f, os.stat(f).st_size, os.stat(f).st_mtime_ns) for f in self.files]
-        field = "text" if self.builder == "text" else self.text_field
-        return [self.builder, stats, self.hub_name, self.split, field]
+        column = "text" if self.builder == "text" else self.text_field
+        return [self.builder, stats, self.hub_name, self.split, column]
 
     def total_bytes(self) -> int:
         return sum(os.stat(f).st_size for f in self.files)

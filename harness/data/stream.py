@@ -15,6 +15,7 @@ stream of one shard.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -90,8 +91,10 @@ def open_prepared(folder: Path) -> tuple[TokenStream, dict]:
     return TokenStream(shards), index
 
 
-def open_token_file(path: str, dtype_name: Optional[str], vocab_size: int) -> TokenStream:
-    """data.format=tokens: an existing flat token file, checked against the vocabulary."""
+def open_token_file(path: str, dtype_name: Optional[str], vocab_size: int, checked_dir: Optional[Path] = None) -> TokenStream:
+    """data.format=tokens: an existing flat token file, checked against the vocabulary. The check
+    reads the whole file once; with `checked_dir` its result is kept there (keyed by the file's
+    path, size and mtime), so later starts and the other ranks do not read terabytes again."""
     file = Path(path).expanduser()
     if not file.is_file():
         raise HarnessError(f"data.path {path!r} does not exist; point data.format=tokens at a .npy or .bin token file")
@@ -112,8 +115,23 @@ def open_token_file(path: str, dtype_name: Optional[str], vocab_size: int) -> To
                 "set data.token_dtype to the dtype it was written with"
             )
         tokens = np.memmap(file, dtype=dtype, mode="r")
-    _check_vocabulary(tokens, vocab_size, file)
+    _check_vocabulary_once(tokens, vocab_size, file, checked_dir)
     return TokenStream([tokens])
+
+
+def _check_vocabulary_once(tokens: np.ndarray, vocab_size: int, file: Path, checked_dir: Optional[Path]) -> None:
+    if checked_dir is None:
+        _check_vocabulary(tokens, vocab_size, file)
+        return
+    stat = file.stat()
+    key = hashlib.sha256(json.dumps([str(file.resolve()), stat.st_size, stat.st_mtime_ns, tokens.dtype.name,
+                                     vocab_size]).encode()).hexdigest()[:20]
+    marker = checked_dir / f"{key}.checked"
+    if marker.exists():
+        return
+    _check_vocabulary(tokens, vocab_size, file)
+    checked_dir.mkdir(parents=True, exist_ok=True)
+    marker.write_text(f"{file}: every id below {vocab_size}\n")
 
 
 def _check_vocabulary(tokens: np.ndarray, vocab_size: int, file: Path, block: int = 1 << 24) -> None:
