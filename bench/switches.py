@@ -160,18 +160,39 @@ def main() -> None:
                         help="another variant, NAME=override;override;... (run with the set's)")
     parser.add_argument("--no-plain", action="store_true", help="skip the hand-written loop (GPU set)")
     parser.add_argument("--out", default=None, help="append the Markdown table to this file")
+    parser.add_argument("--sdpa", choices=("default", "flash", "cudnn", "efficient"), default="default",
+                        help="restrict scaled_dot_product_attention to one kernel for every variant")
     args = parser.parse_args()
+    with _sdpa_backend(args.sdpa):
+        run(args)
+
+
+def _sdpa_backend(name: str):
+    """The attention kernel every variant uses: torch picks one per call by default; the others
+    pin one, to compare (cuDNN's Hopper kernels against FlashAttention-2, say)."""
+    import contextlib
+
+    if name == "default":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+               "efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+    return sdpa_kernel([backend])
+
+
+def run(args) -> None:
 
     from harness import dist as hdist
     from harness.config import load_config
 
     info, device = hdist.start(timeout_s=900)
     variants = dict(VARIANTS[args.set])
+    if args.only:  # --only picks among the set's variants; --extra ones always run
+        variants = {k: v for k, v in variants.items() if k in args.only.split(",") or k == "base"}
     for extra in args.extra:
         name, _, overrides = extra.partition("=")
         variants[name] = [o for o in overrides.split(";") if o]
-    if args.only:
-        variants = {k: v for k, v in variants.items() if k in args.only.split(",") or k == "base"}
     shape = [f"train.steps={1 + args.rounds * args.steps}", "eval.every=0", "log.progress=off", "checkpoint.every=0", *args.override]
     rows: dict[str, dict] = {}
     plain = args.set == "gpu" and info.world_size == 1 and not args.no_plain
@@ -237,7 +258,8 @@ def _fmt(value, spec: str) -> str:
 def _table(args, world_size: int, device: torch.device, rows: dict) -> str:
     base = rows.get("base", {}).get("step_time_s")
     lines = [f"config `{args.config}`, set `{args.set}`, {world_size} rank(s), device {device}, "
-             f"{args.steps} steps per variant after one warm-up step",
+             f"{args.steps} steps per variant after one warm-up step"
+             + ("" if args.sdpa == "default" else f", attention kernel {args.sdpa}"),
              "", "| variant | step s | tokens/s | vs base (time) | MFU | device mem GiB | host GiB added | loss |",
              "|---|---|---|---|---|---|---|---|"]
     for name, row in rows.items():
