@@ -429,6 +429,8 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
         f"model: {model_name}, {n_params:,} parameters; {backend.name} over {info.world_size} rank(s), "
         f"compute {cfg.precision}, master weights fp32",
     )
+    for note in backend.notes:
+        print0(info.rank, f"note: {note}")
     faults = FaultInjector(cfg.faults, info.rank)
     faults.attach(backend.module)  # before the probe, so the probe sees injected values
     probe = ForwardProbe(backend.module) if cfg.debug.nan_hooks else None

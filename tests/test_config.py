@@ -98,6 +98,7 @@ BAD = [
     (["train=3"], "train must be a mapping"),
     (["train.steps"], "is not of the form key.sub=value"),
     (["train.steps.deep=1"], "goes inside train.steps, which is not a section"),
+    (["model.vocab_multiple_of=0"], "model.vocab_multiple_of must be >= 1"),
     (["model.selective_ac=0"], "model.selective_ac must be op or a positive integer k"),
     (["model.activation_checkpointing=some"], "model.activation_checkpointing must be one of none, full, selective"),
     (["model.gradient_checkpointing=true", "model.activation_checkpointing=selective"], "keep one"),

@@ -18,7 +18,18 @@ def test_seeded_from_scratch_build_is_identical():
     for (name, p), (_, q) in zip(a.named_parameters(), b.named_parameters()):
         assert torch.equal(p, q), name
     assert all(p.dtype == torch.float32 for p in a.parameters())
-    assert a.get_input_embeddings().num_embeddings == 100
+    assert a.get_input_embeddings().num_embeddings == 128  # 100 tokens, rows padded to a multiple of 64
+
+
+def test_from_scratch_rows_are_padded_to_the_multiple_and_explicit_sizes_kept():
+    def rows(vocab_size, **model):
+        return build_model(ModelConfig(**model), vocab_size=vocab_size, seed=0).get_output_embeddings().weight.shape[0]
+
+    assert rows(50257, config=GPT2) == 50304  # nanoGPT's padded GPT-2 vocabulary
+    assert rows(128, config=GPT2) == 128
+    assert rows(100, config=GPT2, vocab_multiple_of=1) == 100
+    assert rows(100, config=GPT2, vocab_multiple_of=128) == 128
+    assert rows(100, config=dict(GPT2, vocab_size=101)) == 101  # the user's own size wins
 
 
 def test_blocks_and_flops_count_tied_head_once():
@@ -36,14 +47,14 @@ def test_untied_llama_excludes_the_input_table():
                num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=False)
     model = build_model(ModelConfig(config=cfg), vocab_size=50, seed=0)
     total = sum(p.numel() for p in model.parameters())
-    assert flops_per_token(model, seq_len=4) == 6 * (total - 50 * 16) + 12 * 1 * 16 * 4
+    assert flops_per_token(model, seq_len=4) == 6 * (total - 64 * 16) + 12 * 1 * 16 * 4  # 50 rows padded to 64
 
 
 def test_loss_is_next_token_cross_entropy():
     model = build_model(ModelConfig(config=GPT2), vocab_size=100, seed=0).eval()  # no dropout
     batch = torch.randint(0, 100, (2, 9))
     logits = model(input_ids=batch[:, :-1]).logits
-    want = torch.nn.functional.cross_entropy(logits.reshape(-1, 100), batch[:, 1:].reshape(-1))
+    want = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
     torch.testing.assert_close(next_token_loss(model, batch), want)
 
 

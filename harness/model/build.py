@@ -51,7 +51,7 @@ def model_spec(cfg: ModelConfig, vocab_size: int) -> ModelSpec:
     else:
         kwargs = dict(cfg.config)
         model_type = kwargs.pop("model_type")
-        kwargs.setdefault("vocab_size", vocab_size)
+        kwargs.setdefault("vocab_size", padded_vocab(vocab_size, cfg.vocab_multiple_of))
         try:
             hf_config = AutoConfig.for_model(model_type, **kwargs)
         except ValueError as exc:
@@ -66,6 +66,13 @@ def model_spec(cfg: ModelConfig, vocab_size: int) -> ModelSpec:
             "set model.config.vocab_size or use the model's own tokenizer (data.tokenizer)"
         )
     return ModelSpec(hf_config, pretrained_dir, cfg.checkpointing_mode(), cfg.selective_ac)
+
+
+def padded_vocab(tokens: int, multiple: int) -> int:
+    """Embedding rows for a from-scratch model: the tokenizer's size rounded up to `multiple`.
+    cuBLAS picks its fast tensor-core kernels only for dimensions aligned to 8 elements or more;
+    GPT-2's 50,257 rows ran the output matmuls in align-1 kernels at a fraction of the speed."""
+    return -(-tokens // multiple) * multiple
 
 
 def on_meta_device() -> ContextManager:

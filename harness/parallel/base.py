@@ -57,6 +57,10 @@ class ParallelBackend(ABC):
     HSDP replica other than the first): they count once in the global gradient norm, in the
     initial-weights coverage check, and in a checkpoint (only the first replica writes them)."""
 
+    notes: tuple[str, ...] = ()
+    """One-line remarks on this configuration that the user should read at start-up (a switch
+    known to cost rather than save on this backend, say); printed once by rank 0."""
+
     def construction_context(self, hidden_size: int) -> Optional[ContextManager]:
         """Where the model's parameters are created; None: on the meta device (no memory), to be
         allocated shard by shard in setup()."""
