@@ -14,16 +14,7 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$ROOT"
 OUT=${1:-${OUT:-runs/gpu-bench}}
 mkdir -p "$OUT"
-PYTHON=${PYTHON:-python3}
-[[ -x .venv/bin/python && -z "${VIRTUAL_ENV:-}" ]] && PYTHON=.venv/bin/python
-if ! "$PYTHON" -c "import datasets, deepspeed" 2>/dev/null && compgen -G ".whl/*.whl" >/dev/null; then
-  "$PYTHON" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/harness-site .whl/*.whl \
-    || { echo "gpu.sh: installing .whl/ failed" >&2; exit 1; }
-  export PYTHONPATH=/tmp/harness-site:$ROOT${PYTHONPATH:+:$PYTHONPATH}
-else
-  export PYTHONPATH=$ROOT${PYTHONPATH:+:$PYTHONPATH}
-fi
-export HARNESS_CACHE=${HARNESS_CACHE:-/tmp/harness-cache} PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+source bench/gpu_env.sh
 STEPS=${STEPS:-8}
 
 CONFIG=configs/llama-1b.yaml

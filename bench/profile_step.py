@@ -112,7 +112,7 @@ def report(prof, wall_us: float, steps: int, top: int, on_gpu: bool) -> None:
     print("\n| kind | ms/step | share of kernel time |\n|---|---|---|")
     for kind, us in sorted(by_kind.items(), key=lambda kv: -kv[1]):
         print(f"| {kind} | {us / 1e3 / steps:.1f} | {us / busy:.1%} |")
-    print(f"\n| top kernel | kind | ms/step |\n|---|---|---|")
+    print("\n| top kernel | kind | ms/step |\n|---|---|---|")
     for name, us in sorted(by_name.items(), key=lambda kv: -kv[1])[:top]:
         print(f"| {name[:90]} | {kind_of(name)} | {us / 1e3 / steps:.2f} |")
 

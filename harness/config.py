@@ -40,6 +40,18 @@ class RunConfig:
 
 
 @dataclass
+class SpikeConfig:
+    action: Literal["warn", "skip", "rollback"] = "warn"
+    """What a loss spike does: warn (a line and `spike: true` on the step's row), skip (the step's update is not applied, decided on the device for all ranks), or rollback (the update is skipped, then the run reloads the last checkpoint before the spike and continues with the spiking batches left out)."""
+    factor: float = 3.0
+    """A step's loss (mean over ranks) is a spike when it is above factor x the median of the last train.spike.window losses, or not finite on any rank."""
+    window: int = 50
+    """Steps in the running median; detection starts once that many losses are known."""
+    max_rollbacks: int = 3
+    """With action=rollback: stop the run (exit 3) at the spike after this many rollbacks."""
+
+
+@dataclass
 class TrainConfig:
     steps: int = 100
     """Number of optimizer steps (skipped steps included)."""
@@ -71,6 +83,8 @@ class TrainConfig:
     """Clip the global gradient norm (over all ranks' shards) to this value; 0 disables clipping."""
     loss_chunk_tokens: int = 0
     """Chunked cross-entropy for large vocabularies: the output head computes the fp32 loss this many tokens at a time and recomputes each chunk's logits in backward, so a micro-batch's logits are never held whole (e.g. 4096). 0: off (the plain logits + cross entropy)."""
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
+    """Loss-spike detection: a loss far above its running median, or a non-finite loss on any rank."""
     compile: bool = False
     """torch.compile each transformer block (torchtitan's recipe; inductor: Triton on GPU, C++ on CPU). The first step pays the compilation (tens of seconds per distinct block)."""
 
@@ -223,6 +237,16 @@ class FaultsConfig:
     """Write the value into this module's forward output (dotted name, as in named_modules) instead of a gradient."""
     kill_at_step: int = 0
     """Every rank SIGKILLs itself right after step N (and its checkpoint, if one is due): a crash drill. 0: never."""
+    loss_spike_steps: list[int] = field(default_factory=list)
+    """Steps whose loss is multiplied by faults.loss_spike_factor on every rank (gradients included): a loss-spike drill."""
+    loss_spike_factor: float = 10.0
+    """The multiplier of faults.loss_spike_steps."""
+    hang_at_step: int = 0
+    """Rank faults.hang_rank sleeps inside the forward pass of step N for faults.hang_s seconds: a hang drill for the watchdog. 0: never."""
+    hang_rank: int = 0
+    """The rank that hangs."""
+    hang_s: float = 3600.0
+    """How long it sleeps."""
 
 
 @dataclass
@@ -249,6 +273,8 @@ class LogConfig:
     """wandb tags."""
     wandb_mode: Optional[Literal["online", "offline", "disabled"]] = None
     """wandb mode. Default: WANDB_MODE from the environment, else online."""
+    wandb_connect_timeout_s: float = 15.0
+    """Online mode: how long to try reaching the wandb server before logging offline instead (compute nodes often have no internet); the warning prints the `wandb sync` command."""
 
 
 @dataclass
@@ -257,6 +283,8 @@ class DebugConfig:
     """Check every module's forward output for inf/nan and name the first one when a step is skipped (slow)."""
     count_syncs: bool = False
     """Add host_syncs (device->host reads) and collectives (count and bytes per torch.distributed op) of each step to its metrics row, to find what stalls a step (slows every op a little)."""
+    resources_every: int = 0
+    """Every N steps (and at the first step and the end) each rank appends its resident memory, open file descriptors and threads to run.dir/resources/rank-<r>.jsonl, to find leaks in long runs (bench/soak.sh). 0: off."""
 
 
 @dataclass
@@ -571,6 +599,14 @@ def validate(cfg: Config) -> None:
         cfg.train.loss_chunk_tokens >= 0,
         f"train.loss_chunk_tokens must be >= 0 (0 disables chunked cross-entropy; got {cfg.train.loss_chunk_tokens})",
     )
+    _require(cfg.debug.resources_every >= 0, f"debug.resources_every must be >= 0 (got {cfg.debug.resources_every})")
+    sp = cfg.train.spike
+    _require(sp.factor > 1, f"train.spike.factor must be > 1 (a loss above factor x its running median is a spike; got {sp.factor:g})")
+    _require(sp.window >= 1, f"train.spike.window must be >= 1 (got {sp.window})")
+    _require(sp.max_rollbacks >= 0, f"train.spike.max_rollbacks must be >= 0 (got {sp.max_rollbacks})")
+    fl = cfg.faults
+    _require(fl.loss_spike_factor > 0, f"faults.loss_spike_factor must be > 0 (got {fl.loss_spike_factor:g})")
+    _require(fl.hang_s > 0 and fl.hang_at_step >= 0, "faults.hang_s must be > 0 and faults.hang_at_step >= 0")
     m = cfg.model
     _require(m.vocab_multiple_of >= 1, f"model.vocab_multiple_of must be >= 1 (1: no padding; got {m.vocab_multiple_of})")
     _require(
@@ -655,6 +691,10 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
         rank < world_size,
         f"faults.nonfinite_grad_rank={rank} but the job has {world_size} rank(s): use 0..{world_size - 1}",
     )
+    _require(
+        not cfg.faults.hang_at_step or cfg.faults.hang_rank < world_size,
+        f"faults.hang_rank={cfg.faults.hang_rank} but the job has {world_size} rank(s): use 0..{world_size - 1}",
+    )
     replicas = cfg.parallel.replicate
     _require(
         world_size % replicas == 0,
@@ -666,6 +706,10 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
         f"parallel.replicate={replicas} on {world_size} rank(s) leaves one rank per ZeRO-3 group, and hpZ needs at "
         f"least 2: use parallel.replicate <= {world_size // 2}, or parallel.backend=fsdp2 (plain replication)",
     )
+    if cfg.parallel.accelerate_config:
+        from harness.parallel.accelerate_config import check_world_size
+
+        check_world_size(cfg.parallel.accelerate_config, world_size)
     if cfg.parallel.deepspeed_config:
         from harness.parallel.deepspeed_json import check_hierarchy, check_train_batch_size
 

@@ -200,6 +200,20 @@ def init_process_group(info: RankInfo, dist_backend: str, timeout_s: int, device
         ) from None
 
 
+# What gloo, NCCL and the store say when the other side of a collective went away.
+_LOST_PEER_MESSAGES = ("connection closed by peer", "connection reset", "broken pipe", "timed out", "timeout",
+                       "nccl communicator was aborted", "socket", "read error", "write error")
+
+
+def lost_a_rank(exc: BaseException) -> bool:
+    """Whether an exception from a training step is a collective failing because a peer rank
+    died or stopped answering (rather than a bug, which keeps its traceback)."""
+    if isinstance(exc, dist.DistError):
+        return True
+    text = str(exc).lower()
+    return isinstance(exc, RuntimeError) and any(m in text for m in _LOST_PEER_MESSAGES)
+
+
 def shutdown() -> None:
     """Leave the process group cleanly. gloo can abort at interpreter exit otherwise (pytorch #190489)."""
     if dist.is_initialized():

@@ -1,4 +1,5 @@
-"""Deliberate non-finite gradients, for tests and drills of the skip/scale machinery."""
+"""Deliberate faults, for tests and drills: non-finite gradients and outputs (the skip/scale
+machinery), loss spikes (train.spike), a rank that hangs (the watchdog) and a crash (resume)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import math
 import os
 import signal
 import sys
+import time
 from typing import Optional, Sequence
 
 import torch
@@ -28,6 +30,10 @@ class FaultInjector:
         self.param = cfg.nonfinite_grad_param
         self.forward_module = cfg.nonfinite_forward_module
         self.kill_at_step = cfg.kill_at_step
+        self.spike_steps = set(cfg.loss_spike_steps)
+        self.spike_factor = cfg.loss_spike_factor
+        self._spiked: set[int] = set()
+        self.hang = (cfg.hang_at_step, cfg.hang_s) if cfg.hang_at_step and rank == cfg.hang_rank else None
         self.step = 0
 
     def attach(self, model: nn.Module) -> None:
@@ -55,6 +61,25 @@ class FaultInjector:
         print(f"[rank {self.rank}] step {self.step}: fault injected: {self.value_at[self.step]} into the output "
               f"of {self.forward_module}", flush=True)
         return (corrupted, *output[1:]) if isinstance(output, tuple) else corrupted
+
+    def scale_loss(self, step: int, loss):
+        """faults.loss_spike_steps: the step's loss (and so its gradients) times the factor, on
+        every rank, the first time the step runs: a bad batch, which a rollback leaves out."""
+        if step in self.spike_steps and step not in self._spiked:
+            self._spiked_now = step
+            return loss * self.spike_factor
+        return loss
+
+    def end_step(self, step: int) -> None:
+        if getattr(self, "_spiked_now", None) == step:
+            self._spiked.add(step)
+
+    def maybe_hang(self, step: int) -> None:
+        """faults.hang_at_step: this rank stops making progress inside the step's forward pass."""
+        if self.hang is not None and step == self.hang[0]:
+            print(f"[rank {self.rank}] step {step}: fault injected: sleeping {self.hang[1]:g} s inside forward",
+                  flush=True)
+            time.sleep(self.hang[1])
 
     def maybe_kill(self, step: int) -> None:
         """The crash drill: die the way a preempted or OOM-killed job dies, with no cleanup."""

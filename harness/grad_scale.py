@@ -3,9 +3,10 @@
 Per optimizer step, after backward has left this rank's (sharded, fp32, still scaled) gradients:
 
   1. per-tensor norms of the local shards (accumulated in fp64), in one pass;
-  2. ONE all-reduce (SUM) of the local sums of squares: inf and nan propagate through a sum, so
-     the result is both the skip decision (non-finite anywhere) and, when finite, the global
-     norm, bit-identical on every rank and equal to the norm of the unsharded gradient;
+  2. ONE all-reduce (SUM) of the local sums of squares and the local losses: inf and nan
+     propagate through a sum, so the result is both the skip decision (non-finite anywhere) and,
+     when finite, the global norm, bit-identical on every rank and equal to the norm of the
+     unsharded gradient; the summed loss feeds the loss-spike check (harness.spikes);
   3. one multiplier that unscales and clips together (scales are powers of two, so folding 1/scale
      into the clip coefficient changes no bits), which the backend applies to its gradients;
   4. the loss scale is updated with DeepSpeed's DynamicLossScaler rules, so a user's DeepSpeed
@@ -34,6 +35,7 @@ import torch
 import torch.distributed as dist
 
 from harness.config import ScalerConfig
+from harness.spikes import SpikeGuard
 from harness.step_counter import host_read
 
 
@@ -133,10 +135,17 @@ class StepDecision:
     """Set when training must stop: the scale hit its floor, or too many consecutive skips."""
     scale_after: float = 1.0
     """The loss scale after this step's update (what the next backward uses)."""
+    spike: bool = False
+    """The step's mean loss was a spike (train.spike): non-finite, or far above its running median."""
+    loss_median: float = math.nan
+    """The running median of the loss the spike check compared with."""
+    overflow: bool = False
+    """Some rank's gradients held inf/NaN."""
 
 
 # The scalars a DeviceDecision packs for the host, in order.
-_PACKED = ("skip", "loss_scale", "grad_norm", "clip_coef", "grad_multiplier", "abort", "consecutive_skips", "scale_after")
+_PACKED = ("skip", "loss_scale", "grad_norm", "clip_coef", "grad_multiplier", "abort", "consecutive_skips", "scale_after",
+           "spike", "loss_median", "overflow")
 _NO_ABORT, _FLOOR, _CONSECUTIVE = 0, 1, 2
 
 
@@ -154,6 +163,12 @@ class DeviceDecision:
     abort: torch.Tensor
     consecutive_skips: torch.Tensor
     scale_after: torch.Tensor
+    spike: torch.Tensor
+    """bool: the step's loss was a spike (skipped too, unless train.spike.action=warn)."""
+    loss_median: torch.Tensor
+    """The running median the step's loss was compared with (NaN before the window fills)."""
+    overflow: torch.Tensor
+    """bool: some rank's gradients held inf/NaN (the loss scale's business, unlike a spike)."""
     local_norms: torch.Tensor
     """This rank's per-tensor gradient norms (fp64), to name non-finite tensors when read."""
     names: tuple[str, ...]
@@ -170,7 +185,8 @@ class DeviceDecision:
         return len(_PACKED) + len(self.names)
 
     def unpack(self, values: Sequence[float]) -> StepDecision:
-        skip, loss_scale, grad_norm, clip_coef, multiplier, abort, consecutive, scale_after = values[: len(_PACKED)]
+        skip, loss_scale, grad_norm, clip_coef, multiplier, abort, consecutive, scale_after, spike, median, overflow = \
+            values[: len(_PACKED)]
         norms = values[len(_PACKED):]
         local_bad = tuple(
             (name, "nan" if math.isnan(norm) else "inf") for name, norm in zip(self.names, norms) if not math.isfinite(norm)
@@ -184,6 +200,9 @@ class DeviceDecision:
             local_nonfinite=local_bad if skip else (),
             abort_reason=self._abort_reason(int(abort), int(consecutive)),
             scale_after=scale_after,
+            spike=bool(spike),
+            loss_median=median,
+            overflow=bool(overflow),
         )
 
     def read(self) -> StepDecision:
@@ -216,8 +235,10 @@ class GradScaler:
         max_consecutive_skips: int,
         device: torch.device,
         group: Optional[dist.ProcessGroup] = None,
+        spikes: Optional[SpikeGuard] = None,
     ) -> None:
         self.loss_scale = loss_scale
+        self.spikes = spikes
         self.grad_clip = grad_clip
         self.max_consecutive_skips = max_consecutive_skips
         self.device = device
@@ -250,10 +271,12 @@ class GradScaler:
     def total_skips(self) -> int:
         return host_read(self.total_skips_t)
 
-    def decide(self, named_grads: Sequence[tuple[str, torch.Tensor]], counted: bool = True) -> DeviceDecision:
+    def decide(self, named_grads: Sequence[tuple[str, torch.Tensor]], counted: bool = True,
+               loss: Optional[torch.Tensor] = None) -> DeviceDecision:
         """Runs on every rank with that rank's local gradient shards (disjoint across ranks, or,
-        with `counted=False`, a copy of another rank's: an HSDP replica). Reads the gradients
-        only; the backend applies the decision. Nothing is read by the host."""
+        with `counted=False`, a copy of another rank's: an HSDP replica) and its mean loss of the
+        step. Reads the gradients only; the backend applies the decision. Nothing is read by the
+        host."""
         names = tuple(name for name, _ in named_grads)
         grads = [grad for _, grad in named_grads]
         used_scale = self.scale_tensor
@@ -268,8 +291,16 @@ class GradScaler:
             # A replica's copy adds 0 to the sum, so each element counts once, but a non-finite
             # value still poisons it (0 * inf = nan): the same decision on every rank.
             sumsq = sumsq * 0
-        dist.all_reduce(sumsq, op=dist.ReduceOp.SUM, group=self.group)
+        local_loss = torch.zeros(1, dtype=torch.float64, device=self.device) if loss is None else \
+            loss.detach().to(device=self.device, dtype=torch.float64).reshape(1)
+        packet = torch.cat([sumsq, local_loss])
+        dist.all_reduce(packet, op=dist.ReduceOp.SUM, group=self.group)
+        sumsq = packet[:1]
         nonfinite = ~torch.isfinite(sumsq[0])
+        no_spike = torch.zeros((), dtype=torch.bool, device=self.device)
+        spike, median = no_spike, torch.full((), math.nan, dtype=torch.float64, device=self.device)
+        if self.spikes is not None and loss is not None:
+            spike, median = self.spikes.check(packet[1])
 
         already_aborted = self.aborted_t
         fresh = ~already_aborted
@@ -285,7 +316,8 @@ class GradScaler:
         abort = torch.where(floor_abort, _FLOOR, torch.where(too_many, _CONSECUTIVE, _NO_ABORT))
         self.aborted_t = already_aborted | (abort != _NO_ABORT)
 
-        skip = nonfinite | already_aborted
+        # A spike's skip leaves the loss scale and the overflow counters alone: it is not an overflow.
+        skip = nonfinite | already_aborted | (spike if self.spikes is not None and self.spikes.skips else no_spike)
         grad_norm = sumsq[0].sqrt() / used_scale
         clip_coef = torch.ones_like(grad_norm)
         if self.grad_clip > 0:
@@ -301,6 +333,9 @@ class GradScaler:
             abort=abort,
             consecutive_skips=self.consecutive_skips_t,
             scale_after=self.scale_tensor,
+            spike=spike,
+            loss_median=median,
+            overflow=nonfinite,
             local_norms=local_norms,
             names=names,
             settings=self.loss_scale.settings,
@@ -321,9 +356,11 @@ class GradScaler:
 
 
 def build_grad_scaler(
-    scaler_cfg: ScalerConfig, uses_loss_scaling: bool, grad_clip: float, device: Optional[torch.device]
+    scaler_cfg: ScalerConfig, uses_loss_scaling: bool, grad_clip: float, device: Optional[torch.device],
+    spikes: Optional[SpikeGuard] = None,
 ) -> GradScaler:
     """fp16: the configured dynamic (or static) scale. bf16/fp32: a fixed scale of 1."""
     settings = scaler_cfg if uses_loss_scaling else dataclasses.replace(scaler_cfg, init_scale=1.0, dynamic=False)
     device = device or torch.device("cpu")
-    return GradScaler(DynamicLossScale(settings, device), grad_clip, scaler_cfg.max_consecutive_skips, device)
+    return GradScaler(DynamicLossScale(settings, device), grad_clip, scaler_cfg.max_consecutive_skips, device,
+                      spikes=spikes)

@@ -81,11 +81,9 @@ def _flock_waiting(handle, path: Path, wait_s: Optional[float], on_wait: Optiona
         time.sleep(_POLL_S)
 
 
-@contextlib.contextmanager
-def marker_lock(marker: Path, timeout_s: float = 600.0) -> Iterator[None]:
-    """The fallback: whoever creates `marker` (O_EXCL) holds the lock until it deletes it."""
-    me = f"{socket.gethostname()} {os.getpid()}"
-    deadline = time.monotonic() + timeout_s
+def try_marker(marker: Path) -> Optional[str]:
+    """Create `marker` (O_EXCL) naming this process: None when taken, else its live holder
+    ("host pid"). A marker left by a process that died on this host is taken over."""
     while True:
         try:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
@@ -95,16 +93,23 @@ def marker_lock(marker: Path, timeout_s: float = 600.0) -> Iterator[None]:
                 with contextlib.suppress(FileNotFoundError):
                     marker.unlink()
                 continue
-            if time.monotonic() > deadline:
-                raise HarnessError(
-                    f"{marker} has been held by {holder or 'an unknown process'} for over {timeout_s:.0f}s "
-                    f"(this filesystem has no flock); if that process is gone, delete {marker}"
-                ) from None
-            time.sleep(_POLL_S)
-            continue
+            return holder or "an unknown process"
         with os.fdopen(fd, "w") as f:
-            f.write(me + "\n")
-        break
+            f.write(f"{socket.gethostname()} {os.getpid()}\n")
+        return None
+
+
+@contextlib.contextmanager
+def marker_lock(marker: Path, timeout_s: float = 600.0) -> Iterator[None]:
+    """The fallback: whoever creates `marker` (O_EXCL) holds the lock until it deletes it."""
+    deadline = time.monotonic() + timeout_s
+    while (holder := try_marker(marker)) is not None:
+        if time.monotonic() > deadline:
+            raise HarnessError(
+                f"{marker} has been held by {holder} for over {timeout_s:.0f}s "
+                f"(this filesystem has no flock); if that process is gone, delete {marker}"
+            )
+        time.sleep(_POLL_S)
     try:
         yield
     finally:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -70,7 +71,8 @@ def _run(cfg) -> int:
     from harness import dist, quiet_deepspeed_without_gpus
     from harness.console import print0
     from harness.host_memory import setup_allocations_returned_to_os
-    from harness.preemption import EXIT_PREEMPTED, StopRequest
+    from harness.preemption import StopRequest, stopped_exit_code
+    from harness.watchdog import backstop_timeout_s
 
     quiet_deepspeed_without_gpus()
     from harness.trainer import build_trainer
@@ -80,11 +82,21 @@ def _run(cfg) -> int:
     validate_for_world(cfg, info.world_size)
     backend = dist.pick_dist_backend(cfg.parallel.dist_backend)
     device = dist.device_for(info, backend)
-    dist.init_process_group(info, backend, cfg.parallel.timeout_s, device)
+    # torch's own collective timeout is the backstop; the watchdog speaks first (harness.watchdog).
+    dist.init_process_group(info, backend, backstop_timeout_s(cfg.parallel.timeout_s), device)
     with setup_allocations_returned_to_os():
         trainer = build_trainer(cfg, info, device)
     trainer.stop = stop
-    summary = trainer.fit()
+    trainer.watchdog = _start_watchdog(cfg, info)
+    try:
+        summary = trainer.fit()
+    except Exception as exc:
+        if trainer.watchdog is None or not dist.lost_a_rank(exc):
+            raise
+        return _lost_rank(info, trainer.watchdog, exc)
+    finally:
+        if trainer.watchdog is not None:
+            trainer.watchdog.stop()
     if info.is_main:
         print(summary.table(), flush=True)
     dist.shutdown()
@@ -92,8 +104,30 @@ def _run(cfg) -> int:
         signal_name, step = summary.stopped
         print0(info.rank, f"stopped by {signal_name} after step {step}; checkpoint saved in {cfg.checkpoint.dir}; "
                "run again with resume=auto to continue")
-        return EXIT_PREEMPTED
+        return stopped_exit_code()
     return 0
+
+
+def _start_watchdog(cfg, info):
+    """Multi-rank jobs only: a single process has no one to wait for."""
+    if info.world_size == 1:
+        return None
+    from harness.watchdog import Watchdog, interval_for, store_factory
+
+    connect = store_factory(info.master_addr, info.master_port, timeout_s=max(2.0, 2 * interval_for(cfg.parallel.timeout_s)))
+    return Watchdog(info.rank, info.world_size, cfg.parallel.timeout_s, cfg.run.dir, connect).start()
+
+
+def _lost_rank(info, watchdog, exc) -> int:
+    """A collective failed because another rank is gone (its connection closed): one line, the
+    exit code the launcher knows, and no traceback. The launcher names the rank that died."""
+    from harness.errors import first_line
+    from harness.watchdog import EXIT_HUNG
+
+    reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(exc))[:120]  # gloo prefixes its source location
+    print(f"[rank {info.rank}] harness: lost contact with another rank in {watchdog.where()} ({reason}); stopping",
+          file=sys.stderr, flush=True)
+    return EXIT_HUNG
 
 
 if __name__ == "__main__":

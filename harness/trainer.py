@@ -5,6 +5,7 @@ reads like the single-GPU recipe: scale the loss, backward, unscale + clip + dec
 from __future__ import annotations
 
 import contextlib
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +14,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from harness.checkpoint import Checkpointer, CheckpointError, choose_resume, load_checkpoint, trainer_state_for
+from harness.checkpoint import (Checkpointer, CheckpointError, choose_resume, complete_checkpoints, load_checkpoint,
+                                trainer_state_for)
 from harness.config import Config, dump_yaml
 from harness.console import Progress, RunSummary, print0
 from harness.diagnose import ForwardProbe, OverflowDiagnosis
@@ -22,7 +24,7 @@ from harness.dist import RankInfo
 from harness.errors import HarnessError, TrainingAborted
 from harness.faults import FaultInjector
 from harness.grad_scale import DeviceDecision, GradScaler, StepDecision, build_grad_scaler
-from harness.host_memory import peak_gb as host_peak_gb
+from harness.host_memory import peak_gb as host_peak_gb, process_resources, return_free_memory
 from harness.metrics import (MetricsWriter, device_peak_tflops, peak_memory_gb, peak_reserved_gb,
                              write_json_atomically)
 from harness.model.blocks import compile_blocks
@@ -35,8 +37,11 @@ from harness.parallel.initial_weights import write_initial_weights
 from harness.parallel.base import ParallelBackend
 from harness.precision import check_device_supports, precision_policy
 from harness.preemption import StopRequest
+from harness.run_dir import Claim, claim
+from harness.spikes import SpikeGuard
 from harness.step_counter import StepCounter, host_read
 from harness.tracking import NullTracker, WandbTracker, build_tracker
+from harness.watchdog import Watchdog
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,15 @@ class Trainer:
     """debug.count_syncs: host syncs and collectives of each step, into its metrics row."""
     prefetched: Optional[PrefetchedBatches] = None
     """data.prefetch: `batches` with the next step built in the background."""
+    spikes: Optional[SpikeGuard] = None
+    """train.spike: the loss-spike check, decided on the device with the step."""
+    skipped_batches: int = 0
+    """Batches left out by loss-spike rollbacks so far (this run and the ones it resumed)."""
+    rollbacks: int = 0
+    watchdog: Optional[Watchdog] = None
+    """Set by the entry point on multi-rank jobs: ends the job when a rank stops making progress."""
+    run_dir_claim: Optional[Claim] = None
+    """Rank 0's hold on run.dir (harness.run_dir), kept for the life of the trainer."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -133,25 +147,43 @@ class Trainer:
         stopped_after = None
         pending: list[PendingStep] = []
         window_started = time.perf_counter()
+        step = tally.first_step
+        if cfg.debug.resources_every:
+            self._record_resources("start")
         try:
-            for step in range(tally.first_step, cfg.train.steps + 1):
+            while step <= cfg.train.steps:
                 # The host issues the step's work and moves on; it reads the device (one transfer
                 # for every step since the last read) only where it must act on what it reads.
                 with self.counter or contextlib.nullcontext():
                     pending.append(self.train_step(step))
-                    values = host_read(_packed(pending)) if self._reads_after(step) else None
+                    values = None
+                    if self._reads_after(step):
+                        self._phase("read", step)
+                        values = host_read(_packed(pending))
                 if self.counter is not None:
                     pending[-1].host_fields.update(self.counter.take())
+                every = cfg.debug.resources_every
+                if every and step % every == 0:
+                    self._record_resources(step)
                 if values is None:
+                    step += 1
                     continue
                 read = self._finish_rows(pending, values, time.perf_counter() - window_started)
                 pending = []
-                self._record(read, progress, tally)
+                resumed_after = self._record(read, progress, tally)
+                window_started = time.perf_counter()
+                if resumed_after is not None:  # a loss-spike rollback: continue after its checkpoint
+                    step = resumed_after + 1
+                    continue
                 if self._act_after_read(step, agreed=read[-1][2]):
                     stopped_after = step
                     break
-                window_started = time.perf_counter()
+                step += 1
             self.checkpointer.finish()
+            if cfg.debug.resources_every:
+                if self.prefetched is not None:
+                    self.prefetched.close()  # the end sample counts what outlives the run's work
+                self._record_resources("end")
             exit_code = 0
         finally:
             progress.close()
@@ -179,13 +211,21 @@ class Trainer:
             write_json_atomically(Path(cfg.run.dir) / "summary.json", summary.to_json())
         return summary
 
-    def _record(self, read: list[tuple[dict, StepDecision, StepAgreement]], progress: Progress, tally: "_Tally") -> None:
+    def _record(self, read: list[tuple[dict, StepDecision, StepAgreement]], progress: Progress,
+                tally: "_Tally") -> Optional[int]:
         """Write the rows just read (evaluating after the last one when due); stop the run at the
-        first row that carries an abort (later rows belong to steps the latch left untouched)."""
+        first row that carries an abort (later rows belong to steps the latch left untouched).
+        With train.spike.action=rollback and a spike among the rows, roll back and return the
+        step the run continues after."""
         cfg = self.cfg
+        spikes = []
         for row, decision, _ in read:
             step = row["step"]
-            if row is read[-1][0] and cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps):
+            if decision.spike:
+                spikes.append(step)
+                self._report_spike(step, row["loss"], decision)
+            if row is read[-1][0] and cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps) \
+                    and not (spikes and cfg.train.spike.action == "rollback"):
                 tally.eval_loss = row["eval_loss"] = self.evaluate()
             self.metrics.write(row)
             self.tracker.log(row)
@@ -194,6 +234,62 @@ class Trainer:
             if decision.abort_reason:
                 self._land_in_flight_save()
                 raise TrainingAborted(f"step {step}: {decision.abort_reason}")
+        if spikes and cfg.train.spike.action == "rollback":
+            return self._roll_back(spikes)
+        return None
+
+    def _record_resources(self, step) -> None:
+        """debug.resources_every: this rank's memory, descriptors and threads, appended to its file.
+        The heap's free pages are handed back first: glibc keeps up to tens of MB of a step's freed
+        activations cached per thread arena, which made single samples swing by +-20% on a 0.5 GB
+        process; after the trim RSS counts what the process holds."""
+        return_free_memory()
+        path = Path(self.cfg.run.dir) / "resources" / f"rank-{self.info.rank}.jsonl"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as f:
+            f.write(json.dumps({"step": step, **process_resources()}) + "\n")
+
+    def _report_spike(self, step: int, loss: float, decision: StepDecision) -> None:
+        action = {"warn": "applied anyway (train.spike.action=warn)", "skip": "update skipped",
+                  "rollback": "update skipped; rolling back"}[self.cfg.train.spike.action]
+        median = decision.loss_median
+        against = (f"{loss / median:.1f}x the median {median:.4g} of the last {self.cfg.train.spike.window} steps"
+                   if median == median and median > 0 else "not finite on some rank")
+        print0(self.info.rank, f"warning: step {step}: loss spike: {loss:.4g}, {against}; {action}")
+
+    def _roll_back(self, spike_steps: list[int]) -> Optional[int]:
+        """Reload the newest checkpoint from before the first spike; the spiking steps' batches
+        are left out from then on. Returns the step the run continues after, or None when there
+        is no checkpoint to go back to (the spiking updates were skipped; training goes on)."""
+        cfg = self.cfg
+        first = min(spike_steps)
+        if self.rollbacks >= cfg.train.spike.max_rollbacks:
+            self._land_in_flight_save()
+            raise TrainingAborted(
+                f"step {first}: loss spike after {self.rollbacks} rollback(s) (train.spike.max_rollbacks="
+                f"{cfg.train.spike.max_rollbacks}); the run keeps diverging: lower train.lr, check the data near "
+                f"step {first}, or raise train.spike.max_rollbacks"
+            )
+        self.checkpointer.finish()  # the save in flight, if any, is from before the spike was read
+        listing = [[str(p) for p in complete_checkpoints(Path(cfg.checkpoint.dir))] if self.info.is_main else None]
+        dist.broadcast_object_list(listing, src=0)  # one listing: every rank loads the same one
+        before = [Path(p) for p in listing[0] if int(Path(p).name.split("-")[1]) < first]
+        if not before:
+            print0(self.info.rank, f"warning: no checkpoint before step {first} to roll back to; the spiking update "
+                                   "was skipped and training goes on")
+            return None
+        path = before[-1]
+        state = load_checkpoint(path, self.backend, cfg, self.info, self.device, self.batches.shape.global_batch)
+        self.scaler.load_state_dict(state.scaler)
+        if self.spikes is not None:
+            self.spikes.load_state_dict(state.spikes)
+        self.rollbacks += 1
+        self.skipped_batches += len(spike_steps)
+        self.batches.restart(state.step, state.sequences_consumed, [*self.batches.skip_steps, *spike_steps])
+        print0(self.info.rank, f"rollback {self.rollbacks}/{cfg.train.spike.max_rollbacks}: reloaded {path.name}; "
+                               f"continuing after step {state.step} without the batches of step(s) "
+                               f"{', '.join(map(str, spike_steps))}")
+        return state.step
 
     def _act_after_read(self, step: int, agreed: StepAgreement) -> bool:
         """Between steps, after a read: commit a finished background save, save when due, the
@@ -242,7 +338,8 @@ class Trainer:
         self.diagnosis.begin_step()
         loss_scale = None if self.scaler.fixed_scale_of_one else self.scaler.scale_tensor
         local_loss = self.forward_backward(step, loss_scale)
-        decision = self.apply_gradients(step, lr)
+        self.faults.end_step(step)
+        decision = self.apply_gradients(step, lr, local_loss)
         return PendingStep(
             step=step,
             lr=lr,
@@ -282,8 +379,10 @@ class Trainer:
                 "mfu": self._mfu(tokens_per_s),
                 **{k: v for k, v in item.host_fields.items() if k != "tokens"},
                 "step_time_s": step_time,
+                "spike": decision.spike,
+                "skipped_batches": self.skipped_batches,
             }
-            if decision.skipped:
+            if decision.skipped and (decision.overflow or not decision.spike):
                 row.update(self.diagnosis.on_skip(item.step, decision, decision.scale_after))
             rows.append((row, decision, StepAgreement(stop=stopping > 0, saves_written=writing == 0)))
         return rows
@@ -298,7 +397,12 @@ class Trainer:
             world_size=self.info.world_size,
             scaler_state=self.scaler.state_dict(),
             backend=self.backend,
+            spikes=self.spikes.state_dict() if self.spikes is not None else {},
+            skipped_batches=self.skipped_batches,
+            skip_steps=[s for s in self.batches.skip_steps if s > step],
+            rollbacks=self.rollbacks,
         )
+        self._phase("checkpoint", step)
         return self.checkpointer.save(step, self.backend, state, blocking=blocking)
 
     def _land_in_flight_save(self) -> None:
@@ -311,33 +415,46 @@ class Trainer:
 
     def forward_backward(self, step: int, loss_scale: Optional[torch.Tensor]) -> torch.Tensor:
         """Accumulate this rank's gradients for step `step`; returns its mean (unscaled) loss."""
+        self._phase("data", step)
         micro_batches = (self.prefetched or self.batches).micro_batches(step)
         loss_sum = torch.zeros((), device=self.device)
         for i, batch in enumerate(micro_batches):
+            self._phase("forward", step)
+            self.faults.maybe_hang(step)
             loss = next_token_loss(self.backend.model, batch.to(self.device, non_blocking=True), self.cfg.train.loss_chunk_tokens)
+            loss = self.faults.scale_loss(step, loss)
             last = i == len(micro_batches) - 1
+            self._phase("backward", step)
             self.backend.backward(loss / len(micro_batches), loss_scale, last_micro_batch=last)
             loss_sum += loss.detach()
         return loss_sum / len(micro_batches)
 
-    def apply_gradients(self, step: int, lr: float) -> DeviceDecision:
+    def _phase(self, phase: str, step: int) -> None:
+        if self.watchdog is not None:
+            self.watchdog.enter(phase, step)
+
+    def apply_gradients(self, step: int, lr: float, local_loss: Optional[torch.Tensor] = None) -> DeviceDecision:
         """Decide, then step or skip, all on the device (for FSDP2); returns the decision unread."""
-        decision = self.unscale_and_clip(step)
+        decision = self.unscale_and_clip(step, local_loss)
+        self._phase("step", step)
         self.backend.apply_decision(decision, lr)
         return decision
 
-    def unscale_and_clip(self, step: int) -> DeviceDecision:
-        """One decision for all ranks (non-finite check, global norm, unscale + clip), on the device."""
+    def unscale_and_clip(self, step: int, local_loss: Optional[torch.Tensor] = None) -> DeviceDecision:
+        """One decision for all ranks (non-finite check, global norm, unscale + clip, loss
+        spike), on the device."""
+        self._phase("decision", step)
         grads = self.backend.local_grad_shards()
         corrupted = self.faults.maybe_corrupt(step, grads)
         if corrupted:
             self._warn(f"step {step}: fault injected: {corrupted}")
-        return self.scaler.decide(grads, counted=self.backend.primary_copy)
+        return self.scaler.decide(grads, counted=self.backend.primary_copy, loss=local_loss)
 
     @torch.no_grad()
     def evaluate(self) -> float:
         """Mean next-token loss over the fixed held-out sequences, identical for any world size."""
         model = self.backend.model
+        self._phase("eval", self.watchdog.step if self.watchdog is not None else 0)
         model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch, weights in self.eval_data:
@@ -397,16 +514,46 @@ def _load_corpus(cfg: Config, info: RankInfo):
 
 
 def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
+    """Everything a run needs, built and checked before anything is written: a run folder that did
+    not exist is removed again if setup fails (harness.run_dir), an existing one is left as it was
+    (its config.yaml and metrics are only written once setup has succeeded)."""
     policy = precision_policy(cfg.precision)
     check_device_supports(policy, device)
     run_dir = Path(cfg.run.dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    claimed = _claim_run_dir(run_dir, info)
+    try:
+        trainer = _build(cfg, info, device, policy, run_dir)
+    except BaseException:
+        if claimed is not None:
+            claimed.abandon()
+        raise
+    trainer.run_dir_claim = claimed
+    return trainer
 
+
+def _claim_run_dir(run_dir: Path, info: RankInfo) -> Optional[Claim]:
+    """Rank 0 claims the folder; every rank learns the outcome, so all stop together on a refusal."""
+    claimed, problem = None, None
+    if info.is_main:
+        try:
+            claimed = claim(run_dir)
+        except HarnessError as exc:
+            problem = str(exc)
+    if dist.is_initialized() and info.world_size > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)
+        problem = box[0]
+    if problem is not None:
+        raise HarnessError(problem)
+    return claimed
+
+
+def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: Path) -> Trainer:
     corpus = _load_corpus(cfg, info)
     print0(info.rank, f"data: {corpus.description}; {corpus.tokens('train'):,} train / {corpus.tokens('val'):,} val tokens")
-    spec = model_spec(cfg.model, corpus.vocab_size)
+    spec = model_spec(cfg.model, corpus.vocab_size, cfg.train.seq_len)
+    for note in spec.notes:
+        print0(info.rank, f"note: {note}")
     backend = build_backend(cfg, policy, device, info.world_size)
     # The skeleton holds no weights (meta, or ZeRO-3 partitions); setup allocates this rank's
     # shards and the initial weights are written into them, one block at a time.
@@ -441,8 +588,11 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
     torch.manual_seed(cfg.train.seed + 1 + info.rank)
 
     shape = BatchShape(cfg.train.micro_batch_size, cfg.train.grad_accum, info.world_size)
-    scaler = build_grad_scaler(cfg.scaler, policy.uses_loss_scaling, cfg.train.grad_clip, device)
+    spikes = SpikeGuard(cfg.train.spike, info.world_size, device)
+    scaler = build_grad_scaler(cfg.scaler, policy.uses_loss_scaling, cfg.train.grad_clip, device, spikes=spikes)
     start_step, start_offset = 0, 0
+    skip_steps: list[int] = []
+    skipped_batches = rollbacks = 0
     if resume_path is not None:
         load_started = time.perf_counter()
         state = load_checkpoint(resume_path, backend, cfg, info, device, shape.global_batch)
@@ -452,9 +602,12 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
         else:
             start_step, start_offset = state.step, state.sequences_consumed
             scaler.load_state_dict(state.scaler)
+            spikes.load_state_dict(state.spikes)
+            skip_steps, skipped_batches, rollbacks = state.skip_steps, state.skipped_batches, state.rollbacks
             print0(info.rank, f"resume: continuing after step {state.step} of {resume_path}")
     batches = TrainBatches(
-        corpus.sequences("train", cfg.train.seq_len), cfg.train.seed, shape, info.rank, start_step, start_offset
+        corpus.sequences("train", cfg.train.seq_len), cfg.train.seed, shape, info.rank, start_step, start_offset,
+        skip_steps,
     )
     eval_data = []
     if cfg.eval.every:
@@ -464,6 +617,9 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
     # Measured last, once everything a step needs is built: what a node must have before step 1.
     setup_host_peak = [0.0] * info.world_size
     dist.all_gather_object(setup_host_peak, round(host_peak_gb(), 4))
+    tracker = build_tracker(cfg, info.rank, resumed=start_step > 0)  # may refuse (no wandb login): before any write
+    if info.is_main:
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
     return Trainer(
         cfg=cfg,
         info=info,
@@ -477,11 +633,14 @@ def build_trainer(cfg: Config, info: RankInfo, device: torch.device) -> Trainer:
         flops_per_token=fpt,
         peak_tflops=device_peak_tflops(device, policy, cfg.log.peak_tflops),
         model_config_json=model_config_json,
-        tracker=build_tracker(cfg, info.rank, resumed=start_step > 0),
+        tracker=tracker,
         diagnosis=diagnosis,
         checkpointer=Checkpointer(cfg, model_config_json, info, device),
         start_step=start_step,
         setup_host_peak_gb=setup_host_peak,
         counter=StepCounter(device) if cfg.debug.count_syncs else None,
         prefetched=PrefetchedBatches(batches, pin_memory=device.type == "cuda") if cfg.data.prefetch else None,
+        spikes=spikes,
+        skipped_batches=skipped_batches,
+        rollbacks=rollbacks,
     )

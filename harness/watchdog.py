@@ -5,16 +5,20 @@ step)`, a few attribute writes); every `interval` seconds the thread publishes a
 job's rendezvous store: the step, the phase, how long the rank has been in it, a counter, and
 whether the main thread is waiting inside a collective (read off its Python stack).
 
-When a rank has been in one phase for `timeout_s` it stops the job, whatever the cause: it reads
-every rank's heartbeat twice, one interval apart, and names the silent rank:
+When a rank has waited for the others (inside a collective, or for the device to finish one) in
+one phase for `timeout_s`, it stops the job: it reads every rank's heartbeat twice, one interval
+apart, and names the silent rank:
 - a rank whose counter did not move is frozen (SIGSTOP, a dead host, uninterruptible sleep);
 - else a rank that is not inside a collective while the others are: it is stuck in its own code;
 - else the ranks furthest behind; if all are at the same place, a collective never completed.
-It writes its own threads' stacks to run.dir/hang-rank-<r>.txt, the lowest healthy rank prints one
-line (step, phase, silent rank), and the process exits with EXIT_HUNG. torch's own collective
-timeout is set a little later (`backstop_timeout_s`), so the watchdog speaks first.
+It posts the verdict in the store, writes its own threads' stacks to run.dir/hang-rank-<r>.txt,
+the lowest healthy rank prints one line (step, phase, silent rank), and the process exits with
+EXIT_HUNG; every other rank's watchdog sees the verdict within an interval and dumps its stacks
+and exits too (the stuck rank included: its stack shows where it is stuck). torch's own
+collective timeout is set a little later (`backstop_timeout_s`), so the watchdog speaks first.
 
-A frozen process cannot dump its stack; every other rank does.
+Ranks that are all busy in their own code for a long time (compiling, a huge first step) are not
+a hang: nobody waits, so nobody trips. A frozen process cannot dump its stack; every other rank does.
 """
 
 from __future__ import annotations
@@ -34,9 +38,11 @@ from typing import Callable, Optional
 EXIT_HUNG = 4
 """A rank stopped the job because some rank made no progress for parallel.timeout_s."""
 PHASES = ("data", "forward", "backward", "decision", "step", "read", "checkpoint", "eval")
+_VERDICT = "harness/hang"
 # Frames of code that waits for other ranks: the collectives and the libraries that issue them.
 _COLLECTIVE_PATHS = (f"torch{os.sep}distributed{os.sep}", f"deepspeed{os.sep}comm{os.sep}",
                      f"deepspeed{os.sep}runtime{os.sep}zero{os.sep}")
+_HOST_READ = os.path.join("harness", "step_counter.py")
 _LIBRARY_PATHS = (f"site-packages{os.sep}torch{os.sep}", f"site-packages{os.sep}deepspeed{os.sep}")
 
 
@@ -96,6 +102,7 @@ class Watchdog:
         self._armed = True
 
     def start(self) -> "Watchdog":
+        self._connect()  # now, not in the thread: the connection is part of the job's steady state
         self._thread = threading.Thread(target=self._run, name="harness-watchdog", daemon=True)
         self._thread.start()
         return self
@@ -111,8 +118,22 @@ class Watchdog:
     def _run(self) -> None:
         while not self._stop.wait(self.interval):
             self._publish()
-            if self._armed and time.monotonic() - self._since > self.timeout_s:
+            verdict = self._verdict()
+            if verdict is not None:
+                self._dump_stacks(verdict)
+                os._exit(EXIT_HUNG)
+            if self._armed and time.monotonic() - self._since > self.timeout_s and self._main_thread_waits():
                 self.trip()
+
+    def _verdict(self) -> Optional[str]:
+        """The line another rank posted when it stopped the job, if any."""
+        store = self._connect()
+        try:
+            if store is not None and store.check([_VERDICT]):
+                return store.get(_VERDICT).decode()
+        except Exception:
+            return None
+        return None
 
     def _beat(self) -> Beat:
         return Beat(self.rank, self.step, self.phase, self.seq, time.monotonic() - self._since,
@@ -120,10 +141,13 @@ class Watchdog:
 
     def _main_thread_waits(self) -> bool:
         """Whether the main thread's innermost frames are a collective's (torch.distributed,
-        DeepSpeed's comm or ZeRO coordinator), rather than the rank's own code."""
+        DeepSpeed's comm or ZeRO coordinator) or a read of the device (which waits for the
+        collectives queued on it), rather than the rank's own code."""
         frame = sys._current_frames().get(self._main)
         while frame is not None:
             path = frame.f_code.co_filename
+            if frame.f_code.co_name == "host_read" and path.endswith(_HOST_READ):
+                return True
             if any(p in path for p in _COLLECTIVE_PATHS):
                 return True
             if not any(p in path for p in _LIBRARY_PATHS):
@@ -173,6 +197,12 @@ class Watchdog:
         diagnosis, reporter = diagnose(self.rank, self.world_size, first, second, self.where())
         line = (f"harness: hang: no progress for {stuck_s:.0f} s (parallel.timeout_s={self.timeout_s:g}) "
                 f"in {diagnosis}; stacks in {self.run_dir}/hang-rank-*.txt")
+        store = self._connect()
+        try:
+            if store is not None:
+                store.set(_VERDICT, line)  # the other ranks dump their stacks and exit too
+        except Exception:
+            pass
         self._dump_stacks(line)
         if self.rank == reporter:
             print(line, file=sys.stderr, flush=True)
@@ -222,6 +252,8 @@ def diagnose(rank: int, world_size: int, first: dict[int, Beat], second: dict[in
     reporter = min((r for r in live if r not in silent), default=rank)
     beat = second.get(silent[0]) or first.get(silent[0])
     where = beat.where() if beat is not None else "an unknown place"
+    if frozen or missing:
+        where = f"{where} (its last heartbeat)"
     host = f" on {beat.host}, pid {beat.pid}" if beat is not None else ""
     ranks = ", ".join(str(r) for r in silent)
     waiting = live.get(reporter)

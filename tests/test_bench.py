@@ -44,6 +44,16 @@ def test_gpu_script_runs_end_to_end_without_a_gpu(tmp_path):
     assert [int(line.split("host_syncs ")[1].split()[0]) for line in syncs] == [1, 0, 0, 1]
 
 
+def test_gpu_tune_script_and_the_step_profile_run_without_a_gpu(tmp_path):
+    out = _run(["bench/gpu_tune.sh", str(tmp_path / "tune")], tmp_path)
+    assert "a smoke run with a tiny model" in out
+    for row in ("| base |", "| compile |", "| zero3 |", "| compile_mb16 |", "| zero3_prefetch_compile |"):
+        assert row in out, row
+    assert "failed:" not in out
+    profile = (tmp_path / "tune" / "profile.log").read_text()
+    assert "ms/step" in profile and "| matmul |" in profile
+
+
 def test_scaling_table_quick_form(tmp_path):
     import sys
 

@@ -72,7 +72,7 @@ def test_fsdp2_collectives_per_step(counted):
         assert ops["all_gather_into_tensor"]["count"] == gathers
         assert ops["reduce_scatter_tensor"]["count"] == units
         # ONE all-reduce for the decision (flag and norm together), ONE for the step-end agreement.
-        assert ops["all_reduce"] == {"count": 2, "bytes": 8 + 3 * 8, "groups": {"2": {"count": 2, "bytes": 8 + 3 * 8}}}
+        assert ops["all_reduce"] == {"count": 2, "bytes": 2 * 8 + 3 * 8, "groups": {"2": {"count": 2, "bytes": 2 * 8 + 3 * 8}}}
     once, every = counted["fsdp2_accum"][1]["collectives"], counted["fsdp2_accum_every"][1]["collectives"]
     assert once["all_gather_into_tensor"]["count"] == every["all_gather_into_tensor"]["count"] == 2 * gathers
     assert once["reduce_scatter_tensor"]["count"] == units

@@ -79,3 +79,25 @@ def test_no_wandb_when_tracking_is_off(tmp_path):
     local(tmp_path / "run", tmp_path, "train.steps=2")
     assert find_runs(tmp_path) == [] and not (tmp_path / "wandb").exists()
     assert not (tmp_path / "run" / "wandb_run_id").exists()
+
+
+@pytest.mark.parametrize("server", ["https://wandb.invalid", "http://10.255.255.1:9"], ids=["no-dns", "no-wandb-answer"])
+def test_online_without_a_reachable_server_logs_offline_within_the_timeout(server, tmp_path):
+    """A compute node without internet: the run does not hang in wandb.init; it logs offline and
+    says how to upload the run later. Either the name does not resolve, or something answers that
+    is not a wandb server (networks that intercept connections)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    # A key (wandb checks only its shape before talking to the server), and a server that is not there.
+    env.update(WANDB_API_KEY="0123456789abcdef0123456789abcdef01234567", WANDB_BASE_URL=server, WANDB_SILENT="true")
+    result = subprocess.run(
+        ["launch/local.sh", "2", "configs/tiny.yaml", f"run.dir={tmp_path}", "log.progress=off", "eval.every=0",
+         "train.steps=2", "log.wandb=true", "log.wandb_mode=online", "log.wandb_connect_timeout_s=3"],
+        cwd=ROOT, capture_output=True, text=True, timeout=300, env=env,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr
+    warnings = [line for line in result.stdout.splitlines() if "not reachable" in line]
+    assert len(warnings) == 1 and f"wandb sync {tmp_path}/wandb/offline-run-*" in warnings[0], result.stdout[-2000:]
+    run_id = (tmp_path / "wandb_run_id").read_text().strip()
+    offline = [path for path in find_runs(tmp_path, run_id) if "offline-run" in str(path)]
+    assert len(offline) == 1 and [row["step"] for row in read_run(offline[0])["history"]] == [1, 2]

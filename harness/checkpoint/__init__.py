@@ -30,7 +30,7 @@ import re
 import shutil
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -41,6 +41,7 @@ from harness.config import Config, dump_yaml
 from harness.console import print0
 from harness.dist import RankInfo
 from harness.errors import HarnessError
+from harness.host_memory import return_free_memory
 from harness.optim import adam_step_count, set_adam_step_count
 from harness.checkpoint.staging import HostStaging, Snapshot, write_safetensors
 from harness.parallel.base import STATE_KINDS, ParallelBackend
@@ -68,6 +69,13 @@ class TrainerState:
     world_size: int
     scaler: dict
     adam_steps: int
+    spikes: dict = field(default_factory=dict)
+    """The loss-spike guard's running window (harness.spikes)."""
+    skipped_batches: int = 0
+    """Batches left out by loss-spike rollbacks so far."""
+    skip_steps: list = field(default_factory=list)
+    """Steps after this one whose batch a rollback left out (the stream skips one batch at each)."""
+    rollbacks: int = 0
 
 
 def step_dir_name(step: int) -> str:
@@ -230,6 +238,7 @@ class Checkpointer:
         how = f"written in the background in {background_s:.1f}s" if background_s is not None else \
             f"{time.perf_counter() - started:.1f}s"
         print0(info.rank, f"checkpoint {final} saved ({size:.1f} MiB, {how})")
+        return_free_memory()  # the save's transient buffers: back to the OS, not kept by the heap
         return final
 
     def _fail(self, step: int, staging: Path, problem: str) -> None:
@@ -308,8 +317,13 @@ def read_manifest(path: Path) -> dict:
         manifest = json.loads(manifest_path.read_text())
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}/{MANIFEST} is not valid JSON: the checkpoint is damaged") from None
-    if manifest.get("format") != FORMAT:
-        raise CheckpointError(f"{path} has format {manifest.get('format')!r}; this harness reads {FORMAT}")
+    found = manifest.get("format")
+    if found != FORMAT:
+        version = found.rsplit("/", 1)[-1] if isinstance(found, str) and found.startswith("harness-checkpoint/") else ""
+        if version.isdigit() and int(version) > int(FORMAT.rsplit("/", 1)[-1]):
+            raise CheckpointError(f"{path} was written by a newer harness (format {found}; this one reads {FORMAT}): "
+                                  "upgrade harness to load it")
+        raise CheckpointError(f"{path} has format {found!r}, not a harness checkpoint ({FORMAT})")
     return manifest
 
 
@@ -351,7 +365,8 @@ def choose_resume(cfg: Config, info: RankInfo) -> Optional[Path]:
             raise CheckpointError(f"resume={wanted}: no such checkpoint folder; use resume=auto or a step-<N> folder")
         problem = _verify_together(path, info)
         if problem:
-            raise CheckpointError(f"resume={wanted}: the checkpoint is damaged: {problem}")
+            what = "" if "newer harness" in problem or "not a harness checkpoint" in problem else "the checkpoint is damaged: "
+            raise CheckpointError(f"resume={wanted}: {what}{problem}")
         return path
     root = Path(cfg.checkpoint.dir)
     box = [[str(p) for p in complete_checkpoints(root)] if info.is_main else None]
@@ -512,7 +527,7 @@ def _restore_rng(reader: ShardReader, state: TrainerState, info: RankInfo, devic
 
 
 def trainer_state_for(step: int, consumed: int, global_batch: int, world_size: int, scaler_state: dict,
-                      backend: ParallelBackend) -> TrainerState:
+                      backend: ParallelBackend, **extra: Any) -> TrainerState:
     return TrainerState(
         step=step,
         sequences_consumed=consumed,
@@ -520,4 +535,5 @@ def trainer_state_for(step: int, consumed: int, global_batch: int, world_size: i
         world_size=world_size,
         scaler=scaler_state,
         adam_steps=adam_step_count(backend.torch_optimizer),
+        **extra,
     )

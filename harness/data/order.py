@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Optional
+from typing import Sequence, Optional
 
 import numpy as np
 import torch
@@ -171,7 +171,11 @@ class TrainBatches:
 
     A resumed run starts at (`start_step`, `start_offset`): the step it resumes after and how
     many sequences the run had consumed by then, so the stream continues with no sequence
-    repeated or skipped, even if the global batch changed on resume."""
+    repeated or skipped, even if the global batch changed on resume.
+
+    `skip_steps` are the steps (after start_step) whose batch is left out: from each of them on,
+    the stream is one global batch further along (a loss-spike rollback re-runs those steps
+    with the batches that followed)."""
 
     def __init__(
         self,
@@ -181,6 +185,7 @@ class TrainBatches:
         rank: int,
         start_step: int = 0,
         start_offset: int = 0,
+        skip_steps: Sequence[int] = (),
     ) -> None:
         if len(sequences) < shape.global_batch:
             raise HarnessError(
@@ -191,16 +196,24 @@ class TrainBatches:
         self.order = sequences.order(seed)
         self.shape = shape
         self.rank = rank
+        self.restart(start_step, start_offset, skip_steps)
+
+    def restart(self, start_step: int, start_offset: int, skip_steps: Sequence[int] = ()) -> None:
+        """Continue after `start_step`, with `start_offset` sequences consumed (a checkpoint's)."""
         self.start_step = start_step
         self.start_offset = start_offset
+        self.skip_steps = sorted({s for s in skip_steps if s > start_step})
+
+    def _skipped_by(self, step: int) -> int:
+        return sum(1 for s in self.skip_steps if s <= step)
 
     def consumed_after(self, step: int) -> int:
-        """Sequences the run has consumed once step `step` is done."""
-        return self.start_offset + (step - self.start_step) * self.shape.global_batch
+        """Sequences the run has consumed once step `step` is done (left-out batches included)."""
+        return self.start_offset + (step - self.start_step + self._skipped_by(step)) * self.shape.global_batch
 
     def global_indices(self, step: int) -> np.ndarray:
         """The sequence indices of step `step` (1-based), in global-batch order."""
-        return self.order.take(self.consumed_after(step - 1), self.shape.global_batch)
+        return self.order.take(self.consumed_after(step) - self.shape.global_batch, self.shape.global_batch)
 
     def tokens_by_source(self, step: int) -> Optional[dict[str, int]]:
         """A mixture's tokens consumed so far, per source, once step `step` is done."""

@@ -29,8 +29,8 @@ ZeRO-3         each parameter padded to a multiple of W. Gathers follow DeepSpee
                later ones from the secondary copy within its group of S. Gradients are
                reduce-scattered in fp32 per micro-batch. DeepSpeed's own flags: 16 bytes per step, 1
                more in fp16.
-harness        2 all-reduces over all ranks per step: the decision (8 bytes) and the step-end
-               agreement (24 bytes).
+harness        2 all-reduces over all ranks per step: the decision (16 bytes: sum of squares and
+               loss) and the step-end agreement (24 bytes).
 
 Not counted: evaluation, checkpoint and first-step traffic; PCIe traffic of offload.
 """
@@ -51,8 +51,8 @@ _COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 REDUCE_BYTES = 4
 """Gradients are reduced in fp32 on every backend (FSDP2's reduce_dtype, DeepSpeed's
 communication_data_type)."""
-HARNESS_ALL_REDUCE_BYTES = (8, 24)
-"""The decision (sum of squares) and the step-end agreement (loss, stop flag, checkpoint writing)."""
+HARNESS_ALL_REDUCE_BYTES = (16, 24)
+"""The decision (sum of squares, loss) and the step-end agreement (loss, stop flag, checkpoint writing)."""
 DEEPSPEED_DEFAULTS = {"stage3_param_persistence_threshold": 100_000, "stage3_max_reuse_distance": 1_000_000_000,
                       "stage3_prefetch_bucket_size": 50_000_000, "overlap_comm": 0}
 

@@ -32,10 +32,13 @@ class ModelSpec:
     activation_checkpointing: str = "none"
     """none | full | selective (harness.model.blocks)."""
     selective_ac: Union[str, int] = "op"
+    notes: tuple[str, ...] = ()
+    """One-line remarks for the user (an attention kernel the model lacks, replaced)."""
 
 
-def model_spec(cfg: ModelConfig, vocab_size: int) -> ModelSpec:
-    """Resolve model.pretrained / model.config into a transformers config (no weights are read)."""
+def model_spec(cfg: ModelConfig, vocab_size: int, seq_len: Optional[int] = None) -> ModelSpec:
+    """Resolve model.pretrained / model.config into a transformers config (no weights are read),
+    checked against the tokenizer's vocabulary and the training sequence length."""
     from transformers import AutoConfig
 
     if cfg.pretrained:
@@ -57,15 +60,42 @@ def model_spec(cfg: ModelConfig, vocab_size: int) -> ModelSpec:
         except ValueError as exc:
             raise HarnessError(f"model.config.model_type={model_type!r} is not a transformers model: {exc}") from None
         pretrained_dir = None
-    hf_config._attn_implementation = cfg.attn_implementation
+    attention, notes = _attention(cfg.attn_implementation, hf_config)
+    hf_config._attn_implementation = attention
     hf_config.use_cache = False
+    positions = getattr(hf_config, "max_position_embeddings", None)
+    if seq_len is not None and isinstance(positions, int) and seq_len > positions:
+        fix = ("raise model.config.max_position_embeddings" if not cfg.pretrained
+               else "extend the model's context first (model.config.rope_scaling)")
+        raise HarnessError(f"train.seq_len={seq_len} is beyond the model's {positions} positions "
+                           f"(max_position_embeddings); lower train.seq_len, or {fix}")
     rows = getattr(hf_config, "vocab_size", None)
     if rows is not None and rows < vocab_size:
         raise HarnessError(
             f"the tokenizer has {vocab_size} tokens but the model's embedding has {rows} rows; "
             "set model.config.vocab_size or use the model's own tokenizer (data.tokenizer)"
         )
-    return ModelSpec(hf_config, pretrained_dir, cfg.checkpointing_mode(), cfg.selective_ac)
+    return ModelSpec(hf_config, pretrained_dir, cfg.checkpointing_mode(), cfg.selective_ac, notes)
+
+
+def _attention(requested: str, hf_config: Any) -> tuple[str, tuple[str, ...]]:
+    """The attention kernel to build with. The default, sdpa, falls back to eager (with a note)
+    on architectures transformers has no sdpa path for (gemma2, ...); a flash-attn kernel that is
+    not installed is a one-line error naming the key."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING
+
+    cls = MODEL_FOR_CAUSAL_LM_MAPPING.get(type(hf_config), None)
+    name = cls.__name__ if cls is not None else type(hf_config).__name__
+    if requested == "sdpa" and cls is not None and getattr(cls, "_supports_sdpa", True) is False:
+        return "eager", (f"{name} has no sdpa attention in transformers; using model.attn_implementation=eager",)
+    if requested.startswith("flash_attention"):
+        from transformers.utils import import_utils
+
+        check = getattr(import_utils, f"is_{requested.replace('attention', 'attn')}_available", None)
+        if check is not None and not check():
+            raise HarnessError(f"model.attn_implementation={requested} needs the flash-attn package and a GPU it "
+                               "supports, which this machine lacks; use sdpa (the default) or eager")
+    return requested, ()
 
 
 def padded_vocab(tokens: int, multiple: int) -> int:
@@ -91,7 +121,13 @@ def build_skeleton(spec: ModelSpec, context: Optional[ContextManager] = None) ->
     from transformers.initialization import no_init_weights
 
     with context if context is not None else on_meta_device(), no_init_weights():
-        model = AutoModelForCausalLM.from_config(spec.hf_config, dtype=torch.float32)
+        try:
+            model = AutoModelForCausalLM.from_config(spec.hf_config, dtype=torch.float32)
+        except (ValueError, ImportError) as exc:
+            if "attention" not in str(exc).lower() and "attn" not in str(exc).lower():
+                raise
+            raise HarnessError(f"model.attn_implementation={spec.hf_config._attn_implementation} cannot be used "
+                               f"here ({first_line(exc)[:160]}); use sdpa or eager") from None
     model.tie_weights()  # no_init_weights skips init_weights, which is also where heads get tied
     model.config.use_cache = False
     from harness.model.blocks import apply_activation_checkpointing

@@ -7,8 +7,10 @@ FSDP sharding strategy / reshard_after_forward, activation checkpointing and fsd
 the DeepSpeed ZeRO stage, offload devices (cpu), gradient accumulation and clipping, and
 deepspeed_config_file (read as a DeepSpeed JSON).
 What would change the training semantics and has no harness equivalent (DDP, NVMe offload, hybrid
-sharding, fp8) is a one-line error. Launch-only settings (num_processes, machine_rank, ...)
-belong to the launcher and are ignored. Pure Python: config.py uses it.
+sharding, fp8) is a one-line error. Launch-only settings (machine_rank, main_process_ip, ...)
+belong to the launcher and are ignored, except num_processes: a file written for another machine
+(8 processes where the job has 2 ranks) is a one-line error, not a silently different batch.
+Pure Python: config.py uses it.
 """
 
 from __future__ import annotations
@@ -146,3 +148,15 @@ def _merge_deepspeed(ds: dict[str, Any], m: Merger, accelerate_file: Path) -> No
         if not candidate.is_absolute() and not candidate.exists():
             candidate = accelerate_file.parent / candidate
         m.adopt("deepspeed_config.deepspeed_config_file", json_file, "parallel.deepspeed_config", str(candidate))
+
+
+def check_world_size(path: str, world_size: int) -> None:
+    """The file's num_processes (all machines together, as accelerate counts) must be the job's."""
+    data = read_yaml(path)
+    wanted = data.get("num_processes")
+    if wanted is None or wanted == world_size:
+        return
+    raise ConfigError(
+        f"accelerate config {Path(path).name}: num_processes={wanted} but this job has {world_size} rank(s): the file "
+        "was written for another machine; run `accelerate config` here, or set num_processes to the job's rank count"
+    )

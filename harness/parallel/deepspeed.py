@@ -201,6 +201,13 @@ class DeepSpeedBackend(ParallelBackend):
             raise RuntimeError("DeepSpeed skipped a step that harness's global check found finite")
 
     def skip_step(self) -> None:
+        # DeepSpeed's step() decides by its own overflow check. A skip harness decided on finite
+        # gradients (a loss spike) must look like an overflow to it: one non-finite element on
+        # each rank that holds any (its check is global too).
+        for _, grad in self.local_grad_shards():
+            if grad.numel():
+                grad.view(-1)[0] = float("inf")
+                break
         self.layout.before_skip()
         self.engine.step()
         if self.engine.was_step_applied():

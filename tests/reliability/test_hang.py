@@ -1,0 +1,117 @@
+"""A rank hangs: the others do not wait for the collective timeout. The watchdog ends the job within
+parallel.timeout_s (+ a margin), with one line naming the step, the phase and the silent rank, and
+every rank that can dumps its stack to run.dir/hang-rank-<r>.txt."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+
+from harness.checkpoint import complete_checkpoints, verify
+from harness.watchdog import EXIT_HUNG, Beat, diagnose
+from tests.reliability.drills import BACKENDS, Job, no_process_left
+
+TIMEOUT_S = 10
+# Detection within one heartbeat interval of the timeout, a second round of heartbeats, then
+# launcher.FAILURE_GRACE_S for a frozen rank that cannot exit by itself.
+MARGIN_S = 30
+HANG_LINE = re.compile(r"harness: hang: no progress for \d+ s \(parallel\.timeout_s=10\) in (\w+) of step (\d+)"
+                       r"(?: \(its last heartbeat\))?: silent rank 1 ")
+
+
+def _check_stopped(job: Job, finished, silent_dumped: bool) -> re.Match:
+    assert finished.returncode == EXIT_HUNG, finished.output[-3000:]
+    assert finished.seconds < TIMEOUT_S + MARGIN_S, finished.seconds
+    assert "Traceback" not in finished.output, finished.output[-3000:]
+    lines = [line for line in finished.output.splitlines() if line.startswith("harness: hang:")]
+    assert len(lines) == 1, finished.output[-3000:]  # one rank reports, the others only dump stacks
+    match = HANG_LINE.search(lines[0])
+    assert match, lines[0]
+    dump = (job.run_dir / "hang-rank-0.txt").read_text()
+    assert "Thread" in dump and "harness" in dump and lines[0] in dump
+    assert (job.run_dir / "hang-rank-1.txt").exists() == silent_dumped
+    assert no_process_left(job.run_dir)
+    checkpoints = complete_checkpoints(job.run_dir / "checkpoints")
+    assert checkpoints and all(verify(path) is None for path in checkpoints)
+    return match
+
+
+def test_a_frozen_rank_is_named_and_the_job_ends(tmp_path):
+    job = Job(tmp_path / "run", *BACKENDS["fsdp2"], f"parallel.timeout_s={TIMEOUT_S}", "checkpoint.every=3",
+              "train.steps=100000")
+    job.wait_for_step(4)
+    job.signal_rank(1, signal.SIGSTOP)
+    finished = job.finish(timeout=TIMEOUT_S + MARGIN_S + 30)
+    match = _check_stopped(job, finished, silent_dumped=False)  # a stopped process cannot write
+    assert match.group(1) in ("data", "forward", "backward", "decision", "step", "read", "checkpoint")
+    assert "no heartbeat" in finished.output
+
+
+def test_a_rank_stuck_in_its_own_code_is_named_with_its_phase_and_step(tmp_path):
+    job = Job(tmp_path / "run", *BACKENDS["zero3"], f"parallel.timeout_s={TIMEOUT_S}", "checkpoint.every=2",
+              "train.steps=6", "faults.hang_at_step=4", "faults.hang_rank=1")
+    job.wait_for_step(3)
+    job.fault_at = time.monotonic()  # rank 1 starts sleeping in step 4, right after step 3 is read
+    finished = job.finish(timeout=TIMEOUT_S + MARGIN_S + 30)
+    match = _check_stopped(job, finished, silent_dumped=True)
+    assert match.group(1, 2) == ("forward", "4")
+    assert "not inside a collective" in finished.output
+    assert "in maybe_hang" in (job.run_dir / "hang-rank-1.txt").read_text()  # the sleeping rank's own stack
+
+
+def _beat(rank, step, seq, waiting=True, count=5, phase="decision"):
+    return Beat(rank, step, phase, seq, 1.0, waiting, count, "node", 100 + rank)
+
+
+def test_diagnosis_names_frozen_stuck_and_lagging_ranks():
+    first = {r: _beat(r, 7, 3) for r in range(4)}
+    frozen = {**{r: _beat(r, 7, 3, count=6) for r in range(4)}, 2: _beat(2, 7, 3)}
+    text, reporter = diagnose(0, 4, first, frozen, "decision of step 7")
+    assert "silent rank 2" in text and "no heartbeat" in text and reporter == 0
+
+    busy = {**{r: _beat(r, 7, 3, count=6) for r in range(4)}, 0: _beat(0, 7, 1, waiting=False, count=6, phase="forward")}
+    text, reporter = diagnose(3, 4, first, busy, "decision of step 7")
+    assert text.startswith("forward of step 7: silent rank 0") and "not inside a collective" in text and reporter == 1
+
+    behind = {**{r: _beat(r, 7, 3, count=6) for r in range(4)}, 3: _beat(3, 6, 9, count=6)}
+    text, _ = diagnose(0, 4, first, behind, "decision of step 7")
+    assert "silent rank 3" in text and "furthest behind" in text
+
+    same = {r: _beat(r, 7, 3, count=6) for r in range(4)}
+    text, reporter = diagnose(2, 4, first, same, "decision of step 7")
+    assert "every rank waits in the same collective" in text and reporter == 0
+
+    text, _ = diagnose(1, 4, first, {}, "decision of step 7")
+    assert "rendezvous store does not answer" in text
+
+
+_BUSY = """
+import sys, time
+import torch.distributed as dist
+from harness.watchdog import Watchdog
+store = dist.HashStore()
+dog = Watchdog(0, 2, timeout_s=0.5, run_dir=sys.argv[1], store_factory=lambda: store).start()
+dog.enter("forward", 3)
+if sys.argv[2] == "verdict":
+    store.set("harness/hang", "harness: hang: (posted by rank 1)")
+time.sleep(4)  # busy in its own code, far past the timeout, with nobody waiting
+print("alive")
+"""
+
+
+def test_busy_ranks_are_not_a_hang_but_a_posted_verdict_stops_them(tmp_path):
+    import subprocess
+    import sys
+
+    from tests.reliability.drills import ROOT
+
+    busy = subprocess.run([sys.executable, "-c", _BUSY, str(tmp_path / "a"), "busy"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=60)
+    assert busy.returncode == 0 and "alive" in busy.stdout, busy.stderr[-2000:]
+    assert not (tmp_path / "a").exists()
+    stopped = subprocess.run([sys.executable, "-c", _BUSY, str(tmp_path / "b"), "verdict"], cwd=ROOT,
+                             capture_output=True, text=True, timeout=60)
+    assert stopped.returncode == EXIT_HUNG and "alive" not in stopped.stdout
+    dump = (tmp_path / "b" / "hang-rank-0.txt").read_text()
+    assert "posted by rank 1" in dump and "in forward of step 3" in dump and "time.sleep" not in dump.split("\n")[0]
