@@ -43,7 +43,7 @@ def file_lock(path: Path, timeout_s: float = 600.0, wait_s: Optional[float] = No
             if exc.errno not in _NO_FLOCK:
                 raise
             if on_wait is not None and (path.with_name(path.name + ".held")).exists():
-                on_wait(_read_holder(path.with_name(path.name + ".held")))
+                on_wait(read_holder(path.with_name(path.name + ".held")))
             with marker_lock(path.with_name(path.name + ".held"), wait_s or timeout_s):
                 yield
             return
@@ -69,7 +69,7 @@ def _flock_waiting(handle, path: Path, wait_s: Optional[float], on_wait: Optiona
             return
         except BlockingIOError:
             pass
-        holder = _read_holder(path)
+        holder = read_holder(path)
         if not told and on_wait is not None:
             on_wait(holder)
             told = True
@@ -88,7 +88,7 @@ def try_marker(marker: Path) -> Optional[str]:
         try:
             fd = os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         except FileExistsError:
-            holder = _read_holder(marker)
+            holder = read_holder(marker)
             if _is_dead_here(holder):
                 with contextlib.suppress(FileNotFoundError):
                     marker.unlink()
@@ -117,7 +117,7 @@ def marker_lock(marker: Path, timeout_s: float = 600.0) -> Iterator[None]:
             marker.unlink()
 
 
-def _read_holder(marker: Path) -> str:
+def read_holder(marker: Path) -> str:
     try:
         return marker.read_text().strip()
     except OSError:

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import IO, Optional
 
 from harness.errors import HarnessError, first_line
-from harness.locks import _read_holder, try_marker
+from harness.locks import read_holder, try_marker
 
 LOCK_NAME = ".lock"
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
@@ -78,7 +78,7 @@ def claim(path: Path) -> Claim:
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
-        holder = _read_holder(lock)
+        holder = read_holder(lock)
         handle.close()
         raise HarnessError(_in_use(path, holder, lock)) from None
     except OSError as exc:

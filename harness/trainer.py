@@ -14,8 +14,8 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from harness.checkpoint import (Checkpointer, CheckpointError, choose_resume, complete_checkpoints, load_checkpoint,
-                                trainer_state_for)
+from harness.checkpoint import (Checkpointer, CheckpointError, checkpoint_step, choose_resume, complete_checkpoints,
+                                load_checkpoint, trainer_state_for)
 from harness.config import Config, dump_yaml
 from harness.console import Progress, RunSummary, print0
 from harness.diagnose import ForwardProbe, OverflowDiagnosis
@@ -273,7 +273,7 @@ class Trainer:
         self.checkpointer.finish()  # the save in flight, if any, is from before the spike was read
         listing = [[str(p) for p in complete_checkpoints(Path(cfg.checkpoint.dir))] if self.info.is_main else None]
         dist.broadcast_object_list(listing, src=0)  # one listing: every rank loads the same one
-        before = [Path(p) for p in listing[0] if int(Path(p).name.split("-")[1]) < first]
+        before = [Path(p) for p in listing[0] if checkpoint_step(Path(p)) < first]
         if not before:
             print0(self.info.rank, f"warning: no checkpoint before step {first} to roll back to; the spiking update "
                                    "was skipped and training goes on")

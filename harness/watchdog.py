@@ -171,7 +171,9 @@ class Watchdog:
         try:
             store.set(f"harness/heartbeat/{self.rank}", json.dumps(self._beat().__dict__))
         except Exception:
-            pass  # a missing store is itself a symptom, reported when a hang is diagnosed
+            # The connection broke (the store's host restarted or is gone): reconnect next interval.
+            # Beats that never arrive are what the other ranks' diagnosis reports.
+            self._store = None
 
     def read_beats(self) -> dict[int, Beat]:
         store = self._connect()

@@ -289,6 +289,14 @@ def _finish(staging: Path, final: Path, step: int, files: list, state: TrainerSt
     _fsync(final.parent)
 
 
+def checkpoint_step(path: Path) -> int:
+    """N of a step-<N> checkpoint folder."""
+    match = _STEP_DIR.match(path.name)
+    if match is None:
+        raise CheckpointError(f"{path} is not a step-<N> checkpoint folder")
+    return int(match.group(1))
+
+
 def complete_checkpoints(root: Path) -> list[Path]:
     """step-<N> folders (not staging ones), oldest first."""
     if not root.is_dir():
