@@ -19,6 +19,7 @@ import ctypes
 import os
 import resource
 import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -61,9 +62,10 @@ def setup_allocations_returned_to_os() -> Iterator[None]:
         _set_mmap_threshold(STEADY_MMAP_THRESHOLD)
 
 
-def process_resources() -> dict:
+def process_resources(threads_quiet_s: float = 0.05) -> dict:
     """This process's resident memory (GiB), open file descriptors and threads, from /proc: what
-    grows when something leaks."""
+    grows when something leaks. Threads are counted once their number held still for
+    `threads_quiet_s` (see _settled_thread_count)."""
     status = {}
     for line in Path("/proc/self/status").read_text().splitlines():
         key, _, value = line.partition(":")
@@ -71,5 +73,26 @@ def process_resources() -> dict:
     return {
         "rss_gb": round(int(status["VmRSS"][0]) * 1024 / 2**30, 4),
         "open_fds": len(os.listdir("/proc/self/fd")) - 1,  # less the one listing them
-        "threads": int(status["Threads"][0]),
+        "threads": _settled_thread_count(threads_quiet_s),
     }
+
+
+def _settled_thread_count(quiet_s: float = 0.05, limit_s: float = 1.0) -> int:
+    """The process's OS threads, once the count has held still for `quiet_s`.
+
+    Thread.join() returns when a thread's Python code is done, a moment before the kernel removes
+    the thread: read at once after a join (a checkpoint writer, the batch worker), /proc still
+    lists it in about 2% of tries here. A thread that lives on is still counted."""
+    count, stable_since, deadline = _thread_count(), time.monotonic(), time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        time.sleep(0.005)
+        now = _thread_count()
+        if now != count:
+            count, stable_since = now, time.monotonic()
+        elif time.monotonic() - stable_since >= quiet_s:
+            break
+    return count
+
+
+def _thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
