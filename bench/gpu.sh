@@ -61,5 +61,6 @@ for line in open(sys.argv[1]):
 " "$OUT/syncs/metrics.jsonl" | tee "$OUT/syncs.txt"
 
 echo "== checkpoint staging (SmolLM2-135M state on the device)"
-DEVICE=cuda; [[ "$CONFIG" == configs/tiny.yaml ]] && DEVICE=cpu
-"$PYTHON" bench/checkpoint_staging.py --device "$DEVICE" --saves 2 2>&1 | tail -n 5 | tee "$OUT/staging.txt"
+STAGING=(--device cuda --saves 2)
+[[ "$CONFIG" == configs/tiny.yaml ]] && STAGING=(--device cpu --saves 1 --config configs/tiny.yaml)
+"$PYTHON" bench/checkpoint_staging.py "${STAGING[@]}" 2>&1 | tail -n 5 | tee "$OUT/staging.txt"
