@@ -176,15 +176,26 @@ class Watchdog:
             self._store = None
 
     def read_beats(self) -> dict[int, Beat]:
-        store = self._connect()
+        """Every rank's last heartbeat. A read that fails is tried once more on a fresh
+        connection (a client left broken by a timeout under load must not turn a frozen rank
+        into "the store does not answer"); a rank whose beat is still unreadable is left out."""
         beats: dict[int, Beat] = {}
-        if store is None:
-            return beats
-        for rank in range(self.world_size):
-            try:
-                beats[rank] = Beat(**json.loads(store.get(f"harness/heartbeat/{rank}")))
-            except Exception:
-                continue
+        for _ in range(2):
+            store, broken = self._connect(), False
+            if store is None:
+                break
+            for rank in range(self.world_size):
+                if rank in beats:
+                    continue
+                key = f"harness/heartbeat/{rank}"
+                try:
+                    if store.check([key]):  # a rank that never beat is missing, not an error
+                        beats[rank] = Beat(**json.loads(store.get(key)))
+                except Exception:
+                    broken = True
+            if not broken:
+                break
+            self._store = None  # reconnect for the second attempt
         return beats
 
     # -- the report ------------------------------------------------------------------------

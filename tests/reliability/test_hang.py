@@ -21,17 +21,19 @@ HANG_LINE = re.compile(r"harness: hang: no progress for \d+ s \(parallel\.timeou
 
 
 def _check_stopped(job: Job, finished, silent_dumped: bool) -> re.Match:
-    assert finished.returncode == EXIT_HUNG, finished.output[-3000:]
-    assert finished.seconds < TIMEOUT_S + MARGIN_S, finished.seconds
-    assert "Traceback" not in finished.output, finished.output[-3000:]
+    # Every assertion shows the job's output: a failure must say what the job did.
+    said = f"after {finished.seconds:.1f} s, exit {finished.returncode}:\n{finished.output[-3000:]}"
+    assert finished.returncode == EXIT_HUNG, said
+    assert finished.seconds < TIMEOUT_S + MARGIN_S, said
+    assert "Traceback" not in finished.output, said
     lines = [line for line in finished.output.splitlines() if line.startswith("harness: hang:")]
-    assert len(lines) == 1, finished.output[-3000:]  # one rank reports, the others only dump stacks
+    assert len(lines) == 1, said  # one rank reports, the others only dump stacks
     match = HANG_LINE.search(lines[0])
-    assert match, lines[0]
+    assert match, said
     dump = (job.run_dir / "hang-rank-0.txt").read_text()
-    assert "Thread" in dump and "harness" in dump and lines[0] in dump
-    assert (job.run_dir / "hang-rank-1.txt").exists() == silent_dumped
-    assert no_process_left(job.run_dir)
+    assert "Thread" in dump and "harness" in dump and lines[0] in dump, dump[-3000:]
+    assert (job.run_dir / "hang-rank-1.txt").exists() == silent_dumped, said
+    assert no_process_left(job.run_dir), said
     checkpoints = complete_checkpoints(job.run_dir / "checkpoints")
     assert checkpoints and all(verify(path) is None for path in checkpoints)
     return match
@@ -45,7 +47,7 @@ def test_a_frozen_rank_is_named_and_the_job_ends(tmp_path):
     finished = job.finish(timeout=TIMEOUT_S + MARGIN_S + 30)
     match = _check_stopped(job, finished, silent_dumped=False)  # a stopped process cannot write
     assert match.group(1) in ("data", "forward", "backward", "decision", "step", "read", "checkpoint")
-    assert "no heartbeat" in finished.output
+    assert "no heartbeat" in finished.output, finished.output[-3000:]
 
 
 def test_a_rank_stuck_in_its_own_code_is_named_with_its_phase_and_step(tmp_path):
@@ -56,7 +58,7 @@ def test_a_rank_stuck_in_its_own_code_is_named_with_its_phase_and_step(tmp_path)
     finished = job.finish(timeout=TIMEOUT_S + MARGIN_S + 30)
     match = _check_stopped(job, finished, silent_dumped=True)
     assert match.group(1, 2) == ("forward", "4")
-    assert "not inside a collective" in finished.output
+    assert "not inside a collective" in finished.output, finished.output[-3000:]
     assert "in maybe_hang" in (job.run_dir / "hang-rank-1.txt").read_text()  # the sleeping rank's own stack
 
 
@@ -115,3 +117,32 @@ def test_busy_ranks_are_not_a_hang_but_a_posted_verdict_stops_them(tmp_path):
     assert stopped.returncode == EXIT_HUNG and "alive" not in stopped.stdout
     dump = (tmp_path / "b" / "hang-rank-0.txt").read_text()
     assert "posted by rank 1" in dump and "in forward of step 3" in dump and "time.sleep" not in dump.split("\n")[0]
+
+
+def test_heartbeats_are_read_through_a_fresh_connection_when_the_old_one_broke(tmp_path):
+    """The store's host restarted (or a timeout under load broke the client): the diagnosis must
+    still read every beat, not report that the store does not answer."""
+    import json
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from harness.watchdog import Watchdog, store_factory
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+
+    def server():
+        return dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5))
+
+    first = server()
+    watchdog = Watchdog(0, 2, 10, str(tmp_path), store_factory("127.0.0.1", port, 2.0))
+    watchdog._publish()
+    assert sorted(watchdog.read_beats()) == [0]  # rank 1 never beat: missing, and no wait for it
+    del first  # the server goes away; the watchdog's client is now broken
+    second = server()
+    for rank in (0, 1):
+        second.set(f"harness/heartbeat/{rank}", json.dumps(_beat(rank, 3, 1).__dict__))
+    assert sorted(watchdog.read_beats()) == [0, 1]
