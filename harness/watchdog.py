@@ -71,7 +71,11 @@ class Beat:
     pid: int
 
     def where(self) -> str:
-        return f"{self.phase} of step {self.step}"
+        return _where(self.phase, self.step)
+
+
+def _where(phase: str, step: int) -> str:
+    return f"{phase} of step {step}" if step > 0 else "start-up (before its first step)"
 
 
 class Watchdog:
@@ -102,7 +106,10 @@ class Watchdog:
         self._armed = True
 
     def start(self) -> "Watchdog":
-        self._connect()  # now, not in the thread: the connection is part of the job's steady state
+        # Connect and beat now, not an interval later in the thread: a rank frozen in its first
+        # steps (tiny steps take milliseconds) is then still known, with where it was.
+        self._connect()
+        self._publish()
         self._thread = threading.Thread(target=self._run, name="harness-watchdog", daemon=True)
         self._thread.start()
         return self
@@ -223,7 +230,7 @@ class Watchdog:
         os._exit(EXIT_HUNG)
 
     def where(self) -> str:
-        return f"{self.phase} of step {self.step}"
+        return _where(self.phase, self.step)
 
     def _dump_stacks(self, line: str) -> None:
         try:
@@ -264,9 +271,12 @@ def diagnose(rank: int, world_size: int, first: dict[int, Beat], second: dict[in
                         "(network, or a device that stopped)"), min(live)
     reporter = min((r for r in live if r not in silent), default=rank)
     beat = second.get(silent[0]) or first.get(silent[0])
-    where = beat.where() if beat is not None else "an unknown place"
-    if frozen or missing:
-        where = f"{where} (its last heartbeat)"
+    if beat is None:
+        where = "a place it never reported (no heartbeat ever arrived from it)"
+    elif frozen or missing:
+        where = f"{beat.where()} (its last heartbeat)"
+    else:
+        where = beat.where()
     host = f" on {beat.host}, pid {beat.pid}" if beat is not None else ""
     ranks = ", ".join(str(r) for r in silent)
     waiting = live.get(reporter)

@@ -4,6 +4,7 @@ every rank that can dumps its stack to run.dir/hang-rank-<r>.txt."""
 
 from __future__ import annotations
 
+import json
 import re
 import signal
 import time
@@ -43,6 +44,7 @@ def test_a_frozen_rank_is_named_and_the_job_ends(tmp_path):
     job = Job(tmp_path / "run", *BACKENDS["fsdp2"], f"parallel.timeout_s={TIMEOUT_S}", "checkpoint.every=3",
               "train.steps=100000")
     job.wait_for_step(4)
+    time.sleep(2.5)  # two heartbeat intervals of training: rank 1's last beat is from inside a step
     job.signal_rank(1, signal.SIGSTOP)
     finished = job.finish(timeout=TIMEOUT_S + MARGIN_S + 30)
     match = _check_stopped(job, finished, silent_dumped=False)  # a stopped process cannot write
@@ -146,3 +148,30 @@ def test_heartbeats_are_read_through_a_fresh_connection_when_the_old_one_broke(t
     for rank in (0, 1):
         second.set(f"harness/heartbeat/{rank}", json.dumps(_beat(rank, 3, 1).__dict__))
     assert sorted(watchdog.read_beats()) == [0, 1]
+
+
+def test_a_rank_that_never_beat_is_named_and_start_beats_at_once(tmp_path):
+    """A rank gone before its first heartbeat is still named; and start() beats at once, so a rank
+    frozen in its first (millisecond) steps is known with the place it reached."""
+    import socket
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    from harness.watchdog import Watchdog, store_factory
+
+    text, reporter = diagnose(0, 2, {0: _beat(0, 3, 2)}, {0: _beat(0, 3, 2, count=6)}, "decision of step 3")
+    assert text.startswith("a place it never reported") and "silent rank 1" in text and reporter == 0
+    assert "the others wait in decision of step 3" in text
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    server = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5))
+    watchdog = Watchdog(1, 2, 3600, str(tmp_path), store_factory("127.0.0.1", port, 2.0)).start()
+    try:
+        assert server.check(["harness/heartbeat/1"])  # the thread itself beats only after an interval (5 s)
+        beat = Beat(**json.loads(server.get("harness/heartbeat/1")))
+        assert beat.where() == "start-up (before its first step)" and beat.count == 1
+    finally:
+        watchdog.stop()
