@@ -8,9 +8,11 @@ import json
 import re
 import signal
 import time
+from datetime import timedelta
 
 from harness.checkpoint import complete_checkpoints, verify
-from harness.watchdog import EXIT_HUNG, Beat, diagnose
+from harness.watchdog import EXIT_HUNG, Beat, Watchdog, diagnose, store_factory
+from tests.distributed import free_port
 from tests.reliability.drills import BACKENDS, Job, no_process_left
 
 TIMEOUT_S = 10
@@ -124,27 +126,13 @@ def test_busy_ranks_are_not_a_hang_but_a_posted_verdict_stops_them(tmp_path):
 def test_heartbeats_are_read_through_a_fresh_connection_when_the_old_one_broke(tmp_path):
     """The store's host restarted (or a timeout under load broke the client): the diagnosis must
     still read every beat, not report that the store does not answer."""
-    import json
-    import socket
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    from harness.watchdog import Watchdog, store_factory
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-
-    def server():
-        return dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5))
-
-    first = server()
+    port = free_port()
+    first = _store_server(port)
     watchdog = Watchdog(0, 2, 10, str(tmp_path), store_factory("127.0.0.1", port, 2.0))
     watchdog._publish()
     assert sorted(watchdog.read_beats()) == [0]  # rank 1 never beat: missing, and no wait for it
     del first  # the server goes away; the watchdog's client is now broken
-    second = server()
+    second = _store_server(port)
     for rank in (0, 1):
         second.set(f"harness/heartbeat/{rank}", json.dumps(_beat(rank, 3, 1).__dict__))
     assert sorted(watchdog.read_beats()) == [0, 1]
@@ -153,21 +141,12 @@ def test_heartbeats_are_read_through_a_fresh_connection_when_the_old_one_broke(t
 def test_a_rank_that_never_beat_is_named_and_start_beats_at_once(tmp_path):
     """A rank gone before its first heartbeat is still named; and start() beats at once, so a rank
     frozen in its first (millisecond) steps is known with the place it reached."""
-    import socket
-    from datetime import timedelta
-
-    import torch.distributed as dist
-
-    from harness.watchdog import Watchdog, store_factory
-
     text, reporter = diagnose(0, 2, {0: _beat(0, 3, 2)}, {0: _beat(0, 3, 2, count=6)}, "decision of step 3")
     assert text.startswith("a place it never reported") and "silent rank 1" in text and reporter == 0
     assert "the others wait in decision of step 3" in text
 
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
-    server = dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5))
+    port = free_port()
+    server = _store_server(port)
     watchdog = Watchdog(1, 2, 3600, str(tmp_path), store_factory("127.0.0.1", port, 2.0)).start()
     try:
         assert server.check(["harness/heartbeat/1"])  # the thread itself beats only after an interval (5 s)
@@ -175,3 +154,10 @@ def test_a_rank_that_never_beat_is_named_and_start_beats_at_once(tmp_path):
         assert beat.where() == "start-up (before its first step)" and beat.count == 1
     finally:
         watchdog.stop()
+
+
+def _store_server(port: int):
+    """A real rendezvous store on this machine, as torchrun's agent hosts one."""
+    import torch.distributed as dist
+
+    return dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5))
