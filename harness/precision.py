@@ -34,7 +34,23 @@ def precision_policy(name: str) -> PrecisionPolicy:
     return PrecisionPolicy(name=name, compute_dtype=_DTYPES[name])
 
 
+# The first compute capabilities with native arithmetic in each half type: fp16 came with
+# Maxwell's sm_53 (Jetson TX1; desktop Maxwell sm_50/52 has none), bf16 with Ampere's sm_80.
+_FIRST_CAPABILITY = {torch.float16: (5, 3), torch.bfloat16: (8, 0)}
+_INSTEAD = {torch.float16: "precision=fp32", torch.bfloat16: "precision=fp16 (with its loss scale) or fp32"}
+
+
 def check_device_supports(policy: PrecisionPolicy, device: torch.device) -> None:
-    if device.type == "cuda" and policy.compute_dtype == torch.bfloat16 and not torch.cuda.is_bf16_supported():
-        name = torch.cuda.get_device_name(device)
-        raise HarnessError(f"precision=bf16 is not supported on {name} (needs Ampere or newer); use precision=fp16")
+    """Refuse a compute dtype the GPU can only emulate. torch.cuda.is_bf16_supported() says yes on
+    a V100 or T4 (it counts emulation), where bf16 matmuls run many times slower than fp16: the
+    capability is the honest test. CPUs run every dtype (fp16/bf16 math is emulated where the ISA
+    lacks it, and the user chose a CPU run), and ROCm devices support both."""
+    first = _FIRST_CAPABILITY.get(policy.compute_dtype)
+    if first is None or device.type != "cuda" or torch.version.hip:
+        return
+    capability = tuple(torch.cuda.get_device_capability(device))
+    if capability < first:
+        raise HarnessError(
+            f"precision={policy.name} needs a GPU of compute capability {first[0]}.{first[1]} or newer; "
+            f"{torch.cuda.get_device_name(device)} has {capability[0]}.{capability[1]}: use {_INSTEAD[policy.compute_dtype]}"
+        )
