@@ -23,6 +23,7 @@ BACKENDS = {
     "zero1": ["parallel.backend=deepspeed", "parallel.zero_stage=1"],
     "zero2": ["parallel.backend=deepspeed", "parallel.zero_stage=2"],
     "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
+    "zero3-block": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "parallel.zero3_unit=block"],
 }
 
 

@@ -70,6 +70,8 @@ SWITCHES = {
     "compile_ac_op": ["train.compile=true", "model.activation_checkpointing=selective"],
     "chunked_ce": ["train.loss_chunk_tokens=24"],
     "zero3_eager": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
+    "zero3_module_compile_ac": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "parallel.zero3_unit=module",
+                                "train.compile=true", "model.activation_checkpointing=selective"],
     "zero3_compile_ac": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "train.compile=true",
                          "model.activation_checkpointing=full", "train.loss_chunk_tokens=24"],
 }

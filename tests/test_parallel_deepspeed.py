@@ -74,7 +74,8 @@ def _rank_scenarios(run_root: str) -> dict:
     hdist.init_process_group(info, "gloo", 120, device)
     out: dict = {"rank": info.rank, "parity": {}, "train": {}}
 
-    parity_runs = dict(BACKENDS, zero2_accum=BACKENDS["zero2"] + ["train.micro_batch_size=1", "train.grad_accum=2"])
+    parity_runs = dict(BACKENDS, zero2_accum=BACKENDS["zero2"] + ["train.micro_batch_size=1", "train.grad_accum=2"],
+                       zero3_module=BACKENDS["zero3"] + ["parallel.zero3_unit=module"])
     for label, backend_args in parity_runs.items():
         backend = label.split("_")[0]
         cfg = load_config(TINY, _common(f"{run_root}/{label}", "precision=fp32", f"train.steps={STEPS}", *backend_args))
@@ -92,6 +93,8 @@ def _rank_scenarios(run_root: str) -> dict:
             "norms": norms,
             "unsharded": unsharded,
             "params": params if info.rank == 0 else None,
+            # Where DeepSpeed put its fetch/release hooks (ZeRO-3: per block, or per module).
+            "hooked": sorted(name for name, m in trainer.backend.module.named_modules() if m._forward_pre_hooks),
         }
 
     for label, backend_args in BACKENDS.items():
@@ -168,6 +171,21 @@ def test_global_norm_is_unsharded_norm_identical_on_ranks_and_clipping_applied(r
     reference = results[0]["parity"]["fsdp2"]["params"]
     for label, run in results[0]["parity"].items():
         np.testing.assert_allclose(run["params"], reference, atol=2e-5, err_msg=label)
+
+
+def test_zero3_gathers_whole_blocks_by_default_and_modules_on_request(ranks):
+    _, results = ranks
+    parity = results[0]["parity"]
+    blocks = [f"transformer.h.{i}" for i in range(2)]
+    # block: DeepSpeed hooks each block and the modules outside blocks, nothing inside a block.
+    assert [name for name in parity["zero3"]["hooked"] if name.startswith("transformer.h.")] == blocks
+    assert {"transformer.wte", "transformer.ln_f"} <= set(parity["zero3"]["hooked"])
+    # module: every module with parameters has its own hooks, inside the blocks too.
+    assert {"transformer.h.0.attn.c_attn", "transformer.h.1.mlp.c_proj"} <= set(parity["zero3_module"]["hooked"])
+    # The unit changes when parameters are gathered, not what is computed: bit for bit.
+    assert parity["zero3"]["losses"] == parity["zero3_module"]["losses"]
+    assert parity["zero3"]["norms"] == parity["zero3_module"]["norms"]
+    np.testing.assert_array_equal(parity["zero3"]["params"], parity["zero3_module"]["params"])
 
 
 def _rows(path: Path) -> list[dict]:

@@ -61,6 +61,7 @@ def four_rank_runs(eager_json: str) -> dict:
         "zero3_fp16": [*FP16_FAULTS, *DEEPSPEED],
         "zero3_eager": ["precision=fp32", "train.steps=3", *DEEPSPEED, *eager],
         "hpz_eager": ["precision=fp32", "train.steps=3", *DEEPSPEED, *eager, "parallel.replicate=2"],
+        "zero3_module_eager": ["precision=fp32", "train.steps=3", *DEEPSPEED, *eager, "parallel.zero3_unit=module"],
         "hsdp_odd_accum": ["precision=bf16", "train.steps=3", "train.grad_accum=2", "parallel.replicate=2", *ODD],
         "zero1_odd": ["precision=fp16", "train.steps=3", *DEEPSPEED, "parallel.zero_stage=1", *ODD],
         "zero2_odd_accum": ["precision=bf16", "train.steps=3", "train.grad_accum=2", *DEEPSPEED,
@@ -80,6 +81,8 @@ def two_rank_runs(hsdp_checkpoint: str) -> dict:
                             "parallel.zero_stage=1", *ODD],
         "zero2_odd": ["precision=fp32", "train.steps=3", *DEEPSPEED, "parallel.zero_stage=2", *ODD],
         "zero3_odd": ["precision=fp32", "train.steps=3", *DEEPSPEED, *ODD],
+        "zero3_module_odd_accum": ["precision=bf16", "train.steps=3", "train.grad_accum=2", *DEEPSPEED, *ODD,
+                                   "parallel.zero3_unit=module"],
     }
 
 

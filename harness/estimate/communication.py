@@ -21,7 +21,8 @@ ZeRO-1/2       gradients all-reduced in fp32 (ZeRO-1 once per step, ZeRO-2 per m
                flat groups and has no flags.
 ZeRO-3         each parameter padded to a multiple of W. Gathers follow DeepSpeed's coordinator,
                simulated on the module order of a meta forward (backward in reverse): a module
-               fetches its parameters unless still gathered; after it runs, a parameter is
+               (with parallel.zero3_unit=block: a whole transformer block) fetches its parameters
+               unless still gathered; after it runs, a parameter is
                released unless persistent (numel <= stage3_param_persistence_threshold: gathered
                once per step, after the optimizer step) or used again within
                max(stage3_max_reuse_distance, stage3_prefetch_bucket_size) elements of upcoming
@@ -187,14 +188,19 @@ def zero12_plan(model: nn.Module, cfg: Config, world_size: int) -> Plan:
 
 
 def fetch_order(model: nn.Module, cfg: Config) -> list[list[nn.Parameter]]:
-    """The parameters each module fetches, in the order DeepSpeed's coordinator sees them in one
-    micro-batch: every module with parameters of its own, in forward order, then backward
-    (reverse order). Found by a forward on the meta device."""
+    """The parameters each fetch unit gathers, in the order DeepSpeed's coordinator sees them in
+    one micro-batch: forward order, then backward (reverse order). Found by a forward on the meta
+    device. A unit is a module with parameters of its own, or, with parallel.zero3_unit=block, a
+    whole transformer block (a leaf module: its parameters fetched together, its children unhooked)."""
+    from harness.model import transformer_blocks
     from harness.model.loss import unpacked_sequences
 
+    leaves = transformer_blocks(model) if cfg.parallel.zero3_unit == "block" else []
+    inside_leaf = {id(m) for leaf in leaves for m in leaf.modules()}
+    owners = [m for m in model.modules()
+              if id(m) not in inside_leaf and any(True for _ in m.parameters(recurse=False))]
     order: list[nn.Module] = []
-    owners = [m for m in model.modules() if any(True for _ in m.parameters(recurse=False))]
-    handles = [m.register_forward_pre_hook(lambda module, args: order.append(module)) for m in owners]
+    handles = [m.register_forward_pre_hook(lambda module, args: order.append(module)) for m in [*owners, *leaves]]
     try:
         batch = torch.zeros(1, min(cfg.train.seq_len, 8), dtype=torch.long, device="meta")
         with unpacked_sequences(), torch.no_grad():
@@ -202,7 +208,8 @@ def fetch_order(model: nn.Module, cfg: Config) -> list[list[nn.Parameter]]:
     finally:
         for handle in handles:
             handle.remove()
-    fetches = [list(m.parameters(recurse=False)) for m in order]
+    leaf_ids = {id(leaf) for leaf in leaves}
+    fetches = [list(m.parameters(recurse=id(m) in leaf_ids)) for m in order]
     return fetches + fetches[::-1]
 
 

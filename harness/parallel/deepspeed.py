@@ -32,7 +32,7 @@ from torch import nn
 from harness.config import Config, TrainConfig
 from harness.errors import HarnessError, first_line
 from harness.grad_scale import DeviceDecision, StepDecision
-from harness.model import materialize_on
+from harness.model import materialize_on, transformer_blocks
 from harness.optim import build_adamw, ensure_adam_state, param_groups
 from harness.parallel.base import STATE_KINDS, ParallelBackend, StatePiece
 from harness.parallel.deepspeed_json import runtime_config
@@ -132,6 +132,8 @@ class DeepSpeedBackend(ParallelBackend):
             optimizer, adam = host_adamw(groups, train_cfg, self.cfg.parallel.offload_adam)
             # DeepSpeed otherwise insists on its own CPU Adam for offloaded state.
             ds_config["zero_force_ds_cpu_optimizer"] = not isinstance(optimizer, torch.optim.AdamW)
+        if self.stage == 3 and self.cfg.parallel.zero3_unit == "block":
+            _gather_blocks_whole(model)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
         )
@@ -140,12 +142,12 @@ class DeepSpeedBackend(ParallelBackend):
         self.zero = self.engine.optimizer
         self.layout = layout_of(self.zero)
         self.name = f"deepspeed ZeRO-{self.stage}"
-        if self.stage == 3 and train_cfg.compile:
+        if self.stage == 3 and train_cfg.compile and self.cfg.parallel.zero3_unit == "module":
             # Measured on an H200 (bench/RESULTS.md): 0.661 s/step compiled vs 0.372 eager for a 1B
             # model; ZeRO-3's per-module gather/release hooks split each block's graph.
-            self.notes = ("train.compile on ZeRO-3 measured 1.2-1.8x slower than eager on a GPU (DeepSpeed's "
-                          "parameter hooks split the compiled graphs); it runs, but parallel.backend=fsdp2 is "
-                          "where compile pays",)
+            self.notes = ("train.compile with parallel.zero3_unit=module measured 1.2-1.8x slower than eager on a "
+                          "GPU (DeepSpeed's per-module parameter hooks split the compiled graphs); "
+                          "parallel.zero3_unit=block keeps each compiled block whole",)
         if offload != "none":
             what = "parameters and optimizer" if offload == "params" else "optimizer"
             self.name += f" ({what} offloaded to host memory, stepped by {adam})"
@@ -212,6 +214,15 @@ class DeepSpeedBackend(ParallelBackend):
         self.engine.step()
         if self.engine.was_step_applied():
             raise RuntimeError("DeepSpeed applied a step whose gradients harness found non-finite")
+
+
+def _gather_blocks_whole(model: nn.Module) -> None:
+    """Flag each transformer block a ZeRO-3 leaf module: DeepSpeed then hooks the block, not its
+    linear layers and norms, and fetches (and releases) all of its parameters at once."""
+    from deepspeed.utils import set_z3_leaf_module
+
+    for block in transformer_blocks(model):
+        set_z3_leaf_module(block, True)
 
 
 def host_adamw(groups: list[dict], train_cfg: TrainConfig, choice: str) -> tuple[torch.optim.Optimizer, str]:
