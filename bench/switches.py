@@ -46,6 +46,7 @@ VARIANTS = {
         "ac_selective_2": ["model.activation_checkpointing=selective", "model.selective_ac=2"],
         "chunked_ce": ["train.loss_chunk_tokens=1024"],
         "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
+        "zero3_module": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "parallel.zero3_unit=module"],
     },
     "gpu": {
         "base": ["precision=bf16"],
