@@ -176,9 +176,10 @@ def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> nn.Module:
 
 
 def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated layers, found by the class names transformers marks as not-to-be-split."""
+    """The repeated layers, found by the class names transformers marks as not-to-be-split (also
+    once FSDP2 has wrapped them: fully_shard swaps in a subclass, FSDP<name>)."""
     names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in names]
+    blocks = [m for m in model.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
     if not blocks:
         raise HarnessError(f"cannot find the transformer blocks of {type(model).__name__} (no _no_split_modules)")
     return blocks
