@@ -23,7 +23,8 @@ BACKENDS = {
     "zero1": ["parallel.backend=deepspeed", "parallel.zero_stage=1"],
     "zero2": ["parallel.backend=deepspeed", "parallel.zero_stage=2"],
     "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
-    "zero3-block": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "parallel.zero3_unit=block"],
+    # DeepSpeed's own ZeRO-3 units (a hook pair per module with parameters) next to harness's default.
+    "zero3-module": ["parallel.backend=deepspeed", "parallel.zero_stage=3", "parallel.zero3_unit=module"],
 }
 
 

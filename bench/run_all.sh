@@ -47,7 +47,7 @@ echo "== (b) switches on and off"
 "${RUN[@]}" bench/switches.py --config "$CONFIG" --set cpu --steps "$SWITCH_STEPS" --rounds "$ROUNDS" "${SMALL[@]}" "${ONLY[@]}" --out "$OUT" 2>&1 | grep -E '^\||^config' || true
 echo >>"$OUT"
 echo "== (c) backend step times"
-"${RUN[@]}" bench/backend_step_time.py --config "$BACKEND_CONFIG" --steps "$STEPS" --rounds "$ROUNDS" 2>&1 | grep -v -i "warn" | tail -n 6 | tee -a "$OUT"
+"${RUN[@]}" bench/backend_step_time.py --config "$BACKEND_CONFIG" --steps "$STEPS" --rounds "$ROUNDS" 2>&1 | grep -v -i "warn" | tail -n 7 | tee -a "$OUT"
 echo >>"$OUT"
 echo "== (d) checkpoint staging"
 "$PYTHON" bench/checkpoint_staging.py --config "$STAGING_CONFIG" --saves "$SAVES" | tee -a "$OUT"

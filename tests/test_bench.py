@@ -28,7 +28,7 @@ def test_make_bench_quick_form_writes_every_table(tmp_path):
                    "| case | measured s/step | predicted s/step | predicted / measured |"):
         assert header in text, header
     for row in ("| fsdp2 fp32 |", "| fsdp2 bf16 |", "| zero3 fp32 |", "| base |", "| no_batch_prefetch |",
-                "| ac_selective_op |", "| fsdp2 | "):
+                "| ac_selective_op |", "| fsdp2 | ", "zero3-module "):
         assert row in text, row
     assert "failed:" not in text
 
@@ -47,7 +47,7 @@ def test_gpu_script_runs_end_to_end_without_a_gpu(tmp_path):
 def test_gpu_tune_script_and_the_step_profile_run_without_a_gpu(tmp_path):
     out = _run(["bench/gpu_tune.sh", str(tmp_path / "tune")], tmp_path)
     assert "a smoke run with a tiny model" in out
-    for row in ("| base |", "| compile |", "| zero3 |", "| compile_mb16 |", "| zero3_prefetch_compile |"):
+    for row in ("| base |", "| compile |", "| zero3 |", "| zero3_module |", "| compile_mb16 |", "| zero3_prefetch_compile |"):
         assert row in out, row
     assert "failed:" not in out
     profile = (tmp_path / "tune" / "profile.log").read_text()
