@@ -1,7 +1,7 @@
 """Step time of every backend, measured side by side in one run (so only ratios matter).
 
     .venv/bin/python -m torch.distributed.run --standalone --nproc-per-node 2 bench/backend_step_time.py \
-        [--config configs/demo.yaml] [--precision fp32] [--steps 8] [--rounds 3] [--offload]
+        [--config configs/demo.yaml] [--precision fp32] [--steps 8] [--rounds 3] [--offload] [--override KEY=VALUE ...]
 
 Builds FSDP2 and ZeRO-1/2/3 trainers over the same config, then times `--steps` optimizer steps
 of each in turn, `--rounds` times (interleaved, so machine noise hits all backends alike), and
@@ -35,6 +35,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--offload", action="store_true", help="also time each backend with parallel.offload")
+    parser.add_argument("--override", action="append", default=[], help="a config override for every backend")
     args = parser.parse_args()
     variants = dict(BACKENDS)
     if args.offload:
@@ -52,7 +53,7 @@ def main() -> None:
         cfg = load_config(
             args.config,
             [f"run.dir=runs/bench-{name}", f"precision={args.precision}", f"train.steps={total}", "eval.every=0",
-             "log.progress=off", *extra],
+             "log.progress=off", *args.override, *extra],
         )
         trainers[name] = build_trainer(cfg, info, device)
         trainers[name].run_step(1)  # warm-up: first-step allocations and lazy init
