@@ -80,6 +80,8 @@ FP16_FAULTS = ["precision=fp16", "scaler.init_scale=1024", "scaler.hysteresis=1"
 
 
 def _ranked(run_root: str) -> dict:
+    from torch._dynamo.utils import counters
+
     from harness import dist as hdist
     from harness.config import load_config
     from harness.trainer import build_trainer
@@ -90,12 +92,16 @@ def _ranked(run_root: str) -> dict:
     shape = ["train.steps=4", "eval.every=0", "log.progress=off", "train.grad_accum=2"]
     runs = {f"fp32_{k}": ["precision=fp32", *v] for k, v in SWITCHES.items()}
     runs.update(fp16_eager=FP16_FAULTS, fp16_compile=[*FP16_FAULTS, "train.compile=true"])
-    out = {}
+    out: dict = {"graphs": {}}
     for label, extra in runs.items():
+        # Each run compiles from nothing, so the counters below are its own graphs and breaks.
+        torch._dynamo.reset()
+        counters.clear()
         cfg = load_config(TINY, [f"run.dir={run_root}/{label}", *shape, *extra])
         build_trainer(cfg, info, device).fit()
         out[label] = [json.loads(line) for line in Path(run_root, label, "metrics.jsonl").read_text().splitlines()] \
             if info.rank == 0 else None
+        out["graphs"][label] = (counters["stats"]["unique_graphs"], sum(counters["graph_break"].values()))
     return out
 
 
@@ -112,6 +118,20 @@ def test_each_switch_gives_the_eager_fp32_losses(ranked, label):
     for a, b in zip(got, reference):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
+
+
+def test_a_compiled_block_is_one_graph_on_fsdp2_and_on_zero3_with_block_units(ranked):
+    """(unique graphs, graph breaks) per run. The blocks share their code: one graph for all of
+    them, none broken, where the sharding hooks sit outside the blocks (FSDP2, ZeRO-3 block
+    units). DeepSpeed's per-module hooks (zero3_unit=module) fire inside a block and break it
+    into pieces: why compile made ZeRO-3 slower on a GPU."""
+    graphs = ranked["graphs"]
+    for label in ("fp32_compile", "fp32_compile_ac_op", "fp32_zero3_compile_ac", "fp16_compile"):
+        assert graphs[label] == (1, 0), (label, graphs[label])
+    assert graphs["fp32_eager"] == graphs["fp32_zero3_eager"] == (0, 0)
+    # Broken: into many graphs, or (with selective AC here) at its first hook, leaving no graph at all.
+    pieces, breaks = graphs["fp32_zero3_module_compile_ac"]
+    assert breaks > 0 and pieces != 1, graphs
 
 
 def test_compile_keeps_the_fp16_fault_schedule(ranked):
