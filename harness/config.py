@@ -120,7 +120,7 @@ class ParallelConfig:
     prefetch: int = 1
     """FSDP2: gather the next N blocks' parameters while a block computes (forward and backward), explicitly; 0 leaves it to FSDP2's implicit prefetching."""
     zero3_unit: Literal["block", "module"] = "block"
-    """DeepSpeed ZeRO-3: what is gathered and released as one piece. block: each transformer block whole, like FSDP2's units (DeepSpeed leaf modules: one hook pair and one fetch per block, and a compiled block is one graph); module: DeepSpeed's default, every module with parameters on its own (a hook pair per linear layer and norm: 1.4x the step time of block where Python overhead dominates, bench/backend_step_time.py)."""
+    """DeepSpeed ZeRO-3: what is gathered and released as one piece. block: each transformer block whole, like FSDP2's units (DeepSpeed leaf modules: one hook pair and one fetch per block, and a compiled block is one graph); module: DeepSpeed's default, every module with parameters on its own (a hook pair per linear layer and norm: 1.6x the step time of block where the bookkeeping dominates, bench/RESULTS.md; a compiled block breaks into pieces)."""
     timeout_s: int = 600
     """Collective timeout in seconds before a hung rank fails the job."""
     replicate: int = 1
