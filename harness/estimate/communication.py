@@ -192,10 +192,10 @@ def fetch_order(model: nn.Module, cfg: Config) -> list[list[nn.Parameter]]:
     one micro-batch: forward order, then backward (reverse order). Found by a forward on the meta
     device. A unit is a module with parameters of its own, or, with parallel.zero3_unit=block, a
     whole transformer block (a leaf module: its parameters fetched together, its children unhooked)."""
-    from harness.model import transformer_blocks
     from harness.model.loss import unpacked_sequences
+    from harness.parallel.deepspeed import zero3_leaf_blocks
 
-    leaves = transformer_blocks(model) if cfg.parallel.zero3_unit == "block" else []
+    leaves = zero3_leaf_blocks(model, cfg.parallel)
     inside_leaf = {id(m) for leaf in leaves for m in leaf.modules()}
     owners = [m for m in model.modules()
               if id(m) not in inside_leaf and any(True for _ in m.parameters(recurse=False))]

@@ -29,7 +29,7 @@ from typing import ContextManager, Optional
 import torch
 from torch import nn
 
-from harness.config import Config, TrainConfig
+from harness.config import Config, ParallelConfig, TrainConfig
 from harness.errors import HarnessError, first_line
 from harness.grad_scale import DeviceDecision, StepDecision
 from harness.model import materialize_on, transformer_blocks
@@ -132,8 +132,8 @@ class DeepSpeedBackend(ParallelBackend):
             optimizer, adam = host_adamw(groups, train_cfg, self.cfg.parallel.offload_adam)
             # DeepSpeed otherwise insists on its own CPU Adam for offloaded state.
             ds_config["zero_force_ds_cpu_optimizer"] = not isinstance(optimizer, torch.optim.AdamW)
-        if self.stage == 3 and self.cfg.parallel.zero3_unit == "block":
-            _gather_blocks_whole(model)
+        if self.stage == 3:
+            _flag_leaf_blocks(model, self.cfg.parallel)
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config, dist_init_required=False
         )
@@ -216,12 +216,18 @@ class DeepSpeedBackend(ParallelBackend):
             raise RuntimeError("DeepSpeed applied a step whose gradients harness found non-finite")
 
 
-def _gather_blocks_whole(model: nn.Module) -> None:
-    """Flag each transformer block a ZeRO-3 leaf module: DeepSpeed then hooks the block, not its
-    linear layers and norms, and fetches (and releases) all of its parameters at once."""
+def zero3_leaf_blocks(model: nn.Module, cfg: ParallelConfig) -> list[nn.Module]:
+    """The modules ZeRO-3 gathers and releases whole (DeepSpeed leaf modules): every transformer
+    block with parallel.zero3_unit=block, none with module. harness.estimate simulates the same."""
+    return transformer_blocks(model) if cfg.zero3_unit == "block" else []
+
+
+def _flag_leaf_blocks(model: nn.Module, cfg: ParallelConfig) -> None:
+    """DeepSpeed then hooks each leaf, not its linear layers and norms, and fetches (and releases)
+    all of its parameters at once."""
     from deepspeed.utils import set_z3_leaf_module
 
-    for block in transformer_blocks(model):
+    for block in zero3_leaf_blocks(model, cfg):
         set_z3_leaf_module(block, True)
 
 
