@@ -36,8 +36,11 @@ parity: $(STAMP)
 	$(PY) -m harness.report $(PARITY_RUNS) --out runs/parity/report.html
 	$(PY) -m harness.report $(PARITY_RUNS) --out runs/parity/report.md
 
+# Two xdist workers fill the cores a single test leaves idle (tests/conftest.py says how they share
+# the machine); TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest tests $(ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
 
 # The heavy drills (a ~300M model on 4 ranks, ...): minutes each, not part of `make test`.
 test-heavy: $(STAMP)

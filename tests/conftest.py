@@ -1,9 +1,78 @@
-"""Shared fixtures."""
+"""Shared fixtures, and how the suite shares this machine between pytest-xdist workers."""
 
 from __future__ import annotations
 
+import fcntl
+import os
+import tempfile
+from pathlib import Path
+
 import pytest
 import torch.distributed as dist
+
+
+# `make test` runs two xdist workers: most tests leave a core idle part of the time (one process,
+# a launcher, a drill waiting for a fault), so a second worker fills it. A module's tests stay on
+# one worker (its module-scoped fixture is built once), and a test marked `exclusive` (a drill
+# with a deadline measured from a fault, a Slurm preemption) runs with the machine to itself.
+
+
+def pytest_collection_modifyitems(config, items):
+    """Group each module's tests for --dist loadgroup, the Slurm modules together (one cluster)."""
+    for item in items:
+        module = item.nodeid.split("::")[0]
+        group = "slurm" if "slurm" in Path(module).stem else module
+        item.add_marker(pytest.mark.xdist_group(group))
+
+
+class MachineShare:
+    """A readers-writer lock across the xdist workers of one run, on two flock()ed files.
+
+    Ordinary tests hold `main` shared; an exclusive one holds it alone. A writer waits holding
+    `turnstile`, which every test passes through first, so a stream of shared tests on the other
+    worker cannot keep it waiting forever.
+    """
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.turnstile = open(folder / "turnstile.lock", "a+")
+        self.main = open(folder / "main.lock", "a+")
+
+    def acquire(self, exclusive: bool) -> None:
+        fcntl.flock(self.turnstile, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(self.main, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        finally:
+            fcntl.flock(self.turnstile, fcntl.LOCK_UN)
+
+    def release(self) -> None:
+        fcntl.flock(self.main, fcntl.LOCK_UN)
+
+
+_SHARE_KEY = pytest.StashKey["MachineShare | None"]()
+
+
+def _machine_share() -> MachineShare | None:
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if run_id is None:  # not under xdist: every test already has the machine to itself
+        return None
+    return MachineShare(Path(tempfile.gettempdir()) / f"harness-tests-{run_id}")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Setup, call and teardown (module fixtures included) inside the test's share of the machine."""
+    if _SHARE_KEY not in item.config.stash:
+        item.config.stash[_SHARE_KEY] = _machine_share()
+    share = item.config.stash[_SHARE_KEY]
+    if share is None:
+        yield
+        return
+    share.acquire(exclusive=item.get_closest_marker("exclusive") is not None)
+    try:
+        yield
+    finally:
+        share.release()
 
 
 @pytest.fixture(scope="session")

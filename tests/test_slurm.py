@@ -18,6 +18,9 @@ from tests.slurm_cluster import Cluster, SlurmUnavailable, ensure_installed
 from tests.unavailable import unavailable
 from harness.wandb_file import find_runs, read_run
 
+# The preemption drill times a signal against Slurm's KillWait: alone on the machine.
+pytestmark = pytest.mark.exclusive
+
 ROOT = Path(__file__).resolve().parents[1]
 HARNESS = str(Path(sys.executable).parent / "harness")
 

@@ -10,10 +10,15 @@ import signal
 import time
 from datetime import timedelta
 
+import pytest
+
 from harness.checkpoint import complete_checkpoints, verify
 from harness.watchdog import EXIT_HUNG, Beat, Watchdog, diagnose, store_factory
 from tests.distributed import free_port
 from tests.reliability.drills import BACKENDS, Job, no_process_left
+
+# Detection is timed from the freeze: a second worker's load would eat into the margins.
+pytestmark = pytest.mark.exclusive
 
 TIMEOUT_S = 10
 # Detection within one heartbeat interval of the timeout, a second round of heartbeats, then

@@ -1,0 +1,49 @@
+"""The suite's own readers-writer lock (conftest.MachineShare): how two xdist workers share the
+machine. flock() locks belong to an open file, so two MachineShare objects in one process
+contend exactly as two workers do."""
+
+from __future__ import annotations
+
+import threading
+import time
+
+from tests.conftest import MachineShare
+
+
+def _acquire_in_thread(share: MachineShare, exclusive: bool) -> threading.Event:
+    got = threading.Event()
+
+    def take() -> None:
+        share.acquire(exclusive)
+        got.set()
+
+    threading.Thread(target=take, daemon=True).start()
+    return got
+
+
+def test_shared_holders_run_together_and_an_exclusive_one_waits_for_them(tmp_path):
+    first, second, writer = MachineShare(tmp_path), MachineShare(tmp_path), MachineShare(tmp_path)
+    first.acquire(exclusive=False)
+    second.acquire(exclusive=False)  # would hang if shared holders excluded each other
+    wrote = _acquire_in_thread(writer, exclusive=True)
+    assert not wrote.wait(0.3)
+    first.release()
+    assert not wrote.wait(0.3)
+    second.release()
+    assert wrote.wait(5)
+    writer.release()
+
+
+def test_an_exclusive_holder_keeps_others_out_and_a_waiting_one_goes_first(tmp_path):
+    reader, writer, late_reader = MachineShare(tmp_path), MachineShare(tmp_path), MachineShare(tmp_path)
+    reader.acquire(exclusive=False)
+    wrote = _acquire_in_thread(writer, exclusive=True)
+    time.sleep(0.2)  # the writer is now waiting, holding the turnstile
+    late = _acquire_in_thread(late_reader, exclusive=False)
+    assert not late.wait(0.3), "a reader arriving after a waiting writer must not overtake it"
+    reader.release()
+    assert wrote.wait(5)
+    assert not late.wait(0.3), "nobody shares the machine with an exclusive holder"
+    writer.release()
+    assert late.wait(5)
+    late_reader.release()
