@@ -40,7 +40,7 @@ parity: $(STAMP)
 # the machine); TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
 test: $(STAMP)
-	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadgroup $(ARGS)
+	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 # The heavy drills (a ~300M model on 4 ranks, ...): minutes each, not part of `make test`.
 test-heavy: $(STAMP)

@@ -12,17 +12,11 @@ import torch.distributed as dist
 
 
 # `make test` runs two xdist workers: most tests leave a core idle part of the time (one process,
-# a launcher, a drill waiting for a fault), so a second worker fills it. A module's tests stay on
-# one worker (its module-scoped fixture is built once), and a test marked `exclusive` (a drill
-# with a deadline measured from a fault, a Slurm preemption) runs with the machine to itself.
-
-
-def pytest_collection_modifyitems(config, items):
-    """Group each module's tests for --dist loadgroup, the Slurm modules together (one cluster)."""
-    for item in items:
-        module = item.nodeid.split("::")[0]
-        group = "slurm" if "slurm" in Path(module).stem else module
-        item.add_marker(pytest.mark.xdist_group(group))
+# a launcher, a drill waiting for a fault), so a second worker fills it. --dist loadfile keeps a
+# module's tests on one worker, so its module-scoped fixture (one spawn for many scenarios) is
+# built once. (Not loadgroup: xdist 3.8 rewrites item._nodeid, which pytest 9 no longer reads.)
+# A test marked `exclusive` (a drill with a deadline measured from a fault, a Slurm preemption)
+# runs with the machine to itself.
 
 
 class MachineShare:

@@ -47,3 +47,22 @@ def test_an_exclusive_holder_keeps_others_out_and_a_waiting_one_goes_first(tmp_p
     writer.release()
     assert late.wait(5)
     late_reader.release()
+
+
+def test_xdist_keeps_each_module_on_one_worker():
+    """Module-scoped fixtures (one spawn for many scenarios) must be built once, not per worker."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    modules = ["tests/test_dist.py", "tests/test_grad_scale.py", "tests/test_model_weights.py"]
+    result = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadfile", "-v",
+                             "-p", "no:cacheprovider", *modules],
+                            cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:]
+    workers: dict[str, set[str]] = {}
+    for worker, module in re.findall(r"\[(gw\d)\].* PASSED (tests/[\w/]+\.py)::", result.stdout):
+        workers.setdefault(module, set()).add(worker)
+    assert sorted(workers) == modules, result.stdout[-3000:]
+    assert all(len(ran_on) == 1 for ran_on in workers.values()), workers
