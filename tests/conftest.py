@@ -53,11 +53,13 @@ def _machine_share() -> MachineShare | None:
     return MachineShare(Path(tempfile.gettempdir()) / f"harness-tests-{run_id}")
 
 
+def pytest_configure(config):
+    config.stash[_SHARE_KEY] = _machine_share()
+
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_protocol(item, nextitem):
     """Setup, call and teardown (module fixtures included) inside the test's share of the machine."""
-    if _SHARE_KEY not in item.config.stash:
-        item.config.stash[_SHARE_KEY] = _machine_share()
     share = item.config.stash[_SHARE_KEY]
     if share is None:
         yield
