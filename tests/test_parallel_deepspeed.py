@@ -63,6 +63,17 @@ def _full_params(trainer, backend: str) -> np.ndarray:
     return torch.cat([t.detach().float().reshape(-1) for t in tensors]).numpy()
 
 
+def _count_deepspeeds_own_checks(trainer) -> list[str]:
+    """Names of DeepSpeed's own gradient passes (norm, overflow scan) as its optimizer runs them."""
+    calls: list[str] = []
+    zero = getattr(trainer.backend, "zero", None)
+    for method in ("get_grad_norm_direct", "has_overflow_partitioned_grads_serial", "has_overflow_serial"):
+        if zero is not None and hasattr(zero, method):
+            original = getattr(zero, method)
+            setattr(zero, method, lambda *a, _f=original, _m=method, **k: (calls.append(_m), _f(*a, **k))[1])
+    return calls
+
+
 def _rank_scenarios(run_root: str) -> dict:
     from harness import dist as hdist
     from harness.config import load_config
@@ -80,19 +91,24 @@ def _rank_scenarios(run_root: str) -> dict:
         backend = label.split("_")[0]
         cfg = load_config(TINY, _common(f"{run_root}/{label}", "precision=fp32", f"train.steps={STEPS}", *backend_args))
         trainer = build_trainer(cfg, info, device)
-        losses, norms, unsharded = [], [], []
+        own_checks = _count_deepspeeds_own_checks(trainer)
+        losses, norms, unsharded, reported = [], [], [], []
         for step in range(1, STEPS + 1):
             local_loss = trainer.forward_backward(step, loss_scale=None)
             unsharded.append(_full_grad_norm(trainer, backend))
             decision = trainer.apply_gradients(step, lr_at(step, cfg.train)).read()
             losses.append(trainer.mean_loss(local_loss))  # the mean loss fit() logs
             norms.append(decision.grad_norm)
+            if backend != "fsdp2":
+                reported.append(float(trainer.backend.engine.get_global_grad_norm()))
         params = _full_params(trainer, backend)  # collective: every rank gathers
         out["parity"][label] = {
             "losses": losses,
             "norms": norms,
             "unsharded": unsharded,
             "params": params if info.rank == 0 else None,
+            "deepspeed_norms": reported,
+            "deepspeed_checks": own_checks,
             # Where DeepSpeed put its fetch/release hooks (ZeRO-3: per block, or per module).
             "hooked": sorted(name for name, m in trainer.backend.module.named_modules() if m._forward_pre_hooks),
         }
@@ -171,6 +187,19 @@ def test_global_norm_is_unsharded_norm_identical_on_ranks_and_clipping_applied(r
     reference = results[0]["parity"]["fsdp2"]["params"]
     for label, run in results[0]["parity"].items():
         np.testing.assert_allclose(run["params"], reference, atol=2e-5, err_msg=label)
+
+
+def test_deepspeed_takes_harness_decision_instead_of_checking_gradients_again(ranks):
+    _, results = ranks
+    for r in results:
+        for label, run in r["parity"].items():
+            if label == "fsdp2":
+                continue
+            # No second pass over the gradients (an fp64 copy of each for its norm, an overflow
+            # scan): DeepSpeed's step() is answered from harness's global decision ...
+            assert run["deepspeed_checks"] == [], label
+            # ... and reports harness's unclipped norm as its own (clipping was active).
+            assert run["deepspeed_norms"] == run["norms"], label
 
 
 def test_zero3_gathers_whole_blocks_by_default_and_modules_on_request(ranks):

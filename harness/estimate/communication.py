@@ -16,9 +16,10 @@ FSDP2 / HSDP   units are the transformer blocks and the root (embeddings, norm, 
                all-reduces each unit's fp32 shard across the R replicas. S = 1 skips both.
 ZeRO-1/2       gradients all-reduced in fp32 (ZeRO-1 once per step, ZeRO-2 per micro-batch),
                the compute-dtype parameters all-gathered after the step, one call per parameter
-               group (padded to 2 x W). DeepSpeed's own flags: 8 bytes per step, 1 more in
-               fp16/bf16 (its overflow check). bf16 ZeRO-1 (BF16_Optimizer) reduces its padded
-               flat groups and has no flags.
+               group (padded to 2 x W). DeepSpeed's own flags, only with offload (otherwise
+               harness's decision answers its checks): 8 bytes per step, 1 more in fp16/bf16
+               (its overflow check). bf16 ZeRO-1 (BF16_Optimizer) reduces its padded flat groups
+               and has no flags.
 ZeRO-3         each parameter padded to a multiple of W. Gathers follow DeepSpeed's coordinator,
                simulated on the module order of a meta forward (backward in reverse): a module
                (with parallel.zero3_unit=block: a whole transformer block) fetches its parameters
@@ -28,8 +29,8 @@ ZeRO-3         each parameter padded to a multiple of W. Gathers follow DeepSpee
                max(stage3_max_reuse_distance, stage3_prefetch_bucket_size) elements of upcoming
                fetches. hpZ: a parameter's first gather after the step runs over all W ranks,
                later ones from the secondary copy within its group of S. Gradients are
-               reduce-scattered in fp32 per micro-batch. DeepSpeed's own flags: 16 bytes per step, 1
-               more in fp16.
+               reduce-scattered in fp32 per micro-batch. DeepSpeed's own flags, only with
+               offload: 16 bytes per step, 1 more in fp16.
 harness        2 all-reduces over all ranks per step: the decision (16 bytes: sum of squares and
                loss) and the step-end agreement (24 bytes).
 
@@ -179,12 +180,18 @@ def zero12_plan(model: nn.Module, cfg: Config, world_size: int) -> Plan:
     plan.add("all_reduce", world_size, reduced * REDUCE_BYTES, "backward" if overlapped else "step", reductions)
     for numel in groups:
         plan.add("all_gather_into_tensor", world_size, numel * compute, "step")
-    if not bf16_optimizer:
+    if not bf16_optimizer and _deepspeed_checks_gradients(cfg):
         plan.add("all_reduce", world_size, 8, "step")
         if cfg.precision != "fp32":
             plan.add("all_reduce", world_size, 1, "step")
     _harness(plan)
     return plan
+
+
+def _deepspeed_checks_gradients(cfg: Config) -> bool:
+    """Whether DeepSpeed's step() takes its own norm and overflow flag (an all-reduce each): only
+    with offload; otherwise harness's decision answers them (parallel/deepspeed.py)."""
+    return cfg.parallel.offload != "none"
 
 
 def fetch_order(model: nn.Module, cfg: Config) -> list[list[nn.Parameter]]:
@@ -272,9 +279,10 @@ def zero3_plan(model: nn.Module, cfg: Config, world_size: int) -> Plan:
         plan.add("all_gather_into_tensor", group, nbytes, "backward", times - 1, "shard" if replicas > 1 else "world")
     grads = sum(padded(p) for p in unique)
     plan.add("reduce_scatter_tensor", world_size, grads * REDUCE_BYTES, "backward", accum)
-    plan.add("all_reduce", world_size, 8, "step", 2)
-    if cfg.precision == "fp16":
-        plan.add("all_reduce", world_size, 1, "step")  # its overflow flag
+    if _deepspeed_checks_gradients(cfg):
+        plan.add("all_reduce", world_size, 8, "step", 2)
+        if cfg.precision == "fp16":
+            plan.add("all_reduce", world_size, 1, "step")  # its overflow flag
     _harness(plan)
     return plan
 

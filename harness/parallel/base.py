@@ -90,12 +90,16 @@ class ParallelBackend(ABC):
         their orders there; a backend whose optimizer can obey a device tensor overrides it and
         never waits (returns None)."""
         outcome = decision.read()
+        self.apply_outcome(outcome, lr)
+        return outcome
+
+    def apply_outcome(self, outcome: StepDecision, lr: float) -> None:
+        """Step or skip as the decision read on the host says."""
         if outcome.skipped:
             self.skip_step()
         else:
             self.scale_grads(outcome.grad_multiplier)
             self.optimizer_step(lr)
-        return outcome
 
     @abstractmethod
     def scale_grads(self, multiplier: float) -> None:
