@@ -47,7 +47,8 @@ def test_gpu_script_runs_end_to_end_without_a_gpu(tmp_path):
 def test_gpu_tune_script_and_the_step_profile_run_without_a_gpu(tmp_path):
     out = _run(["bench/gpu_tune.sh", str(tmp_path / "tune")], tmp_path)
     assert "a smoke run with a tiny model" in out
-    for row in ("| base |", "| compile |", "| zero3 |", "| zero3_module |", "| compile_mb16 |", "| zero3_prefetch_compile |"):
+    for row in ("| base |", "| compile |", "| compile_mb16 |", "| compile_mb16_chunked_ce |", "| zero3 |", "| zero3_compile |",
+                "| zero3_prefetch |", "| zero3_module |"):
         assert row in out, row
     assert "failed:" not in out
     profile = (tmp_path / "tune" / "profile.log").read_text()
