@@ -193,7 +193,10 @@ class DeepSpeedBackend(ParallelBackend):
         step's loss scale, together)."""
         outcome = decision.read()
         self.layout.tell(outcome)
-        self.apply_outcome(outcome, lr)
+        try:
+            self.apply_outcome(outcome, lr)
+        finally:
+            self.layout.tell(None)  # a step() outside apply_decision must not reuse this decision
         self._host_loss_scale = outcome.scale_after
         return outcome
 
@@ -210,13 +213,14 @@ class DeepSpeedBackend(ParallelBackend):
             raise RuntimeError("DeepSpeed skipped a step that harness's global check found finite")
 
     def skip_step(self) -> None:
-        # DeepSpeed's step() decides by its own overflow check. A skip harness decided on finite
-        # gradients (a loss spike) must look like an overflow to it: one non-finite element on
-        # each rank that holds any (its check is global too).
-        for _, grad in self.local_grad_shards():
-            if grad.numel():
-                grad.view(-1)[0] = float("inf")
-                break
+        if not self.layout.answers_checks:
+            # DeepSpeed's step() decides by its own overflow check here (offload, BF16_Optimizer).
+            # A skip harness decided on finite gradients (a loss spike) must look like an overflow
+            # to it: one non-finite element on each rank that holds any (its check is global too).
+            for _, grad in self.local_grad_shards():
+                if grad.numel():
+                    grad.view(-1)[0] = float("inf")
+                    break
         self.layout.before_skip()
         self.engine.step()
         if self.engine.was_step_applied():
@@ -272,12 +276,16 @@ class _ZeroLayout:
     """ZeRO-1/2: each rank owns a slice of the flattened parameter groups; DeepSpeed maps every
     parameter it (partly) owns to that slice in `_hp_mapping` (None where it owns nothing)."""
 
+    answers_checks = False
+    """True once DeepSpeed's own gradient checks return harness's decision."""
+
     def __init__(self, optimizer) -> None:
         self.zero = optimizer
         self._told: Optional[StepDecision] = None
 
-    def tell(self, outcome: StepDecision) -> None:
-        """What harness's global check decided for the step about to be applied or skipped."""
+    def tell(self, outcome: Optional[StepDecision]) -> None:
+        """What harness's global check decided for the step about to be applied or skipped (None
+        once it is done)."""
         self._told = outcome
 
     def answer_checks_from_harness(self) -> None:
@@ -288,6 +296,7 @@ class _ZeroLayout:
         applied step reports harness's unclipped norm (what `get_global_grad_norm()` returns)."""
         self.zero.has_overflow = self._told_overflow
         self.zero.scaled_global_norm = lambda norm_type=2: self._told_scaled_norm()
+        self.answers_checks = True
 
     def _told_overflow(self, partition_gradients: bool = True) -> bool:
         return self._outcome().skipped
@@ -302,7 +311,7 @@ class _ZeroLayout:
 
     def _outcome(self) -> StepDecision:
         if self._told is None:
-            raise RuntimeError("DeepSpeed stepped before harness decided the step (layout.tell was not called)")
+            raise RuntimeError("DeepSpeed stepped outside harness's decision (layout.tell was not called for it)")
         return self._told
 
     def _groups(self) -> list[list[nn.Parameter]]:
@@ -342,7 +351,8 @@ class _ZeroLayout:
         self.zero.override_loss_scale(1.0 / grad_multiplier)
 
     def before_skip(self) -> None:
-        """Nothing to do: DeepSpeed's own check reads the same non-finite gradients harness read."""
+        """Nothing to do: DeepSpeed's check is harness's decision, or reads the same non-finite
+        gradients harness read."""
 
 
 class _Zero3Layout(_ZeroLayout):
@@ -356,6 +366,7 @@ class _Zero3Layout(_ZeroLayout):
         # ZeRO-3 scans for overflow with fp16 only, and takes its norm per parameter group.
         self.zero.has_overflow = self._told_overflow
         self.zero._get_norm_groups = lambda: [self._told_scaled_norm()]
+        self.answers_checks = True
 
     def grad_shards(self, names: dict[int, str]) -> list[tuple[str, torch.Tensor]]:
         return _indexed_grads(self.zero.fp16_groups, self.zero.averaged_gradients, names)
