@@ -9,6 +9,7 @@ import contextlib
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -28,6 +29,23 @@ def _snapshot(folder: Path) -> dict:
     if not folder.exists():
         return {}
     return {str(p.relative_to(folder)): (p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(folder.rglob("*"))}
+
+
+def _stop(process: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGSTOP `process` and wait until every one of its threads has stopped.
+
+    The signal is asynchronous: a thread inside a write() finishes that write before it stops, so a
+    snapshot taken right after kill() can race a checkpoint still being written."""
+    process.send_signal(signal.SIGSTOP)
+    tasks = Path(f"/proc/{process.pid}/task")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with contextlib.suppress(FileNotFoundError):  # a thread may exit while we look
+            states = [(task / "stat").read_text().rsplit(")", 1)[1].split()[0] for task in tasks.iterdir()]
+            if all(state in "tT" for state in states):
+                return
+        time.sleep(0.05)
+    raise AssertionError(f"pid {process.pid} did not stop within {timeout} s")
 
 
 def _write(path: Path, text: str) -> Path:
@@ -149,7 +167,7 @@ def test_a_run_dir_held_by_a_live_job_is_refused_and_untouched(tmp_path):
         deadline = time.monotonic() + 120
         while not list((run_dir / "checkpoints").glob("step-*")) and time.monotonic() < deadline:
             time.sleep(0.2)
-        first.send_signal(subprocess.signal.SIGSTOP)  # hold it still while the second one looks
+        _stop(first)  # hold it still while the second one looks
         before = _snapshot(run_dir)
         second = subprocess.run([*TRAIN, TINY, f"run.dir={run_dir}", *FAST, "resume=auto"], cwd=ROOT,
                                 capture_output=True, text=True, timeout=300)
