@@ -4,6 +4,7 @@ contend exactly as two workers do."""
 
 from __future__ import annotations
 
+import fcntl
 import threading
 import time
 
@@ -19,6 +20,20 @@ def _acquire_in_thread(share: MachineShare, exclusive: bool) -> threading.Event:
 
     threading.Thread(target=take, daemon=True).start()
     return got
+
+
+def _wait_until_turnstile_held(folder, timeout: float = 30.0) -> None:
+    """Until someone holds the turnstile (a writer waiting for `main`): a fixed sleep races a loaded machine."""
+    deadline = time.monotonic() + timeout
+    with open(folder / "turnstile.lock", "a+") as probe:
+        while time.monotonic() < deadline:
+            try:
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return
+            fcntl.flock(probe, fcntl.LOCK_UN)
+            time.sleep(0.01)
+    raise AssertionError(f"nobody took the turnstile within {timeout} s")
 
 
 def test_shared_holders_run_together_and_an_exclusive_one_waits_for_them(tmp_path):
@@ -38,7 +53,7 @@ def test_an_exclusive_holder_keeps_others_out_and_a_waiting_one_goes_first(tmp_p
     reader, writer, late_reader = MachineShare(tmp_path), MachineShare(tmp_path), MachineShare(tmp_path)
     reader.acquire(exclusive=False)
     wrote = _acquire_in_thread(writer, exclusive=True)
-    time.sleep(0.2)  # the writer is now waiting, holding the turnstile
+    _wait_until_turnstile_held(tmp_path)  # the writer is now waiting, holding the turnstile
     late = _acquire_in_thread(late_reader, exclusive=False)
     assert not late.wait(0.3), "a reader arriving after a waiting writer must not overtake it"
     reader.release()
