@@ -108,6 +108,9 @@ if sys.argv[2] == "verdict":
     store.set("harness/hang", "harness: hang: (posted by rank 1)")
 time.sleep(4)  # busy in its own code, far past the timeout, with nobody waiting
 print("alive")
+# As harness.train does: a daemon thread still inside a store call while the interpreter tears
+# down can abort the process ("terminate called without an active exception").
+dog.stop()
 """
 
 
