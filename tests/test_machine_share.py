@@ -22,10 +22,11 @@ def _acquire_in_thread(share: MachineShare, exclusive: bool) -> threading.Event:
     return got
 
 
-def _wait_until_turnstile_held(folder, timeout: float = 30.0) -> None:
-    """Until someone holds the turnstile (a writer waiting for `main`): a fixed sleep races a loaded machine."""
+def _wait_until_turnstile_held(share: MachineShare, timeout: float = 30.0) -> None:
+    """Until someone holds `share`'s turnstile (a writer waiting for `main`): a fixed sleep races a
+    loaded machine. The probe is a file of its own, so it contends as another worker would."""
     deadline = time.monotonic() + timeout
-    with open(folder / "turnstile.lock", "a+") as probe:
+    with open(share.turnstile.name, "a+") as probe:
         while time.monotonic() < deadline:
             try:
                 fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -53,7 +54,7 @@ def test_an_exclusive_holder_keeps_others_out_and_a_waiting_one_goes_first(tmp_p
     reader, writer, late_reader = MachineShare(tmp_path), MachineShare(tmp_path), MachineShare(tmp_path)
     reader.acquire(exclusive=False)
     wrote = _acquire_in_thread(writer, exclusive=True)
-    _wait_until_turnstile_held(tmp_path)  # the writer is now waiting, holding the turnstile
+    _wait_until_turnstile_held(writer)  # the writer is now waiting, holding the turnstile
     late = _acquire_in_thread(late_reader, exclusive=False)
     assert not late.wait(0.3), "a reader arriving after a waiting writer must not overtake it"
     reader.release()
