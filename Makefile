@@ -33,8 +33,8 @@ parity: $(STAMP)
 		launch/local.sh 2 configs/demo.yaml precision=$$p run.name=demo-$$p run.dir=runs/parity/demo-$$p \
 			log.wandb_group=parity log.progress=lines $(ARGS) || exit $$?; \
 	done
-	$(PY) -m harness.report $(PARITY_RUNS) --out runs/parity/report.html
-	$(PY) -m harness.report $(PARITY_RUNS) --out runs/parity/report.md
+	$(PY) -m harness.cli.report $(PARITY_RUNS) --out runs/parity/report.html
+	$(PY) -m harness.cli.report $(PARITY_RUNS) --out runs/parity/report.md
 
 # Two xdist workers fill the cores a single test leaves idle (tests/conftest.py says how they share
 # the machine); TEST_WORKERS=0 runs the suite in one process.

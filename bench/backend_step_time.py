@@ -42,9 +42,9 @@ def main() -> None:
         variants.update({f"{name}+offload": extra + ["parallel.offload=optimizer"] for name, extra in BACKENDS.items()})
         variants["zero3+params"] = BACKENDS["zero3"] + ["parallel.offload=params"]
 
-    from harness import dist as hdist
     from harness.config import load_config
-    from harness.trainer import build_trainer
+    from harness.runtime import dist as hdist
+    from harness.train.build import build_loop
 
     info, device = hdist.start(timeout_s=600)
     total = args.steps * args.rounds + 1
@@ -55,7 +55,7 @@ def main() -> None:
             [f"run.dir=runs/bench-{name}", f"precision={args.precision}", f"train.steps={total}", "eval.every=0",
              "log.progress=off", *args.override, *extra],
         )
-        trainers[name] = build_trainer(cfg, info, device)
+        trainers[name] = build_loop(cfg, info, device)
         trainers[name].run_step(1)  # warm-up: first-step allocations and lazy init
     times: dict[str, list[float]] = {name: [] for name in trainers}
     step = 2
@@ -87,6 +87,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from harness.cli import exit_process
+    from harness.cli.main import exit_process
 
     exit_process(0)

@@ -36,16 +36,16 @@ def main() -> None:
     if args.steps <= args.every:
         parser.error("--steps must exceed --every: saves happen mid-round, never at a round's last step")
 
-    from harness import dist as hdist
     from harness.checkpoint import Checkpointer
     from harness.config import load_config
-    from harness.trainer import build_trainer
+    from harness.runtime import dist as hdist
+    from harness.train.build import build_loop
 
     info, device = hdist.start(timeout_s=600)
     total = 3 * args.steps * args.rounds + 1
     cfg = load_config(args.config, [f"run.dir={args.dir}", f"precision={args.precision}", f"train.steps={total}",
                                     "eval.every=0", "log.progress=off", "checkpoint.keep_last=1"])
-    trainer = build_trainer(cfg, info, device)
+    trainer = build_loop(cfg, info, device)
     trainer.run_step(1)  # warm-up: first-step allocations and lazy init
 
     def checkpointer(async_save: bool) -> Checkpointer:
@@ -101,6 +101,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from harness.cli import exit_process
+    from harness.cli.main import exit_process
 
     exit_process(0)

@@ -44,7 +44,7 @@ class HandFSDP2:
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
         from harness.model import build_model, transformer_blocks
-        from harness.precision import precision_policy
+        from harness.numerics.precision import precision_policy
 
         policy = precision_policy(cfg.precision)
         self.model = build_model(cfg.model, vocab, cfg.train.seed).to(device)
@@ -74,8 +74,8 @@ class HandZeRO:
     def __init__(self, cfg, device: torch.device, vocab: int, world_size: int) -> None:
         import deepspeed
 
+        from harness.config.deepspeed_json import runtime_config
         from harness.model import build_model
-        from harness.parallel.deepspeed_json import runtime_config
 
         deepspeed.init_distributed(dist_backend=torch.distributed.get_backend(), dist_init_required=False)
         model = build_model(cfg.model, vocab, cfg.train.seed)
@@ -106,10 +106,11 @@ def main() -> None:
     parser.add_argument("--out", default=None, help="append the Markdown table to this file")
     args = parser.parse_args()
 
-    from harness import dist as hdist
     from harness.config import load_config
-    from harness.step_counter import host_read
-    from harness.trainer import _packed, build_trainer
+    from harness.observe.step_counter import host_read
+    from harness.runtime import dist as hdist
+    from harness.train.build import build_loop
+    from harness.train.rows import pack_pending
 
     info, device = hdist.start(timeout_s=900)
     total = 1 + args.rounds * args.steps + 1
@@ -118,7 +119,7 @@ def main() -> None:
     for case, overrides in cases.items():
         cfg = load_config(args.config, [f"run.dir=runs/bench-overhead/{case.replace(' ', '-')}", f"train.steps={total}",
                                         "eval.every=0", "log.progress=off", *args.override, *overrides])
-        trainer = build_trainer(cfg, info, device)
+        trainer = build_loop(cfg, info, device)
         vocab = trainer.backend.module.get_input_embeddings().num_embeddings
         hand = HandZeRO(cfg, device, vocab, info.world_size) if "zero" in case else HandFSDP2(cfg, device, vocab)
         trainer.run_step(1)
@@ -129,7 +130,7 @@ def main() -> None:
             _sync(device)
             started = time.perf_counter()
             pending = [trainer.train_step(s) for s in range(step, step + args.steps)]
-            host_read(_packed(pending))
+            host_read(pack_pending(pending))
             _sync(device)
             times["harness"].append((time.perf_counter() - started) / args.steps)
             step += args.steps
@@ -158,6 +159,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from harness.cli import exit_process
+    from harness.cli.main import exit_process
 
     exit_process(0)

@@ -24,9 +24,9 @@ import torch.nn.functional as F
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from harness.config import load_config  # noqa: E402
-from harness.metrics import device_peak_tflops, peak_memory_gb  # noqa: E402
 from harness.model import build_model, flops_per_token  # noqa: E402
-from harness.precision import precision_policy  # noqa: E402
+from harness.numerics.precision import precision_policy  # noqa: E402
+from harness.observe.metrics import device_peak_tflops, peak_memory_gb  # noqa: E402
 
 GPT2_VOCAB = 50257
 

@@ -26,7 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from tests.test_data_prepare import _peak_tree_rss, generated_corpus  # noqa: E402
+from tests.data.test_data_prepare import _peak_tree_rss, generated_corpus  # noqa: E402
 
 
 def _tokenize_share(args: tuple[list[str], str]) -> int:

@@ -59,16 +59,17 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
 
-    from harness import dist as hdist
-    from harness.cli import exit_process
+    from harness.cli.main import exit_process
     from harness.config import load_config
-    from harness.step_counter import host_read
-    from harness.trainer import _packed, build_trainer
+    from harness.observe.step_counter import host_read
+    from harness.runtime import dist as hdist
+    from harness.train.build import build_loop
+    from harness.train.rows import pack_pending
 
     info, device = hdist.start(timeout_s=900)
     cfg = load_config(args.config, ["run.dir=runs/bench-profile", f"train.steps={args.steps + 3}", "eval.every=0",
                                     "log.progress=off", "checkpoint.every=0", *args.overrides])
-    trainer = build_trainer(cfg, info, device)
+    trainer = build_loop(cfg, info, device)
     for step in (1, 2):  # compilation, first allocations
         trainer.run_step(step)
     activities = [torch.profiler.ProfilerActivity.CPU]
@@ -78,7 +79,7 @@ def main() -> None:
     with torch.profiler.profile(activities=activities) as prof:
         started = time.perf_counter()
         pending = [trainer.train_step(step) for step in range(3, 3 + args.steps)]
-        host_read(_packed(pending))
+        host_read(pack_pending(pending))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         wall_us = (time.perf_counter() - started) * 1e6

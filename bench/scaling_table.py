@@ -35,8 +35,8 @@ GPUS_PER_NODE = 8
 
 def rows(models: dict, world_sizes: tuple) -> list[dict]:
     from harness.config import load_config
-    from harness.estimate.cli import predict_step
     from harness.estimate.memory import estimate, meta_model
+    from harness.estimate.step import predict_step
     from harness.estimate.step_time import GPUS, Cluster, model_flops_utilization
 
     gpu = GPUS["h100"]

@@ -72,9 +72,9 @@ def compute_rate(cfg, device: torch.device, steps: int) -> float:
 
 
 def harness_step_time(cfg, info, device: torch.device, steps: int) -> float:
-    from harness.trainer import build_trainer
+    from harness.train.build import build_loop
 
-    trainer = build_trainer(cfg, info, device)
+    trainer = build_loop(cfg, info, device)
     trainer.run_step(1)
     times = []
     for step in range(2, steps + 2):
@@ -86,8 +86,8 @@ def harness_step_time(cfg, info, device: torch.device, steps: int) -> float:
 
 
 def predict(cfg, world: int, flops_per_s: float, gbps: float):
-    from harness.estimate.cli import predict_step
     from harness.estimate.memory import estimate, meta_model
+    from harness.estimate.step import predict_step
     from harness.estimate.step_time import Cluster, Gpu
 
     peak = flops_per_s / 1e12
@@ -108,7 +108,7 @@ def main() -> int:
     torch.set_num_threads(1)  # one core per rank, as launch/local.sh gives a 2-core machine's ranks
 
     from harness.config import load_config
-    from harness.dist import start
+    from harness.runtime.dist import start
 
     info, device = start("auto", 300)
     cases = DEFAULT_CASES
@@ -133,7 +133,7 @@ def main() -> int:
             p = predict(case_cfg, info.world_size, rate, gbps)
             print(f"| {name} | {measured:.3f} | {p.step_s:.3f} | {p.step_s / measured:.2f} | {p.compute_s:.3f} "
                   f"| {p.comm_s:.3f} | {p.exposed_s:.3f} | {p.compute_s + p.comm_s:.3f} |", flush=True)
-    from harness.dist import shutdown
+    from harness.runtime.dist import shutdown
 
     shutdown()
     return 0

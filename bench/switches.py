@@ -95,12 +95,12 @@ class HarnessVariant:
     """One variant's trainer: built and warmed up once, then timed in rounds."""
 
     def __init__(self, cfg, info, device) -> None:
-        from harness.trainer import build_trainer
+        from harness.train.build import build_loop
 
         self.info, self.device = info, device
         _reset_host_peak()
         before = _rss_gb()
-        self.trainer = build_trainer(cfg, info, device)
+        self.trainer = build_loop(cfg, info, device)
         self.trainer.run_step(1)  # warm-up: compilation, first allocations, lazy init
         peak = _host_peak_gb()
         # What this variant added to the process: its state, plus the first step's activations.
@@ -110,20 +110,20 @@ class HarnessVariant:
         self.loss = float("nan")
 
     def time(self, steps: int) -> None:
-        from harness.step_counter import host_read
-        from harness.trainer import _packed
+        from harness.observe.step_counter import host_read
+        from harness.train.rows import pack_pending
 
         _sync(self.device)
         started = time.perf_counter()
         pending = [self.trainer.train_step(step) for step in range(self.next_step, self.next_step + steps)]
-        values = host_read(_packed(pending))  # the one read fit() makes for these steps
+        values = host_read(pack_pending(pending))  # the one read fit() makes for these steps
         _sync(self.device)
         self.times.append((time.perf_counter() - started) / steps)
         self.next_step += steps
         self.loss = values[-pending[-1].packed_width] / self.info.world_size
 
     def row(self) -> dict:
-        from harness.metrics import peak_memory_gb
+        from harness.observe.metrics import peak_memory_gb
 
         step_time = statistics.median(self.times)
         trainer = self.trainer
@@ -184,8 +184,8 @@ def _sdpa_backend(name: str):
 
 def run(args) -> None:
 
-    from harness import dist as hdist
     from harness.config import load_config
+    from harness.runtime import dist as hdist
 
     info, device = hdist.start(timeout_s=900)
     variants = dict(VARIANTS[args.set])
@@ -277,6 +277,6 @@ def _table(args, world_size: int, device: torch.device, rows: dict) -> str:
 
 if __name__ == "__main__":
     main()
-    from harness.cli import exit_process
+    from harness.cli.main import exit_process
 
     exit_process(0)

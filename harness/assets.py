@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable
 
 from harness.errors import HarnessError, first_line
-from harness.locks import file_lock
+from harness.runtime.locks import file_lock
 
 BUNDLED = "bundled:"
 _PACKAGES = {

@@ -26,4 +26,4 @@ if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
 fi
 
 # torchrun, with its traceback-style report suppressed when a rank already explained itself.
-exec "$PYTHON" -m harness.launcher "$NPROC" "$@"
+exec "$PYTHON" -m harness.cli.launcher "$NPROC" "$@"

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 import torch.distributed as dist
 
-
 # `make test` runs two xdist workers: most tests leave a core idle part of the time (one process,
 # a launcher, a drill waiting for a fault), so a second worker fills it. --dist loadfile keeps a
 # module's tests on one worker, so its module-scoped fixture (one spawn for many scenarios) is

@@ -40,7 +40,7 @@ def _worker(rank: int, world_size: int, port: int, out_dir: str, fn: Callable, a
     except BaseException:  # report any failure to the parent, which re-raises it
         result = ("error", traceback.format_exc())
     Path(out_dir, f"rank-{rank}.pkl").write_bytes(pickle.dumps(result))
-    from harness.dist import shutdown
+    from harness.runtime.dist import shutdown
 
     if result[0] == "ok":
         shutdown()

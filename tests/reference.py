@@ -11,7 +11,7 @@ def reference_fp32(config: str, overrides: list[str], world_size: int = 2) -> tu
     from harness.config import load_config
     from harness.data import BatchShape, PackedSequences, TrainBatches, load_corpus
     from harness.model import build_model, next_token_loss
-    from harness.optim import lr_at, param_groups
+    from harness.numerics.optim import lr_at, param_groups
 
     cfg = load_config(config, overrides)
     t = cfg.train

@@ -72,7 +72,7 @@ def test_xdist_keeps_each_module_on_one_worker():
     import sys
     from pathlib import Path
 
-    modules = ["tests/test_dist.py", "tests/test_grad_scale.py", "tests/test_model_weights.py"]
+    modules = ["tests/model/test_model_weights.py", "tests/numerics/test_grad_scale.py", "tests/runtime/test_dist.py"]
     result = subprocess.run([sys.executable, "-m", "pytest", "-n", "2", "--dist", "loadfile", "-v",
                              "-p", "no:cacheprovider", *modules],
                             cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600)

@@ -12,6 +12,7 @@ from harness.data.order import MixedSequences, PackedSequences
 from harness.data.stream import TokenStream
 from harness.errors import HarnessError, first_line
 
+
 @dataclass
 class CorpusPart:
     """One source's token stream, split into train and its validation tail."""

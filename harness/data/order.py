@@ -12,13 +12,12 @@ from __future__ import annotations
 
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Sequence, Optional
+from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
 from harness.errors import HarnessError
-
 
 # --------------------------------------------------------------------------------------------
 # Sequences and the global order

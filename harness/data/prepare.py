@@ -39,7 +39,7 @@ from harness.config import DataConfig
 from harness.data.sources import Piece, ReadStats, Source, iter_pieces, pretoken_cutter
 from harness.data.stream import FORMAT, INDEX, TokenStream, open_prepared
 from harness.errors import HarnessError
-from harness.locks import file_lock
+from harness.runtime.locks import file_lock
 
 TASK_CHARS = 1 << 20
 CACHE_VERSION = 2

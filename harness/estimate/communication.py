@@ -4,7 +4,7 @@ Counted the way `debug.count_syncs` counts them (harness/step_counter.py): per t
 op, the size of each call's full buffer (an all-gather's output, a reduce-scatter's input, an
 all-reduce's tensor), split by the size of the process group it runs on. A steady-state step is
 predicted (ZeRO-3 traces its module order during the first two steps and gathers more there).
-tests/test_parallel_hierarchical.py checks every number against real 2- and 4-rank gloo runs.
+tests/parallel/test_parallel_hierarchical.py checks every number against real 2- and 4-rank gloo runs.
 
 The rules, per layout (W ranks; HSDP / hpZ: R replicas of S = W / R ranks):
 
@@ -200,7 +200,7 @@ def fetch_order(model: nn.Module, cfg: Config) -> list[list[nn.Parameter]]:
     device. A unit is a module with parameters of its own, or, with parallel.zero3_unit=block, a
     whole transformer block (a leaf module: its parameters fetched together, its children unhooked)."""
     from harness.model.loss import unpacked_sequences
-    from harness.parallel.deepspeed import zero3_leaf_blocks
+    from harness.parallel.deepspeed.backend import zero3_leaf_blocks
 
     leaves = zero3_leaf_blocks(model, cfg.parallel)
     inside_leaf = {id(m) for leaf in leaves for m in leaf.modules()}
@@ -222,7 +222,7 @@ def fetch_order(model: nn.Module, cfg: Config) -> list[list[nn.Parameter]]:
 
 def _deepspeed_setting(model: nn.Module, cfg: Config, world_size: int, key: str) -> int:
     """A zero_optimization setting as DeepSpeed will run it ("auto" filled as harness fills it)."""
-    from harness.parallel.deepspeed_json import runtime_config
+    from harness.config.deepspeed_json import runtime_config
 
     zero = runtime_config(cfg, world_size, hidden_size=model.config.hidden_size).get("zero_optimization", {})
     return int(zero.get(key, DEEPSPEED_DEFAULTS[key]))

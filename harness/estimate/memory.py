@@ -197,7 +197,7 @@ def _meta_model(cfg: Config, compute_dtype: torch.dtype) -> nn.Module:
 
     from harness import assets
     from harness.data import load_tokenizer
-    from harness.model.build import _attention, padded_vocab
+    from harness.model.build import attention_kernel, padded_vocab
 
     if cfg.model.pretrained:
         hf_config = AutoConfig.from_pretrained(assets.resolve_model(cfg.model.pretrained), **cfg.model.config)
@@ -205,7 +205,7 @@ def _meta_model(cfg: Config, compute_dtype: torch.dtype) -> nn.Module:
         kwargs = dict(cfg.model.config)
         kwargs.setdefault("vocab_size", padded_vocab(len(load_tokenizer(cfg.data.tokenizer)), cfg.model.vocab_multiple_of))
         hf_config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    hf_config._attn_implementation = _attention(cfg.model.attn_implementation, hf_config)[0]
+    hf_config._attn_implementation = attention_kernel(cfg.model.attn_implementation, hf_config)[0]
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(hf_config, dtype=compute_dtype)
     return model.train()

@@ -1,4 +1,5 @@
-"""Per-block transforms that trade memory and compile time for speed: activation checkpointing
+"""The transformer blocks: how they are found (`transformer_blocks`, the units every backend shards),
+and the per-block transforms that trade memory and compile time for speed: activation checkpointing
 and torch.compile, applied to each transformer block as torchtitan does (AC, then compile, then
 sharding). Both keep the module tree and parameter names as they are (checkpoints, diagnostics and
 sharding address parameters by name), so they wrap each block's `forward`, not the block itself.
@@ -14,7 +15,7 @@ import torch
 from torch import nn
 from torch.utils.checkpoint import CheckpointPolicy, checkpoint, create_selective_checkpoint_contexts
 
-from harness.model.build import transformer_blocks
+from harness.errors import HarnessError
 
 # Op-level selective AC (torchtitan's "op" option): keep the outputs of the expensive ops
 # (matmuls, attention) for backward and recompute the cheap ones (norms, activations, adds).
@@ -79,3 +80,13 @@ def compile_blocks(model: nn.Module) -> int:
     for block in blocks:
         block.forward = torch.compile(block.forward)
     return len(blocks)
+
+
+def transformer_blocks(model: nn.Module) -> list[nn.Module]:
+    """The repeated layers, found by the class names transformers marks as not-to-be-split (also
+    once FSDP2 has wrapped them: fully_shard swaps in a subclass, FSDP<name>)."""
+    names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
+    if not blocks:
+        raise HarnessError(f"cannot find the transformer blocks of {type(model).__name__} (no _no_split_modules)")
+    return blocks

@@ -6,8 +6,8 @@ A model is built in two stages so that no rank ever holds more than it must:
 - its *initial weights* (harness.model.weights), written into whatever pieces of each parameter a
   rank owns once a backend has sharded the skeleton.
 
-`build_model` does both for a whole model on the CPU: the single-process reference, benchmarks
-and `harness estimate`. Nothing here knows about ranks or sharding.
+`harness.model.weights.build_model` does both for a whole model on the CPU: the single-process
+reference, benchmarks and `harness estimate`. Nothing here knows about ranks or sharding.
 """
 
 from __future__ import annotations
@@ -21,6 +21,7 @@ from torch import nn
 from harness import assets
 from harness.config import ModelConfig
 from harness.errors import HarnessError, first_line
+from harness.model.blocks import apply_activation_checkpointing
 
 
 @dataclass(frozen=True)
@@ -60,7 +61,7 @@ def model_spec(cfg: ModelConfig, vocab_size: int, seq_len: Optional[int] = None)
         except ValueError as exc:
             raise HarnessError(f"model.config.model_type={model_type!r} is not a transformers model: {exc}") from None
         pretrained_dir = None
-    attention, notes = _attention(cfg.attn_implementation, hf_config)
+    attention, notes = attention_kernel(cfg.attn_implementation, hf_config)
     hf_config._attn_implementation = attention
     hf_config.use_cache = False
     positions = getattr(hf_config, "max_position_embeddings", None)
@@ -78,7 +79,7 @@ def model_spec(cfg: ModelConfig, vocab_size: int, seq_len: Optional[int] = None)
     return ModelSpec(hf_config, pretrained_dir, cfg.checkpointing_mode(), cfg.selective_ac, notes)
 
 
-def _attention(requested: str, hf_config: Any) -> tuple[str, tuple[str, ...]]:
+def attention_kernel(requested: str, hf_config: Any) -> tuple[str, tuple[str, ...]]:
     """The attention kernel to build with. The default, sdpa, falls back to eager (with a note)
     on architectures transformers has no sdpa path for (gemma2, ...); a flash-attn kernel that is
     not installed is a one-line error naming the key."""
@@ -130,8 +131,6 @@ def build_skeleton(spec: ModelSpec, context: Optional[ContextManager] = None) ->
                                f"here ({first_line(exc)[:160]}); use sdpa or eager") from None
     model.tie_weights()  # no_init_weights skips init_weights, which is also where heads get tied
     model.config.use_cache = False
-    from harness.model.blocks import apply_activation_checkpointing
-
     apply_activation_checkpointing(model, spec.activation_checkpointing, spec.selective_ac)
     return model
 
@@ -160,29 +159,6 @@ def materialize_on(
         owner, _, leaf = name.rpartition(".")
         module = model.get_submodule(owner) if owner else model
         module._buffers[leaf] = value.to(buffer_device or device)
-
-
-def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> nn.Module:
-    """The whole model, fp32 on the CPU, with exactly the initial weights a sharded run starts
-    from (the seeded per-block init, or the pretrained folder's values)."""
-    from harness.model.weights import fill_flat_views, initial_weights
-
-    spec = model_spec(cfg, vocab_size)
-    model = build_skeleton(spec)
-    materialize_on(model, torch.device("cpu"))
-    fill_flat_views({name: [(0, p.detach().view(-1))] for name, p in model.named_parameters()},
-                    initial_weights(spec, seed))
-    return model
-
-
-def transformer_blocks(model: nn.Module) -> list[nn.Module]:
-    """The repeated layers, found by the class names transformers marks as not-to-be-split (also
-    once FSDP2 has wrapped them: fully_shard swaps in a subclass, FSDP<name>)."""
-    names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if any(cls.__name__ in names for cls in type(m).__mro__)]
-    if not blocks:
-        raise HarnessError(f"cannot find the transformer blocks of {type(model).__name__} (no _no_split_modules)")
-    return blocks
 
 
 def flops_per_token(model: nn.Module, seq_len: int) -> float:

@@ -31,8 +31,10 @@ from typing import Iterator, Protocol
 import torch
 from torch import nn
 
+from harness.config import ModelConfig
 from harness.errors import HarnessError, first_line
-from harness.model.build import ModelSpec, build_skeleton, materialize_on, transformer_blocks
+from harness.model.blocks import transformer_blocks
+from harness.model.build import ModelSpec, build_skeleton, materialize_on, model_spec
 
 
 class UnitReader(Protocol):
@@ -294,3 +296,14 @@ class SafetensorsFile:
         fd = getattr(self, "_fd", None)
         if fd is not None:
             os.close(fd)
+
+
+def build_model(cfg: ModelConfig, vocab_size: int, seed: int) -> nn.Module:
+    """The whole model, fp32 on the CPU, with exactly the initial weights a sharded run starts
+    from (the seeded per-block init, or the pretrained folder's values)."""
+    spec = model_spec(cfg, vocab_size)
+    model = build_skeleton(spec)
+    materialize_on(model, torch.device("cpu"))
+    fill_flat_views({name: [(0, p.detach().view(-1))] for name, p in model.named_parameters()},
+                    initial_weights(spec, seed))
+    return model

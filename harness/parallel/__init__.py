@@ -2,35 +2,16 @@
 
 Every difference between FSDP2 and DeepSpeed lives in this folder; the trainer, the loss scaler
 and the checkpoint code only ever talk to a `ParallelBackend`.
+
+base.py             the interface (wrap model + optimizer, backward, gradient shards, step or skip,
+                    state pieces for checkpoints)
+fsdp2.py            FSDP2: fully_shard per block then the root, one MixedPrecisionPolicy
+deepspeed/          DeepSpeed ZeRO-1/2/3 (backend, optimizer layouts, its private names in one place)
+initial_weights.py  writing the initial weights into whatever pieces a rank owns
+select.py           the backend a config asks for
 """
 
-from __future__ import annotations
+from harness.parallel.base import ParallelBackend, StatePiece
+from harness.parallel.select import build_backend, layout_name
 
-from typing import TYPE_CHECKING
-
-if TYPE_CHECKING:  # this package is imported by config.py, which must not import torch
-    import torch
-
-    from harness.config import Config, ParallelConfig
-    from harness.parallel.base import ParallelBackend
-    from harness.precision import PrecisionPolicy
-
-
-def build_backend(cfg: Config, policy: PrecisionPolicy, device: torch.device, world_size: int) -> ParallelBackend:
-    if cfg.parallel.backend == "fsdp2":
-        from harness.parallel.fsdp2 import FSDP2Backend
-
-        return FSDP2Backend(cfg.parallel, policy, device, world_size)
-    if cfg.parallel.backend == "deepspeed":
-        from harness.parallel.deepspeed import DeepSpeedBackend
-
-        return DeepSpeedBackend(cfg, policy, device, world_size)
-    raise AssertionError(f"config validation let through parallel.backend={cfg.parallel.backend!r}")
-
-
-def layout_name(parallel: ParallelConfig) -> str:
-    """The sharding layout a config asks for, as `harness estimate` names its columns:
-    fsdp2, zero1, zero2 or zero3."""
-    if parallel.backend == "fsdp2":
-        return "fsdp2"
-    return f"zero{parallel.zero_stage}"
+__all__ = ["ParallelBackend", "StatePiece", "build_backend", "layout_name"]

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from harness.config import TrainConfig
-from harness.grad_scale import DeviceDecision, StepDecision
+from harness.numerics.grad_scale import DeviceDecision, StepDecision
 
 STATE_KINDS = ("param", "exp_avg", "exp_avg_sq")
 """What a checkpoint holds per parameter: the fp32 master weight and AdamW's two moments."""
@@ -42,7 +42,7 @@ class ParallelBackend(ABC):
     fp32 and sharded across ranks while the math runs in the precision policy's compute dtype.
 
     The backend never decides whether a step is applied or how gradients are clipped: it hands
-    its local gradient shards to harness.grad_scale and obeys the decision.
+    its local gradient shards to harness.numerics.grad_scale and obeys the decision.
     """
 
     name: str
@@ -125,5 +125,5 @@ class ParallelBackend(ABC):
         With with_optimizer_state=False the pieces hold only "param" and no optimizer state is
         created (to write the initial weights before step 1)."""
 
-    def after_state_load(self) -> None:
+    def after_state_load(self) -> None:  # noqa: B027 (optional hook: most backends keep no derived copy)
         """Called after state_pieces() views were overwritten (e.g. refresh low-precision copies)."""

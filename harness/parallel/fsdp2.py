@@ -17,11 +17,11 @@ from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionP
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from harness.config import ParallelConfig, TrainConfig
-from harness.grad_scale import DeviceDecision
 from harness.model import materialize_on, transformer_blocks
-from harness.optim import build_adamw, ensure_adam_state, param_groups
+from harness.numerics.grad_scale import DeviceDecision
+from harness.numerics.optim import build_adamw, ensure_adam_state, param_groups
+from harness.numerics.precision import PrecisionPolicy
 from harness.parallel.base import STATE_KINDS, ParallelBackend, StatePiece
-from harness.precision import PrecisionPolicy
 
 
 class FSDP2Backend(ParallelBackend):

@@ -13,7 +13,7 @@ from datetime import timedelta
 import pytest
 
 from harness.checkpoint import complete_checkpoints, verify
-from harness.watchdog import EXIT_HUNG, Beat, Watchdog, diagnose, store_factory
+from harness.runtime.watchdog import EXIT_HUNG, Beat, Watchdog, diagnose, store_factory
 from tests.distributed import free_port
 from tests.reliability.drills import BACKENDS, Job, no_process_left
 
@@ -100,7 +100,7 @@ def test_diagnosis_names_frozen_stuck_and_lagging_ranks():
 _BUSY = """
 import sys, time
 import torch.distributed as dist
-from harness.watchdog import Watchdog
+from harness.runtime.watchdog import Watchdog
 store = dist.HashStore()
 dog = Watchdog(0, 2, timeout_s=0.5, run_dir=sys.argv[1], store_factory=lambda: store).start()
 dog.enter("forward", 3)
@@ -108,7 +108,7 @@ if sys.argv[2] == "verdict":
     store.set("harness/hang", "harness: hang: (posted by rank 1)")
 time.sleep(4)  # busy in its own code, far past the timeout, with nobody waiting
 print("alive")
-# As harness.train does: a daemon thread still inside a store call while the interpreter tears
+# As harness.cli.train does: a daemon thread still inside a store call while the interpreter tears
 # down can abort the process ("terminate called without an active exception").
 dog.stop()
 """

@@ -9,7 +9,7 @@ import torch
 
 from harness.config import SpikeConfig
 from harness.data.order import BatchShape, TrainBatches
-from harness.spikes import SpikeGuard
+from harness.numerics.spikes import SpikeGuard
 from tests.reliability.drills import BACKENDS, losses, rows, run
 
 SHAPE = ["train.lr_schedule=constant", "train.warmup_steps=0", "precision=fp32", "train.spike.window=3",

@@ -1,0 +1,213 @@
+"""Reading checkpoints: choosing one to resume from, and loading any backend's or world size's
+pieces into this run's (see format.py for why any layout can read any other)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+import torch.distributed as dist
+
+from harness.checkpoint.format import (
+    DATA_KEYS,
+    CheckpointError,
+    TrainerState,
+    complete_checkpoints,
+    rank_file_name,
+    read_manifest,
+    verify,
+)
+from harness.config import Config
+from harness.numerics.optim import set_adam_step_count
+from harness.observe.console import print0
+from harness.parallel.base import STATE_KINDS, ParallelBackend
+from harness.runtime.dist import RankInfo
+
+
+def _verify_together(path: Path, info: RankInfo) -> Optional[str]:
+    """verify() with the hashing split across ranks; every rank gets the same verdict."""
+    mine = verify(path, info.rank, info.world_size)
+    found: list = [None] * info.world_size
+    dist.all_gather_object(found, mine)
+    return next((problem for problem in found if problem), None)
+
+
+def choose_resume(cfg: Config, info: RankInfo) -> Optional[Path]:
+    """The checkpoint to resume from; every rank takes part and gets the same answer."""
+    wanted = cfg.resume.path
+    if wanted == "none":
+        return None
+    if wanted != "auto":
+        path = Path(wanted)
+        if not path.is_dir():
+            raise CheckpointError(f"resume={wanted}: no such checkpoint folder; use resume=auto or a step-<N> folder")
+        problem = _verify_together(path, info)
+        if problem:
+            what = "" if "newer harness" in problem or "not a harness checkpoint" in problem else "the checkpoint is damaged: "
+            raise CheckpointError(f"resume={wanted}: {what}{problem}")
+        return path
+    root = Path(cfg.checkpoint.dir)
+    box = [[str(p) for p in complete_checkpoints(root)] if info.is_main else None]
+    dist.broadcast_object_list(box, src=0)  # one listing, so every rank walks the same candidates
+    candidates = [Path(p) for p in box[0]]
+    if not candidates:
+        print0(info.rank, f"resume=auto: no checkpoint in {root}; starting from step 0")
+        return None
+    for path in reversed(candidates):
+        problem = _verify_together(path, info)
+        if problem is None:
+            print0(info.rank, f"resume=auto: resuming from {path}")
+            return path
+        print0(info.rank, f"resume=auto: skipping damaged checkpoint {path.name}: {problem}")
+    raise CheckpointError(
+        f"resume=auto: every checkpoint in {root} is damaged (see above); move them away to start over, "
+        "or set resume=none"
+    )
+
+
+
+def _config_value(cfg_dict: dict, dotted: str) -> Any:
+    node: Any = cfg_dict
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+
+class ShardReader:
+    """Reads any element range of any saved parameter, whichever ranks wrote it."""
+
+    def __init__(self, path: Path, manifest: dict) -> None:
+        from safetensors import safe_open
+
+        self.path = path
+        self.files = [e["file"] for e in manifest["files"] if e["file"].endswith(".safetensors")]
+        self.handles = []
+        self.segments: dict[str, list[tuple[int, dict]]] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for i, name in enumerate(self.files):
+            handle = safe_open(str(path / name), framework="pt")
+            self.handles.append(handle)
+            for seg in json.loads(handle.metadata()["index"]):
+                self.segments.setdefault(seg["name"], []).append((i, seg))
+                self.shapes[seg["name"]] = tuple(seg["shape"])
+
+    def names(self) -> list[str]:
+        return list(self.segments)
+
+    def read_into(self, name: str, offset: int, kind: str, out: torch.Tensor) -> None:
+        """Fill `out` (1-D) with elements [offset, offset + len(out)) of `name`'s `kind`."""
+        if name not in self.segments:
+            raise CheckpointError(f"{self.path.name} has no parameter {name}; was it written for another model?")
+        end = offset + out.numel()
+        covered = 0
+        for i, seg in self.segments[name]:
+            lo, hi = max(offset, seg["offset"]), min(end, seg["offset"] + seg["length"])
+            if lo >= hi:
+                continue
+            start = seg["at"] + lo - seg["offset"]
+            data = self.handles[i].get_slice(kind)[start : start + hi - lo]
+            out[lo - offset : hi - offset].copy_(data)
+            covered += hi - lo
+        if covered != out.numel():
+            raise CheckpointError(
+                f"{self.path.name} covers {covered} of elements [{offset}, {end}) of {name}: a shard is missing"
+            )
+
+    def full_tensor(self, name: str, kind: str = "param") -> torch.Tensor:
+        shape = self.shapes[name]
+        out = torch.empty(int(torch.Size(shape).numel()), dtype=torch.float32)
+        self.read_into(name, 0, kind, out)
+        return out.view(shape)
+
+    def rng_state(self, rank: int, world_size: int, key: str) -> Optional[torch.Tensor]:
+        target = rank_file_name(rank, world_size)
+        if target not in self.files:
+            return None
+        handle = self.handles[self.files.index(target)]
+        return handle.get_tensor(key) if key in handle.keys() else None
+
+
+def check_compatible(path: Path, manifest: dict, cfg: Config, global_batch: int) -> None:
+    """Refuse resumes that cannot continue the same run."""
+    import yaml
+
+    saved_cfg = yaml.safe_load((path / "config.yaml").read_text())
+    now = cfg.to_dict()
+    for key in DATA_KEYS:
+        before, after = _config_value(saved_cfg, key), _config_value(now, key)
+        if before is None and after in ([], "auto", None):
+            continue  # a key newer than the checkpoint, at its default: the same data as before
+        if before != after:
+            raise CheckpointError(
+                f"the checkpoint was written with {key}={before!r} and this run has {after!r}: the data position "
+                "cannot carry over; restore the setting, or set resume.weights_only=true to start a new run "
+                "from these weights"
+            )
+    saved_batch = manifest["trainer_state"]["global_batch"]
+    if saved_batch != global_batch and not cfg.resume.allow_new_global_batch:
+        t = cfg.train
+        raise CheckpointError(
+            f"the checkpoint was trained with a global batch of {saved_batch} sequences; this run has "
+            f"{global_batch} (train.micro_batch_size={t.micro_batch_size} x train.grad_accum={t.grad_accum} x "
+            f"world size): keep {saved_batch} (adjust train.grad_accum) or set resume.allow_new_global_batch=true"
+        )
+
+
+def load_checkpoint(
+    path: Path, backend: ParallelBackend, cfg: Config, info: RankInfo, device: torch.device, global_batch: int
+) -> Optional[TrainerState]:
+    """Load `path` into the live backend state. Returns the trainer state to continue from, or
+    None with resume.weights_only (a new run that starts from these weights)."""
+    manifest = read_manifest(path)
+    weights_only = cfg.resume.weights_only
+    if not weights_only:
+        check_compatible(path, manifest, cfg, global_batch)
+    reader = ShardReader(path, manifest)
+    kinds = ("param",) if weights_only else STATE_KINDS
+    with torch.no_grad():
+        pieces = backend.state_pieces()
+        model_names = {piece.name for piece in pieces}
+        for piece in pieces:
+            saved_shape = reader.shapes.get(piece.name)
+            if saved_shape is not None and saved_shape != piece.shape:
+                raise CheckpointError(
+                    f"{path.name}: {piece.name} has shape {list(saved_shape)} in the checkpoint and "
+                    f"{list(piece.shape)} in this model; the model config differs"
+                )
+            for kind in kinds:
+                staging = torch.empty(piece.numel, dtype=torch.float32)
+                reader.read_into(piece.name, piece.offset, kind, staging)
+                piece.tensors[kind].copy_(staging.to(piece.tensors[kind].device))
+    extra = sorted(set(reader.names()) - _all_model_names(model_names, info))
+    if extra:
+        raise CheckpointError(f"{path.name} holds parameters this model lacks ({', '.join(extra[:3])}); wrong model?")
+    backend.after_state_load()
+    if weights_only:
+        return None
+    state = TrainerState(**manifest["trainer_state"])
+    set_adam_step_count(backend.torch_optimizer, state.adam_steps)
+    _restore_rng(reader, state, info, device)
+    return state
+
+
+def _all_model_names(local: set[str], info: RankInfo) -> set[str]:
+    gathered: list = [None] * info.world_size
+    dist.all_gather_object(gathered, sorted(local))
+    return {name for names in gathered for name in names}
+
+
+def _restore_rng(reader: ShardReader, state: TrainerState, info: RankInfo, device: torch.device) -> None:
+    if state.world_size != info.world_size:
+        print0(info.rank, f"resume: world size {state.world_size} -> {info.world_size}; per-rank RNG streams restart")
+        return
+    cpu = reader.rng_state(info.rank, info.world_size, "rng.cpu")
+    if cpu is not None:
+        torch.set_rng_state(cpu)
+    cuda = reader.rng_state(info.rank, info.world_size, "rng.cuda")
+    if cuda is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda, device)
+
+

@@ -1,0 +1,36 @@
+"""The run configuration (no torch anywhere in this package: launchers check a config in a blink).
+
+schema.py          the sections as typed dataclasses; each field's docstring is its --help text
+load.py            YAML file + `key.sub=value` overrides + defaults, in that precedence, then validated
+validate.py        the checks that span fields, section by section, and those that need the world size
+deepspeed_json.py  a DeepSpeed JSON ("auto" values included) mapped onto the config, and the runtime
+                   JSON the ZeRO backend hands DeepSpeed
+accelerate.py      an `accelerate config` YAML mapped onto the config
+merge.py           what both translators share: adopting values, refusing contradictions
+"""
+
+from harness.config.load import dump_yaml, field_docs, help_text, load_config
+from harness.config.schema import (
+                                   CheckpointConfig,
+                                   Config,
+                                   DataConfig,
+                                   DebugConfig,
+                                   EvalConfig,
+                                   FaultsConfig,
+                                   LogConfig,
+                                   ModelConfig,
+                                   ParallelConfig,
+                                   ResumeConfig,
+                                   RunConfig,
+                                   ScalerConfig,
+                                   SourceConfig,
+                                   SpikeConfig,
+                                   TrainConfig,
+)
+from harness.config.validate import validate, validate_for_world
+
+__all__ = [
+    "CheckpointConfig", "Config", "DataConfig", "DebugConfig", "EvalConfig", "FaultsConfig", "LogConfig",
+    "ModelConfig", "ParallelConfig", "ResumeConfig", "RunConfig", "ScalerConfig", "SourceConfig", "SpikeConfig",
+    "TrainConfig", "dump_yaml", "field_docs", "help_text", "load_config", "validate", "validate_for_world",
+]

@@ -1,0 +1,104 @@
+"""One step's values on their way from the device to a metrics row.
+
+The host issues steps without waiting (`PendingStep`: every value still on the device), then reads
+the steps since the last read in one transfer (`pack_pending`) and turns each into its metrics
+row (`read_rows`). `Tally` accumulates what the run summary reports.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+
+from harness.numerics.diagnose import OverflowDiagnosis
+from harness.numerics.grad_scale import DeviceDecision, StepDecision
+
+
+@dataclass(frozen=True)
+class StepAgreement:
+    """What every rank learned, identically, at the end of a step."""
+
+    stop: bool
+    """Some rank received SIGTERM/SIGUSR1: checkpoint after this step and exit."""
+    saves_written: bool
+    """No rank is still writing a background checkpoint: the one in flight can be committed."""
+
+
+@dataclass
+class PendingStep:
+    """A step the host has issued but not yet read: its values stay on the device until then."""
+
+    step: int
+    lr: float
+    decision: DeviceDecision
+    agreement: torch.Tensor
+    """All-reduced (loss sum, stop flag, still-writing flag), fp64."""
+    host_fields: dict
+    """Metrics known on the host when the step was issued (tokens, memory peaks, counters)."""
+
+    def packed(self) -> torch.Tensor:
+        return torch.cat([self.agreement, self.decision.packed().to(self.agreement.device)])
+
+    @property
+    def packed_width(self) -> int:
+        return 3 + self.decision.packed_width
+
+
+def pack_pending(pending: list[PendingStep]) -> torch.Tensor:
+    """Every pending step's values in one vector: one device->host transfer reads them all."""
+    return torch.cat([item.packed() for item in pending])
+
+
+@dataclass
+class Tally:
+    """What fit() reports at the end, accumulated from the rows as they are read."""
+
+    first_step: int
+    losses: list = field(default_factory=list)
+    eval_loss: Optional[float] = None
+    steady_tokens: int = 0
+    steady_time: float = 0.0
+    """Tokens and time of every step but the run's first (compilation, first allocations)."""
+
+    def add(self, row: dict, tokens_per_step: int, last_step: int) -> None:
+        self.losses.append(row["loss"])
+        if row["step"] > self.first_step or last_step == self.first_step:
+            self.steady_tokens += tokens_per_step
+            self.steady_time += row["step_time_s"]
+
+
+def read_rows(pending: list[PendingStep], values: list[float], window_s: float, *, world_size: int,
+              tokens_per_step: int, mfu: Callable[[float], Optional[float]], skipped_batches: int,
+              diagnosis: OverflowDiagnosis) -> list[tuple[dict, StepDecision, StepAgreement]]:
+    """Metrics rows of the steps read together (`values` is pack_pending(pending), read), each
+    with its own values. The host waited for the device once for all of them, so each is given
+    the window's mean step time."""
+    step_time = window_s / len(pending)
+    tokens_per_s = tokens_per_step / step_time
+    rows, offset = [], 0
+    for item in pending:
+        width = item.packed_width
+        loss_sum, stopping, writing, *decided = values[offset:offset + width]
+        offset += width
+        decision = item.decision.unpack(decided)
+        row = {
+            "step": item.step,
+            "loss": loss_sum / world_size,
+            "lr": item.lr,
+            "grad_norm": decision.grad_norm,
+            "loss_scale": decision.loss_scale,
+            "skipped": decision.skipped,
+            "tokens": item.host_fields["tokens"],
+            "tokens_per_s": tokens_per_s,
+            "mfu": mfu(tokens_per_s),
+            **{k: v for k, v in item.host_fields.items() if k != "tokens"},
+            "step_time_s": step_time,
+            "spike": decision.spike,
+            "skipped_batches": skipped_batches,
+        }
+        if decision.skipped and (decision.overflow or not decision.spike):
+            row.update(diagnosis.on_skip(item.step, decision, decision.scale_after))
+        rows.append((row, decision, StepAgreement(stop=stopping > 0, saves_written=writing == 0)))
+    return rows

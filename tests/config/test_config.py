@@ -1,0 +1,170 @@
+"""Config loading: every shipped config validates; bad input is one clean line naming the key."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from harness.config import Config, field_docs, help_text, load_config, validate_for_world
+from harness.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs():
+    names = {p.name for p in CONFIGS}
+    assert {"tiny.yaml", "demo.yaml", "smollm2-135m.yaml"} <= names
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_loads_and_validates(path):
+    cfg = load_config(path)
+    assert isinstance(cfg, Config)
+    assert cfg.run.name == path.stem
+    assert cfg.run.dir == f"runs/{path.stem}"
+    validate_for_world(cfg, 2)
+    # The file only uses keys the schema knows, so a drifting config fails here too.
+    raw = yaml.safe_load(path.read_text())
+    assert set(raw) <= set(cfg.to_dict())
+
+
+def test_overrides_beat_the_file_and_parse_as_yaml():
+    cfg = load_config(
+        ROOT / "configs/tiny.yaml",
+        ["train.steps=3", "faults.nonfinite_grad_steps=[2,3]", "train.lr=3e-4", "log.progress=off", "precision=fp16"],
+    )
+    assert cfg.train.steps == 3
+    assert cfg.faults.nonfinite_grad_steps == [2, 3]
+    assert cfg.train.lr == pytest.approx(3e-4)
+    assert cfg.log.progress == "off"
+    assert cfg.precision == "fp16"
+
+
+def test_nonfinite_value_per_step_list():
+    cfg = load_config(
+        ROOT / "configs/tiny.yaml",
+        ["faults.nonfinite_grad_steps=[2,3,5]", "faults.nonfinite_value=[inf,inf,nan]"],
+    )
+    assert cfg.faults.nonfinite_value == ["inf", "inf", "nan"]
+
+
+def test_every_field_has_a_docstring_and_help_lists_it():
+    import dataclasses
+    import typing
+
+    seen = []
+
+    def walk(cls, prefix=""):
+        docs = field_docs(cls)
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            assert docs.get(f.name), f"{prefix}{f.name} has no docstring"
+            seen.append(prefix + f.name)
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], f"{prefix}{f.name}.")
+
+    walk(Config)
+    assert "scaler.consecutive_hysteresis" in seen
+    text = help_text()
+    for key in ("train.grad_accum", "scaler.hysteresis", "faults.nonfinite_grad_rank", "log.per_rank"):
+        assert key in text
+
+
+BAD = [
+    (["train.stepz=3"], "unknown config key train.stepz: did you mean train.steps?"),
+    (["train.steps=abc"], "train.steps must be an integer (got str 'abc')"),
+    (["train.steps=0"], "train.steps must be >= 1"),
+    (["precision=fp8"], "precision must be one of fp32, bf16, fp16 (got str 'fp8')"),
+    (["parallel.backend=megatron"], "parallel.backend must be one of"),
+    (["train.lr=-1"], "train.lr must be >= 0"),
+    (["train.min_lr=1.0"], "train.min_lr must be between 0 and train.lr"),
+    (["train.warmup_steps=-1"], "train.warmup_steps must be >= 0"),
+    (["scaler.backoff_factor=2"], "scaler.backoff_factor must be in (0, 1)"),
+    (["scaler.hysteresis=0"], "scaler.hysteresis must be >= 1"),
+    (["scaler.min_scale=1e9"], "scaler.min_scale must be in (0, scaler.init_scale"),
+    (["scaler.consecutive_hysteresis=maybe"], "scaler.consecutive_hysteresis must be true or false"),
+    (["faults.nonfinite_grad_steps=3"], "faults.nonfinite_grad_steps must be a list"),
+    (["faults.nonfinite_grad_steps=[99]"], "faults.nonfinite_grad_steps has step 99, outside 1..train.steps=8"),
+    (["faults.nonfinite_value=zero"], "faults.nonfinite_value must be one of inf, -inf, nan"),
+    (["faults.nonfinite_grad_steps=[1,2]", "faults.nonfinite_value=[nan]"], "has 1 values for 2"),
+    (["model.config={}"], "model.config.model_type is required"),
+    (["eval.every=2", "data.val_fraction=0"], "needs held-out data"),
+    (["log.progress=fancy"], "log.progress must be one of auto, bar, lines, off"),
+    (["train=3"], "train must be a mapping"),
+    (["train.steps"], "is not of the form key.sub=value"),
+    (["train.steps.deep=1"], "goes inside train.steps, which is not a section"),
+    (["model.vocab_multiple_of=0"], "model.vocab_multiple_of must be >= 1"),
+    (["model.selective_ac=0"], "model.selective_ac must be op or a positive integer k"),
+    (["model.activation_checkpointing=some"], "model.activation_checkpointing must be one of none, full, selective"),
+    (["model.gradient_checkpointing=true", "model.activation_checkpointing=selective"], "keep one"),
+    (["train.loss_chunk_tokens=-1"], "train.loss_chunk_tokens must be >= 0"),
+    (["parallel.prefetch=-1"], "parallel.prefetch must be >= 0"),
+    (["parallel.backend=deepspeed", "parallel.reduce_every_micro_batch=true"],
+     "parallel.reduce_every_micro_batch is an FSDP2 switch"),
+]
+
+
+@pytest.mark.parametrize("overrides, message", BAD, ids=[b[0][0] for b in BAD])
+def test_bad_configs_name_the_key(overrides, message):
+    with pytest.raises(ConfigError) as err:
+        load_config(ROOT / "configs/tiny.yaml", overrides)
+    text = str(err.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_bad_files(tmp_path):
+    with pytest.raises(ConfigError, match="not found"):
+        load_config(tmp_path / "missing.yaml")
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("train:\n  steps: [1,\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(broken)
+    scalar = tmp_path / "scalar.yaml"
+    scalar.write_text("42\n")
+    with pytest.raises(ConfigError, match="must be a mapping of sections"):
+        load_config(scalar)
+
+
+def test_world_size_checks():
+    cfg = load_config(ROOT / "configs/tiny.yaml", ["faults.nonfinite_grad_rank=1"])
+    validate_for_world(cfg, 2)
+    with pytest.raises(ConfigError, match="nonfinite_grad_rank=1 but the job has 1 rank"):
+        validate_for_world(cfg, 1)
+
+
+def _run(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        [sys.executable, "-m", "harness.cli.train", "configs/tiny.yaml", "train.stepz=1"],
+        [str(Path(sys.executable).parent / "harness"), "train", "configs/tiny.yaml", "train.stepz=1"],
+        ["launch/local.sh", "2", "configs/tiny.yaml", "train.stepz=1"],
+    ],
+    ids=["python-m", "console-script", "launch-local"],
+)
+def test_cli_config_error_is_one_line_exit_2(command):
+    result = _run(command)
+    assert result.returncode == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines == ["harness: error: unknown config key train.stepz: did you mean train.steps? "
+                     "valid keys here: " + ", ".join(Config().train.__dataclass_fields__)], result.stderr
+    assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_cli_check_and_help():
+    ok = _run([sys.executable, "-m", "harness.cli.train", "configs/demo.yaml", "--check", "--world-size", "2"])
+    assert ok.returncode == 0 and "config ok" in ok.stdout
+    helped = _run([sys.executable, "-m", "harness.cli.train", "--help"])
+    assert helped.returncode == 0 and "scaler.growth_interval" in helped.stdout
+    ranks = _run([sys.executable, "-m", "harness.cli.train", "configs/tiny.yaml", "faults.nonfinite_grad_rank=3",
+                  "--check", "--world-size", "2"])
+    assert ranks.returncode == 2 and "use 0..1" in ranks.stderr
