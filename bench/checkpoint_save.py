@@ -101,6 +101,6 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
-    from harness.cli.main import exit_process
+    from harness.runtime.process import exit_process
 
     exit_process(0)

@@ -59,10 +59,10 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=25)
     args = parser.parse_args()
 
-    from harness.cli.main import exit_process
     from harness.config import load_config
     from harness.observe.step_counter import host_read
     from harness.runtime import dist as hdist
+    from harness.runtime.process import exit_process
     from harness.train.build import build_loop
     from harness.train.rows import pack_pending
 

@@ -277,6 +277,6 @@ def _table(args, world_size: int, device: torch.device, rows: dict) -> str:
 
 if __name__ == "__main__":
     main()
-    from harness.cli.main import exit_process
+    from harness.runtime.process import exit_process
 
     exit_process(0)

@@ -19,6 +19,8 @@ class HarnessError(Exception):
     """
 
     exit_code = 2
+    heading: "str | None" = "error"
+    """What the one line says before the message ("harness: error: ..."); None: nothing."""
 
     def __init__(self, message: str, rank_local: bool = False) -> None:
         super().__init__(message)

@@ -4,8 +4,8 @@ For launchers that take a script path rather than a module (deepspeed's slurm la
 `python -u SCRIPT`). Same as `python -m harness.train`.
 """
 
-from harness.cli.main import exit_process
 from harness.cli.train import main
+from harness.runtime.process import exit_process
 
 if __name__ == "__main__":
     exit_process(main())

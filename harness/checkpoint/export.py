@@ -27,6 +27,7 @@ def export(checkpoint: Path, out_dir: Path, dtype_name: str, verify: bool = True
     from harness.checkpoint import verify as verify_checkpoint
     from harness.data import load_tokenizer
 
+    _refuse_custom_model(checkpoint)
     problem = verify_checkpoint(checkpoint)
     if problem:
         raise HarnessError(f"cannot export {checkpoint}: {problem}")
@@ -66,3 +67,17 @@ def _compare(out_dir: Path, expected: dict, dtype) -> None:
         got = loaded.get(name)
         if got is None or got.shape != want.shape or not torch.equal(got, want):
             raise HarnessError(f"export check failed: {name} in {out_dir} differs from the checkpoint; report this bug")
+
+
+def _refuse_custom_model(checkpoint: Path) -> None:
+    """A model from harness.Trainer(model=...) has no transformers config to export to."""
+    import json
+
+    from harness.model.source import CUSTOM_MODEL_KEY
+
+    described = checkpoint / "model_config.json"
+    model = json.loads(described.read_text()).get(CUSTOM_MODEL_KEY) if described.is_file() else None
+    if model is not None:
+        raise HarnessError(f"{checkpoint.name} holds {model}, a model given to harness.Trainer(model=...), not a "
+                           "transformers model: export writes Hugging Face folders; read its fp32 weights with "
+                           "harness.checkpoint.ShardReader instead")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -34,17 +33,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.exit(2)
     import importlib
 
-    from harness.runtime.environment import quiet_deepspeed_without_gpus
+    from harness.runtime.process import exit_process, quiet_deepspeed_without_gpus
 
     quiet_deepspeed_without_gpus()
     module = importlib.import_module(COMMANDS[command][0])
     entry: Callable[[Sequence[str]], int] = module.main
     exit_process(entry(rest))
-
-
-def exit_process(code: int) -> None:
-    """Flush and leave without running gloo's static destructors: they abort intermittently at
-    interpreter exit (pytorch #190489), which would turn a clean run into a crash report."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)

@@ -33,6 +33,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 if __name__ == "__main__":
-    from harness.cli.main import exit_process
+    from harness.runtime.process import exit_process
 
     exit_process(main())

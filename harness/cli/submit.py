@@ -186,6 +186,6 @@ def _sbatch(command: list[str], script_path: Path, script: str) -> str:
 
 
 if __name__ == "__main__":
-    from harness.cli.main import exit_process
+    from harness.runtime.process import exit_process
 
     exit_process(main())

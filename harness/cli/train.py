@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 from typing import Optional, Sequence
 
@@ -61,77 +60,35 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except HarnessError as exc:
         if rank == 0 or exc.rank_local:
             prefix = f"[rank {rank}] " if exc.rank_local else ""
-            print(f"{prefix}harness: error: {exc}", file=sys.stderr, flush=True)
+            heading = f"{exc.heading}: " if exc.heading else ""
+            print(f"{prefix}harness: {heading}{exc}", file=sys.stderr, flush=True)
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
 
 
 def _run(cfg) -> int:
+    """The run through the Python API; what the process reports and exits with."""
+    from harness.runtime.process import quiet_deepspeed_without_gpus
+
+    quiet_deepspeed_without_gpus()  # before transformers imports DeepSpeed
     from harness.observe.console import print0
-    from harness.runtime import dist
-    from harness.runtime.environment import quiet_deepspeed_without_gpus
-    from harness.runtime.host_memory import setup_allocations_returned_to_os
-    from harness.runtime.preemption import StopRequest, stopped_exit_code
-    from harness.runtime.watchdog import backstop_timeout_s
+    from harness.runtime.preemption import stopped_exit_code
+    from harness.train.trainer import Trainer
 
-    quiet_deepspeed_without_gpus()
-    from harness.train.build import build_loop
-
-    stop = StopRequest().install()  # before anything slow: a signal during start-up counts too
-    info = dist.rank_info_from_env()
-    validate_for_world(cfg, info.world_size)
-    backend = dist.pick_dist_backend(cfg.parallel.dist_backend)
-    device = dist.device_for(info, backend)
-    # torch's own collective timeout is the backstop; the watchdog speaks first (harness.runtime.watchdog).
-    dist.init_process_group(info, backend, backstop_timeout_s(cfg.parallel.timeout_s), device)
-    with setup_allocations_returned_to_os():
-        trainer = build_loop(cfg, info, device)
-    trainer.stop = stop
-    trainer.watchdog = _start_watchdog(cfg, info)
-    try:
-        summary = trainer.fit()
-    except Exception as exc:
-        if trainer.watchdog is None or not dist.lost_a_rank(exc):
-            raise
-        return _lost_rank(info, trainer.watchdog, exc)
-    finally:
-        if trainer.watchdog is not None:
-            trainer.watchdog.stop()
-    if info.is_main:
+    summary = Trainer(cfg).fit()
+    rank = _env_rank()
+    if rank == 0:
         print(summary.table(), flush=True)
-    dist.shutdown()
     if summary.stopped is not None:
         signal_name, step = summary.stopped
-        print0(info.rank, f"stopped by {signal_name} after step {step}; checkpoint saved in {cfg.checkpoint.dir}; "
+        print0(rank, f"stopped by {signal_name} after step {step}; checkpoint saved in {cfg.checkpoint.dir}; "
                "run again with resume=auto to continue")
         return stopped_exit_code()
     return 0
 
 
-def _start_watchdog(cfg, info):
-    """Multi-rank jobs only: a single process has no one to wait for."""
-    if info.world_size == 1:
-        return None
-    from harness.runtime.watchdog import Watchdog, interval_for, store_factory
-
-    connect = store_factory(info.master_addr, info.master_port, timeout_s=max(2.0, 2 * interval_for(cfg.parallel.timeout_s)))
-    return Watchdog(info.rank, info.world_size, cfg.parallel.timeout_s, cfg.run.dir, connect).start()
-
-
-def _lost_rank(info, watchdog, exc) -> int:
-    """A collective failed because another rank is gone (its connection closed): one line, the
-    exit code the launcher knows, and no traceback. The launcher names the rank that died."""
-    from harness.errors import first_line
-    from harness.runtime.watchdog import EXIT_HUNG
-
-    reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(exc))[:120]  # gloo prefixes its source location
-    print(f"[rank {info.rank}] harness: lost contact with another rank in {watchdog.where()} ({reason}); stopping",
-          file=sys.stderr, flush=True)
-    return EXIT_HUNG
-
-
 if __name__ == "__main__":
-    from harness.cli.main import exit_process
+    from harness.runtime.process import exit_process
 
     exit_process(main())

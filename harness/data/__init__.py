@@ -5,7 +5,8 @@ prepare.py   tokenization into shard files + an index, once per filesystem, cras
 stream.py    the prepared (or user-supplied, data.format=tokens) token stream, memory-mapped
 corpus.py    a config's corpus: one source or a weighted mixture, split into train and validation
 order.py     packed sequences and the world-size-independent global batch order
-cli.py       `harness prepare-data`
+batch.py     what a batch is (a token tensor, or a dict of them) and what is done to one
+user.py      datasets a user hands to harness.Trainer(data=...), batched and ordered the same way
 
 Names are imported on first use: the tokenizing worker processes import prepare.py without torch.
 """
@@ -20,6 +21,7 @@ _EXPORTS = {
     "PrefetchedBatches": "order", "TrainBatches": "order", "eval_batches": "order",
     "CorpusPart": "corpus", "TokenCorpus": "corpus", "load_corpus": "corpus", "load_tokenizer": "corpus",
     "TokenStream": "stream",
+    "user_sequences": "user", "to_device": "batch", "first_rows": "batch",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -17,6 +17,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
+from harness.data.batch import pinned
 from harness.errors import HarnessError
 
 # --------------------------------------------------------------------------------------------
@@ -186,7 +187,7 @@ class TrainBatches:
         start_offset: int = 0,
         skip_steps: Sequence[int] = (),
     ) -> None:
-        if len(sequences) < shape.global_batch:
+        if hasattr(sequences, "__len__") and len(sequences) < shape.global_batch:  # a stream has no length
             raise HarnessError(
                 f"the training split has {len(sequences)} sequences of {sequences.seq_len + 1} tokens, fewer than "
                 f"one global batch ({shape.global_batch}); use more data or lower train.seq_len/micro_batch_size"
@@ -242,7 +243,7 @@ class PrefetchedBatches:
 
     def _prepare(self, step: int) -> list[torch.Tensor]:
         micro_batches = self.batches.micro_batches(step)
-        return [batch.pin_memory() for batch in micro_batches] if self.pin_memory else micro_batches
+        return [pinned(batch) for batch in micro_batches] if self.pin_memory else micro_batches
 
     def micro_batches(self, step: int) -> list[torch.Tensor]:
         if self._next is not None and self._next[0] == step:

@@ -1,4 +1,4 @@
 from harness.cli.estimate import main
-from harness.cli.main import exit_process
+from harness.runtime.process import exit_process
 
 exit_process(main())

@@ -168,9 +168,9 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     N leaves out lookup tables (input and position embeddings) since a lookup does no math; a
     tied output head is counted, as it is a real matmul. Works on skeletons (meta parameters).
     """
-    config = model.config
+    config = getattr(model, "config", None)  # a model that is not from transformers may have none
     total = sum(full_numel(p) for p in model.parameters())
-    output = model.get_output_embeddings()
+    output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output_weight = output.weight if output is not None else None
     lookups = sum(
         full_numel(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is not output_weight

@@ -91,23 +91,46 @@ def _chunked_token_losses(model: nn.Module, batch: torch.Tensor, chunk_tokens: i
         _targets.reset(token)
 
 
-def next_token_loss(model: nn.Module, batch: torch.Tensor, chunk_tokens: int = 0) -> torch.Tensor:
+def _logits(output) -> torch.Tensor:
+    """A transformers model returns an output with `.logits`; a plain module, the logits."""
+    return output.logits if hasattr(output, "logits") else output
+
+
+def _labeled_token_losses(model: nn.Module, batch: dict) -> tuple[torch.Tensor, torch.Tensor]:
+    """fp32 losses of every labelled position and the mask of those positions, shape (rows, length - 1):
+    `labels` aligned with `input_ids` (transformers' convention), -100 where no loss is taken."""
+    with unpacked_sequences():
+        logits = _logits(model(batch["input_ids"]))[:, :-1]
+    targets = batch["labels"][:, 1:]
+    losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100,
+                             reduction="none").view(targets.shape)
+    return losses, targets != -100
+
+
+def next_token_loss(model: nn.Module, batch, chunk_tokens: int = 0) -> torch.Tensor:
     """Mean next-token cross entropy over the batch, computed in fp32 whatever the compute dtype.
-    chunk_tokens > 0: chunked (same value up to the order of the fp32 sum)."""
+    chunk_tokens > 0: chunked (same value up to the order of the fp32 sum). A dict batch
+    (input_ids, labels) averages over its labelled positions."""
+    if isinstance(batch, dict):
+        losses, mask = _labeled_token_losses(model, batch)
+        return losses.sum() / mask.sum()
     if chunk_tokens:
         return _chunked_token_losses(model, batch, chunk_tokens).mean()
     with unpacked_sequences():
-        logits = model(input_ids=batch[:, :-1]).logits
+        logits = _logits(model(batch[:, :-1]))
     targets = batch[:, 1:]
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1))
 
 
-def per_sequence_loss(model: nn.Module, batch: torch.Tensor, chunk_tokens: int = 0) -> torch.Tensor:
+def per_sequence_loss(model: nn.Module, batch, chunk_tokens: int = 0) -> torch.Tensor:
     """Mean next-token cross entropy of each sequence (fp32), for weighted evaluation."""
+    if isinstance(batch, dict):
+        losses, mask = _labeled_token_losses(model, batch)
+        return losses.sum(dim=1) / mask.sum(dim=1).clamp(min=1)
     if chunk_tokens:
         return _chunked_token_losses(model, batch, chunk_tokens).mean(dim=1)
     with unpacked_sequences():
-        logits = model(input_ids=batch[:, :-1]).logits
+        logits = _logits(model(batch[:, :-1]))
     targets = batch[:, 1:]
     losses = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction="none")
     return losses.view(targets.shape).mean(dim=1)

@@ -26,7 +26,7 @@ import os
 import struct
 import sys
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Callable, Iterator, Optional, Protocol
 
 import torch
 from torch import nn
@@ -68,7 +68,7 @@ def fill_flat_views(targets: dict[str, list[tuple[int, torch.Tensor]]], source: 
 def initial_weights(spec: ModelSpec, seed: int) -> InitialWeights:
     if spec.pretrained_dir is not None:
         return PretrainedWeights(spec)
-    return SeededInit(spec, seed)
+    return SeededInit(lambda: build_skeleton(spec), seed)
 
 
 # --------------------------------------------------------------------------------------------
@@ -88,13 +88,15 @@ def _unit_seed(seed: int, unit_name: str) -> int:
 
 
 class SeededInit:
-    """The model's own init of each unit, seeded by (seed, unit name)."""
+    """The model's own init of each unit, seeded by (seed, unit name): a transformers model's
+    `_init_weights`, or, for any other nn.Module, each submodule's `reset_parameters()` (torch's
+    own layers all have one)."""
 
     REST = "<outside the blocks>"
 
-    def __init__(self, spec: ModelSpec, seed: int) -> None:
+    def __init__(self, skeleton: Callable[[], nn.Module], seed: int) -> None:
         self.seed = seed
-        self.skeleton = build_skeleton(spec)  # its own meta copy: a backend may rewrite the other
+        self.skeleton = skeleton()  # its own meta copy: a backend may rewrite the other
         module_names = {id(m): name for name, m in self.skeleton.named_modules()}
         self.blocks = {module_names[id(b)]: b for b in transformer_blocks(self.skeleton)}
         self._units: dict[str, list[str]] = {}
@@ -117,7 +119,7 @@ class SeededInit:
             # embeddings, final norm and head get storage.
             placeholders = {id(block): nn.Identity() for block in self.blocks.values()}
             copy_ = copy.deepcopy(self.skeleton, memo=placeholders)
-            prefix, owner = "", copy_
+            prefix, owner = "", copy_ if self._init_owner("") is not None else None
         else:
             copy_ = copy.deepcopy(self.blocks[unit_name])
             prefix, owner = unit_name + ".", self._init_owner(unit_name)
@@ -127,10 +129,13 @@ class SeededInit:
             _init_post_order(copy_, owner)
         yield _FullTensors({prefix + n: p for n, p in copy_.named_parameters()})
 
-    def _init_owner(self, block_name: str) -> nn.Module:
-        """The PreTrainedModel whose _init_weights applies inside a block: its nearest ancestor."""
+    def _init_owner(self, block_name: str) -> Optional[nn.Module]:
+        """The PreTrainedModel whose _init_weights applies inside a block: its nearest ancestor
+        (None for a model that is not from transformers)."""
         from transformers import PreTrainedModel
 
+        if not isinstance(self.skeleton, PreTrainedModel):
+            return None
         owner = self.skeleton
         parts = block_name.split(".")
         for i in range(1, len(parts)):
@@ -140,12 +145,20 @@ class SeededInit:
         return owner
 
 
-def _init_post_order(module: nn.Module, owner: nn.Module) -> None:
+def _init_post_order(module: nn.Module, owner: Optional[nn.Module]) -> None:
     """Children first, then the module, each with its nearest PreTrainedModel's _init_weights:
     the order transformers' own `initialize_weights` uses (a parent may re-initialise a child's
-    weight, as GPT-2 does for its residual projections)."""
+    weight, as GPT-2 does for its residual projections). Without a PreTrainedModel (`owner` None),
+    each module's own `reset_parameters()`, in the same order."""
     from transformers import PreTrainedModel
 
+    if owner is None and not isinstance(module, PreTrainedModel):
+        for child in module.children():
+            _init_post_order(child, None)
+        reset = getattr(module, "reset_parameters", None)
+        if callable(reset):
+            reset()
+        return
     for child in module.children():
         _init_post_order(child, child if isinstance(child, PreTrainedModel) else owner)
     for tensor in list(module.parameters(recurse=False)) + list(module.buffers(recurse=False)):

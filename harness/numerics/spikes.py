@@ -58,3 +58,12 @@ class SpikeGuard:
                                     device=self.device)
         self.position = torch.tensor(int(state["position"]), dtype=torch.int64, device=self.device)
         self.filled = torch.tensor(int(state["filled"]), dtype=torch.int64, device=self.device)
+
+
+def spike_warning(cfg: SpikeConfig, step: int, loss: float, median: float) -> str:
+    """The console line for a spike the host has just read."""
+    action = {"warn": "applied anyway (train.spike.action=warn)", "skip": "update skipped",
+              "rollback": "update skipped; rolling back"}[cfg.action]
+    against = (f"{loss / median:.1f}x the median {median:.4g} of the last {cfg.window} steps"
+               if median == median and median > 0 else "not finite on some rank")
+    return f"warning: step {step}: loss spike: {loss:.4g}, {against}; {action}"

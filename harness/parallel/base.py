@@ -67,8 +67,8 @@ class ParallelBackend(ABC):
         return None
 
     @abstractmethod
-    def setup(self, model: nn.Module, train_cfg: TrainConfig) -> None:
-        """Shard the skeleton `model` (built in construction_context(), no values written yet),
+    def setup(self, model: nn.Module, train_cfg: TrainConfig, hidden_size: int) -> None:
+        """Shard the skeleton `model` (of width `hidden_size`, which sizes DeepSpeed's buckets) (built in construction_context(), no values written yet),
         allocate this rank's fp32 master pieces and build the optimizer. The initial values are
         written afterwards through state_pieces(with_optimizer_state=False)."""
 

@@ -33,7 +33,7 @@ class FSDP2Backend(ParallelBackend):
         self.device = device
         self.world_size = world_size
 
-    def setup(self, model: nn.Module, train_cfg: TrainConfig) -> None:
+    def setup(self, model: nn.Module, train_cfg: TrainConfig, hidden_size: int) -> None:
         mesh = self._mesh()
         mp_policy = MixedPrecisionPolicy(
             param_dtype=self.policy.compute_dtype if self.policy.is_mixed else None,

@@ -6,5 +6,5 @@ preemption.py   SIGTERM/SIGUSR1: checkpoint after the step, then exit
 run_dir.py      one live job per run folder, and clean-up of a folder a failed start created
 locks.py        file locks that survive a dead holder (cache preparation, run folders)
 host_memory.py  host RSS, and giving freed memory back to the OS
-environment.py  variables set before the libraries read them
+process.py      environment set before the libraries read it, and an exit that skips gloo's teardown
 """

@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 import torch.distributed as dist
+from torch import nn
 
 from harness.checkpoint import Checkpointer, choose_resume, load_checkpoint
 from harness.config import Config, dump_yaml
-from harness.data import BatchShape, PrefetchedBatches, TrainBatches, eval_batches, load_corpus
+from harness.data import BatchShape, PrefetchedBatches, TrainBatches, eval_batches, load_corpus, load_tokenizer
+from harness.data.user import user_sequences
 from harness.errors import HarnessError
-from harness.model import build_skeleton, flops_per_token, full_numel, initial_weights, model_spec
+from harness.model import flops_per_token, full_numel
 from harness.model.blocks import compile_blocks
 from harness.model.loss import enable_chunked_loss
+from harness.model.source import BlocksOf, model_source
 from harness.numerics.diagnose import ForwardProbe, OverflowDiagnosis
 from harness.numerics.grad_scale import build_grad_scaler
 from harness.numerics.precision import check_device_supports, precision_policy
@@ -29,6 +33,7 @@ from harness.parallel.initial_weights import write_initial_weights
 from harness.runtime.dist import RankInfo
 from harness.runtime.host_memory import peak_gb as host_peak_gb
 from harness.runtime.run_dir import Claim, claim
+from harness.train.callbacks import Callback, LossFn
 from harness.train.faults import FaultInjector
 from harness.train.loop import Loop
 
@@ -52,22 +57,56 @@ def load_agreed_corpus(cfg: Config, info: RankInfo):
     return corpus
 
 
-def build_loop(cfg: Config, info: RankInfo, device: torch.device) -> Loop:
+@dataclass
+class Parts:
+    """What a run is made of besides the config (harness.Trainer's arguments); None takes the config's."""
+
+    model: Optional[Callable[[], nn.Module]] = None
+    """Builds the model (called inside the backend's context: meta device, or ZeRO-3 partitions)."""
+    blocks: Optional[BlocksOf] = None
+    """model -> its blocks (the units FSDP2 shards and ZeRO-3 gathers); default: its _no_split_modules."""
+    data: Any = None
+    """A map-style or iterable dataset of token-id sequences or dicts (harness.data.user)."""
+    eval_data: Any = None
+    """Held-out items for eval.every, as `data`."""
+    loss: Optional[LossFn] = None
+    callbacks: Sequence[Callback] = ()
+
+
+@dataclass
+class _Data:
+    train: Any
+    val: Any
+    vocab_size: int
+
+
+def build_loop(cfg: Config, info: RankInfo, device: torch.device, parts: Optional[Parts] = None) -> Loop:
     """Everything a run needs, built and checked before anything is written: a run folder that did
     not exist is removed again if setup fails (harness.runtime.run_dir), an existing one is left as it was
     (its config.yaml and metrics are only written once setup has succeeded)."""
+    parts = parts or Parts()
+    _check_parts(cfg, parts)
     policy = precision_policy(cfg.precision)
     check_device_supports(policy, device)
     run_dir = Path(cfg.run.dir)
     claimed = _claim_run_dir(run_dir, info)
     try:
-        loop = _build(cfg, info, device, policy, run_dir)
+        loop = _build(cfg, info, device, policy, run_dir, parts)
     except BaseException:
         if claimed is not None:
             claimed.abandon()
         raise
     loop.run_dir_claim = claimed
     return loop
+
+
+def _check_parts(cfg: Config, parts: Parts) -> None:
+    if cfg.train.loss_chunk_tokens and (parts.model is not None or parts.loss is not None):
+        raise HarnessError("train.loss_chunk_tokens needs a transformers model and the built-in loss; set it to 0 "
+                           "with harness.Trainer(model=...) or (loss=...)")
+    if cfg.eval.every and parts.data is not None and parts.eval_data is None:
+        raise HarnessError(f"eval.every={cfg.eval.every} with harness.Trainer(data=...) needs eval_data=... "
+                           "(held-out items), or set eval.every=0")
 
 
 def _claim_run_dir(run_dir: Path, info: RankInfo) -> Optional[Claim]:
@@ -87,29 +126,51 @@ def _claim_run_dir(run_dir: Path, info: RankInfo) -> Optional[Claim]:
     return claimed
 
 
-def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: Path) -> Loop:
-    corpus = load_agreed_corpus(cfg, info)
-    print0(info.rank, f"data: {corpus.description}; {corpus.tokens('train'):,} train / {corpus.tokens('val'):,} val tokens")
-    spec = model_spec(cfg.model, corpus.vocab_size, cfg.train.seq_len)
-    for note in spec.notes:
+def _data(cfg: Config, info: RankInfo, parts: Parts) -> _Data:
+    """The config's corpus, or the user's datasets."""
+    if parts.data is None:
+        corpus = load_agreed_corpus(cfg, info)
+        print0(info.rank, f"data: {corpus.description}; {corpus.tokens('train'):,} train / "
+                          f"{corpus.tokens('val'):,} val tokens")
+        val = corpus.sequences("val", cfg.train.seq_len) if cfg.eval.every else None
+        return _Data(corpus.sequences("train", cfg.train.seq_len), val, corpus.vocab_size)
+    train = user_sequences(parts.data)
+    val = user_sequences(parts.eval_data) if parts.eval_data is not None else None
+    for name, sequences in (("data", train), ("eval_data", val)):
+        if sequences is not None and sequences.seq_len != cfg.train.seq_len:
+            raise HarnessError(
+                f"harness.Trainer({name}=...) items feed {sequences.seq_len} tokens to the model (a token sequence: "
+                f"its length - 1; a dict: its input_ids) but train.seq_len={cfg.train.seq_len}; set "
+                f"train.seq_len={sequences.seq_len}"
+            )
+    # A transformers model built from model.config still sizes its embedding by the tokenizer.
+    vocab = len(load_tokenizer(cfg.data.tokenizer)) if parts.model is None and not cfg.model.pretrained else 0
+    print0(info.rank, f"data: {type(parts.data).__name__} given to harness.Trainer ({train.seq_len} tokens a row)")
+    return _Data(train, val, vocab)
+
+
+def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: Path, parts: Parts) -> Loop:
+    data = _data(cfg, info, parts)
+    source = model_source(cfg.model, data.vocab_size, cfg.train.seq_len, parts.model, parts.blocks)
+    for note in source.notes:
         print0(info.rank, f"note: {note}")
     backend = build_backend(cfg, policy, device, info.world_size)
     # The skeleton holds no weights (meta, or ZeRO-3 partitions); setup allocates this rank's
     # shards and the initial weights are written into them, one block at a time.
-    model = build_skeleton(spec, backend.construction_context(spec.hf_config.hidden_size))
+    model = source.skeleton(backend.construction_context(source.hidden_size))
     if cfg.train.loss_chunk_tokens:
         enable_chunked_loss(model)
     if cfg.train.compile:
         compile_blocks(model)
     model_name = type(model).__name__
-    model_config_json = model.config.to_json_string()
+    model_config_json = source.describe(model)
     full_numels = {name: full_numel(p) for name, p in model.named_parameters()}
     n_params = sum(full_numels.values())
     fpt = flops_per_token(model, cfg.train.seq_len)
-    backend.setup(model, cfg.train)
+    backend.setup(model, cfg.train, source.hidden_size)
     resume_path = choose_resume(cfg, info)
     if resume_path is None:  # a checkpoint, weights-only ones too, overwrites every master piece
-        write_initial_weights(backend, initial_weights(spec, cfg.train.seed), full_numels)
+        write_initial_weights(backend, source.initial_weights(cfg.train.seed), full_numels)
     print0(
         info.rank,
         f"model: {model_name}, {n_params:,} parameters; {backend.name} over {info.world_size} rank(s), "
@@ -144,14 +205,10 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
             spikes.load_state_dict(state.spikes)
             skip_steps, skipped_batches, rollbacks = state.skip_steps, state.skipped_batches, state.rollbacks
             print0(info.rank, f"resume: continuing after step {state.step} of {resume_path}")
-    batches = TrainBatches(
-        corpus.sequences("train", cfg.train.seq_len), cfg.train.seed, shape, info.rank, start_step, start_offset,
-        skip_steps,
-    )
+    batches = TrainBatches(data.train, cfg.train.seed, shape, info.rank, start_step, start_offset, skip_steps)
     eval_data = []
     if cfg.eval.every:
-        val = corpus.sequences("val", cfg.train.seq_len)
-        eval_data = eval_batches(val, cfg.eval.sequences, cfg.train.micro_batch_size, info.rank, info.world_size)
+        eval_data = eval_batches(data.val, cfg.eval.sequences, cfg.train.micro_batch_size, info.rank, info.world_size)
 
     # Measured last, once everything a step needs is built: what a node must have before step 1.
     setup_host_peak = [0.0] * info.world_size
@@ -182,4 +239,6 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
         spikes=spikes,
         skipped_batches=skipped_batches,
         rollbacks=rollbacks,
+        loss_fn=parts.loss,
+        callbacks=tuple(parts.callbacks),
     )

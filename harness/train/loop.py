@@ -6,11 +6,10 @@ decision is one for all ranks (harness.numerics.grad_scale), and the backend obe
 from __future__ import annotations
 
 import contextlib
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import torch
 import torch.distributed as dist
@@ -22,6 +21,7 @@ from harness.checkpoint import (
 )
 from harness.config import Config
 from harness.data import PrefetchedBatches, TrainBatches
+from harness.data.batch import first_rows, to_device
 from harness.errors import TrainingAborted
 from harness.model import (
     next_token_loss,
@@ -30,10 +30,11 @@ from harness.model import (
 from harness.numerics.diagnose import OverflowDiagnosis
 from harness.numerics.grad_scale import DeviceDecision, GradScaler, StepDecision
 from harness.numerics.optim import lr_at
-from harness.numerics.spikes import SpikeGuard
+from harness.numerics.spikes import SpikeGuard, spike_warning
 from harness.observe.console import Progress, RunSummary, print0
 from harness.observe.metrics import (
     MetricsWriter,
+    append_resources,
     peak_memory_gb,
     peak_reserved_gb,
     write_json_atomically,
@@ -43,10 +44,10 @@ from harness.observe.tracking import NullTracker, WandbTracker
 from harness.parallel.base import ParallelBackend
 from harness.runtime.dist import RankInfo
 from harness.runtime.host_memory import peak_gb as host_peak_gb
-from harness.runtime.host_memory import process_resources, return_free_memory
 from harness.runtime.preemption import StopRequest
 from harness.runtime.run_dir import Claim
 from harness.runtime.watchdog import Watchdog
+from harness.train.callbacks import Callback, LossFn
 from harness.train.faults import FaultInjector
 from harness.train.rollback import roll_back
 from harness.train.rows import PendingStep, StepAgreement, Tally, pack_pending, read_rows
@@ -86,6 +87,11 @@ class Loop:
     rollbacks: int = 0
     watchdog: Optional[Watchdog] = None
     """Set by the entry point on multi-rank jobs: ends the job when a rank stops making progress."""
+    loss_fn: Optional[LossFn] = None
+    """harness.Trainer(loss=...): loss(model, batch) -> (sum of token losses, token count); None: next-token
+    cross entropy."""
+    callbacks: Sequence[Callback] = ()
+    """harness.Trainer(callbacks=...): told of every metrics row and every evaluation."""
     run_dir_claim: Optional[Claim] = None
     """Rank 0's hold on run.dir (harness.runtime.run_dir), kept for the life of the trainer."""
 
@@ -104,7 +110,7 @@ class Loop:
         window_started = time.perf_counter()
         step = tally.first_step
         if cfg.debug.resources_every:
-            self._record_resources("start")
+            append_resources(Path(cfg.run.dir), self.info.rank, "start")
         try:
             while step <= cfg.train.steps:
                 # The host issues the step's work and moves on; it reads the device (one transfer
@@ -119,7 +125,7 @@ class Loop:
                     pending[-1].host_fields.update(self.counter.take())
                 every = cfg.debug.resources_every
                 if every and step % every == 0:
-                    self._record_resources(step)
+                    append_resources(Path(cfg.run.dir), self.info.rank, step)
                 if values is None:
                     step += 1
                     continue
@@ -138,7 +144,7 @@ class Loop:
             if cfg.debug.resources_every:
                 if self.prefetched is not None:
                     self.prefetched.close()  # the end sample counts what outlives the run's work
-                self._record_resources("end")
+                append_resources(Path(cfg.run.dir), self.info.rank, "end")
             exit_code = 0
         finally:
             progress.close()
@@ -178,12 +184,16 @@ class Loop:
             step = row["step"]
             if decision.spike:
                 spikes.append(step)
-                self._report_spike(step, row["loss"], decision)
+                print0(self.info.rank, spike_warning(cfg.train.spike, step, row["loss"], decision.loss_median))
             if row is read[-1][0] and cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps) \
                     and not (spikes and cfg.train.spike.action == "rollback"):
                 tally.eval_loss = row["eval_loss"] = self.evaluate()
+                for callback in self.callbacks:
+                    callback.on_eval(step, row["eval_loss"])
             self.metrics.write(row)
             self.tracker.log(row)
+            for callback in self.callbacks:
+                callback.on_step_end(row)
             progress.update(row)
             tally.add(row, self.tokens_per_step, last_step=cfg.train.steps)
             if decision.abort_reason:
@@ -192,25 +202,6 @@ class Loop:
         if spikes and cfg.train.spike.action == "rollback":
             return roll_back(self, spikes)
         return None
-
-    def _record_resources(self, step) -> None:
-        """debug.resources_every: this rank's memory, descriptors and threads, appended to its file.
-        The heap's free pages are handed back first: glibc keeps up to tens of MB of a step's freed
-        activations cached per thread arena, which made single samples swing by +-20% on a 0.5 GB
-        process; after the trim RSS counts what the process holds."""
-        return_free_memory()
-        path = Path(self.cfg.run.dir) / "resources" / f"rank-{self.info.rank}.jsonl"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as f:
-            f.write(json.dumps({"step": step, **process_resources()}) + "\n")
-
-    def _report_spike(self, step: int, loss: float, decision: StepDecision) -> None:
-        action = {"warn": "applied anyway (train.spike.action=warn)", "skip": "update skipped",
-                  "rollback": "update skipped; rolling back"}[self.cfg.train.spike.action]
-        median = decision.loss_median
-        against = (f"{loss / median:.1f}x the median {median:.4g} of the last {self.cfg.train.spike.window} steps"
-                   if median == median and median > 0 else "not finite on some rank")
-        print0(self.info.rank, f"warning: step {step}: loss spike: {loss:.4g}, {against}; {action}")
 
     def _act_after_read(self, step: int, agreed: StepAgreement) -> bool:
         """Between steps, after a read: commit a finished background save, save when due, the
@@ -315,7 +306,7 @@ class Loop:
         for i, batch in enumerate(micro_batches):
             self._phase("forward", step)
             self.faults.maybe_hang(step)
-            loss = next_token_loss(self.backend.model, batch.to(self.device, non_blocking=True), self.cfg.train.loss_chunk_tokens)
+            loss = self.micro_batch_loss(to_device(batch, self.device, non_blocking=True))
             loss = self.faults.scale_loss(step, loss)
             last = i == len(micro_batches) - 1
             self._phase("backward", step)
@@ -344,15 +335,31 @@ class Loop:
             self._warn(f"step {step}: fault injected: {corrupted}")
         return self.scaler.decide(grads, counted=self.backend.primary_copy, loss=local_loss)
 
+    def micro_batch_loss(self, batch) -> torch.Tensor:
+        """This rank's mean loss over one micro-batch (what backward differentiates)."""
+        if self.loss_fn is None:
+            return next_token_loss(self.backend.model, batch, self.cfg.train.loss_chunk_tokens)
+        total, tokens = self.loss_fn(self.backend.model, batch)
+        return total / tokens
+
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean next-token loss over the fixed held-out sequences, identical for any world size."""
+        """Mean loss over the fixed held-out sequences, identical for any world size: next-token
+        cross entropy weighted per sequence, or the user's loss summed over real rows (every rank
+        runs every micro-batch, padding included: a forward pass is collective)."""
         model = self.backend.model
         self._phase("eval", self.watchdog.step if self.watchdog is not None else 0)
         model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch, weights in self.eval_data:
-            losses = per_sequence_loss(model, batch.to(self.device), self.cfg.train.loss_chunk_tokens)
+            batch, real_rows = to_device(batch, self.device), int(weights.sum())
+            if self.loss_fn is not None:
+                total, tokens = self.loss_fn(model, first_rows(batch, real_rows or len(weights)))
+                if real_rows:
+                    totals[0] += torch.as_tensor(total, dtype=torch.float64, device=self.device)
+                    totals[1] += torch.as_tensor(tokens, dtype=torch.float64, device=self.device)
+                continue
+            losses = per_sequence_loss(model, batch, self.cfg.train.loss_chunk_tokens)
             weights = weights.to(self.device)
             totals[0] += (losses.double() * weights).sum()
             totals[1] += weights.sum()

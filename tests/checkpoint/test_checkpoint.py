@@ -32,7 +32,7 @@ def run(args: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
 
 def train(nproc: int, config: str, run_dir: Path, *overrides: str, ok: bool = True) -> subprocess.CompletedProcess:
     if nproc == 1:
-        cmd = [sys.executable, "-m", "harness.cli.train", config]
+        cmd = [sys.executable, "-m", "harness.train", config]
     else:
         cmd = ["launch/local.sh", str(nproc), config]
     result = run(cmd + [f"run.dir={run_dir}", "log.progress=off", "eval.every=4", *overrides])

@@ -23,7 +23,7 @@ GPT2_VOCAB = 50257
 
 
 def train(nproc: int, run_dir: Path, *overrides: str) -> None:
-    cmd = [sys.executable, "-m", "harness.cli.train", TINY] if nproc == 1 else ["launch/local.sh", str(nproc), TINY]
+    cmd = [sys.executable, "-m", "harness.train", TINY] if nproc == 1 else ["launch/local.sh", str(nproc), TINY]
     result = subprocess.run(cmd + [f"run.dir={run_dir}", "log.progress=off", "eval.every=0", *overrides],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -58,9 +58,11 @@ def test_seeded_init_gives_the_same_first_step_on_every_world_size_and_backend(f
     for label, row in firsts.items():
         assert row["loss"] == pytest.approx(reference["loss"], rel=1e-6, abs=0), label
         assert row["grad_norm"] == pytest.approx(reference["grad_norm"], rel=1e-6, abs=0), label
-    # Where the reduction order is the same, the same bits.
+    # Where the reduction order is the same, the same bits: the loss. The global norm sums fp64
+    # squares grouped by each layout's shards (FSDP2 rows vs ZeRO-3 flat partitions), so it may
+    # differ in the last ulps (seen: ...658 vs ...655 on an AVX-512 host, 2026-12-04).
     assert firsts["fsdp2-2-every"]["loss"] == firsts["zero3-2"]["loss"]
-    assert firsts["fsdp2-2-every"]["grad_norm"] == firsts["zero3-2"]["grad_norm"]
+    assert firsts["fsdp2-2-every"]["grad_norm"] == pytest.approx(firsts["zero3-2"]["grad_norm"], rel=1e-14, abs=0)
 
 
 def test_host_memory_is_reported_per_row_and_per_rank_in_the_summary(first_steps):

@@ -20,7 +20,7 @@ import pytest
 
 from tests.reliability.drills import ROOT, TINY
 
-TRAIN = [sys.executable, "-m", "harness.cli.train"]
+TRAIN = [sys.executable, "-m", "harness.train"]
 FAST = ["train.steps=1", "log.progress=off", "eval.every=0"]
 
 

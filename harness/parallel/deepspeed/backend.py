@@ -71,13 +71,13 @@ class DeepSpeedBackend(ParallelBackend):
         ds_config = self._runtime_config(hidden_size)
         return deepspeed.zero.Init(config_dict_or_path=ds_config, dtype=self.policy.compute_dtype)
 
-    def setup(self, model: nn.Module, train_cfg: TrainConfig) -> None:
+    def setup(self, model: nn.Module, train_cfg: TrainConfig, hidden_size: int) -> None:
         deepspeed = import_deepspeed(on_cpu=self.device.type == "cpu")
         if self.stage != 3:
             # Straight into the compute dtype on the device: DeepSpeed would cast it there anyway.
             materialize_on(model, self.device, dtype=self.policy.compute_dtype)
         self._names = {id(p): name for name, p in model.named_parameters()}
-        ds_config = self._runtime_config(model.config.hidden_size)
+        ds_config = self._runtime_config(hidden_size)
         groups = param_groups(model, train_cfg.weight_decay)
         offload = self.cfg.parallel.offload
         if offload == "none":

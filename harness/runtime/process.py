@@ -1,8 +1,9 @@
-"""Process environment that must be set before the libraries read it (no torch import here)."""
+"""The process itself: environment set before the libraries read it, and a clean exit (no torch import here)."""
 
 from __future__ import annotations
 
 import os
+import sys
 
 
 def quiet_deepspeed_without_gpus() -> None:
@@ -10,3 +11,11 @@ def quiet_deepspeed_without_gpus() -> None:
     machine that it fell back to its CPU accelerator. Name that accelerator up front instead."""
     if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidiactl"):
         os.environ["DS_ACCELERATOR"] = "cpu"
+
+
+def exit_process(code: int) -> None:
+    """Flush and leave without running gloo's static destructors: they abort intermittently at
+    interpreter exit (pytorch #190489), which would turn a clean run into a crash report."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
