@@ -9,7 +9,7 @@ STAMP := $(VENV)/.harness-installed
 QUIET_PIP = 2>&1 | { grep -v "is ignored: it is neither a file nor a directory" || true; }
 ARGS ?=
 
-.PHONY: demo test test-heavy bench parity venv clean
+.PHONY: demo test test-fast lint test-heavy bench parity venv clean
 
 venv: $(STAMP)
 
@@ -37,10 +37,20 @@ parity: $(STAMP)
 	$(PY) -m harness.cli.report $(PARITY_RUNS) --out runs/parity/report.md
 
 # Two xdist workers fill the cores a single test leaves idle (tests/conftest.py says how they share
-# the machine); TEST_WORKERS=0 runs the suite in one process.
+# the machine); TEST_WORKERS=0 runs the suite in one process. `make test` is the README's test
+# command and CI's: lint, then every test, then the 25 slowest.
 TEST_WORKERS ?= 2
-test: $(STAMP)
-	$(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+PYTEST = $(PY) -m pytest tests -n $(TEST_WORKERS) --dist loadfile
+test: lint
+	$(PYTEST) --durations=25 $(ARGS)
+
+# The inner loop (a few minutes): every test that starts no process, plus one 2-rank smoke module
+# (FSDP2 and ZeRO-1/2/3 against the reference loop, an fp16 fault schedule, a save and a resume).
+test-fast: lint
+	$(PYTEST) -m "(smoke or not spawns) and not heavy" --durations=10 $(ARGS)
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
 
 # The heavy drills (a ~300M model on 4 ranks, ...): minutes each, not part of `make test`.
 test-heavy: $(STAMP)

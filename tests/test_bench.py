@@ -7,6 +7,10 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.spawns
+
 ROOT = Path(__file__).resolve().parents[1]
 
 

@@ -8,6 +8,8 @@ import fcntl
 import threading
 import time
 
+import pytest
+
 from tests.conftest import MachineShare
 
 
@@ -65,6 +67,7 @@ def test_an_exclusive_holder_keeps_others_out_and_a_waiting_one_goes_first(tmp_p
     late_reader.release()
 
 
+@pytest.mark.spawns
 def test_xdist_keeps_each_module_on_one_worker():
     """Module-scoped fixtures (one spawn for many scenarios) must be built once, not per worker."""
     import re

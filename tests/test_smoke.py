@@ -17,6 +17,8 @@ import pytest
 from tests.distributed import run_on_ranks
 from tests.reference import reference_fp32
 
+pytestmark = [pytest.mark.spawns, pytest.mark.smoke]
+
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 STEPS = 4

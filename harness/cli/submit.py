@@ -24,7 +24,7 @@ from typing import Optional, Sequence
 from harness.config import load_config, validate_for_world
 from harness.errors import HarnessError
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEMPLATES = {"srun": ROOT / "slurm" / "train.sbatch", "deepspeed": ROOT / "slurm" / "deepspeed.sbatch"}
 BLOCK = re.compile(r"# --- sbatch options.*?\n(.*?)# --- end of sbatch options ---\n", re.S)
 _TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")

@@ -17,6 +17,8 @@ from harness.checkpoint import complete_checkpoints, verify
 from tests.distributed import run_on_ranks
 from tests.unavailable import unavailable
 
+pytestmark = pytest.mark.spawns
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = "configs/tiny.yaml"
 ZERO3 = "configs/tiny-zero3.yaml"

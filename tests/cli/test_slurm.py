@@ -55,6 +55,7 @@ def job_log(job_name: str, job_id: str) -> str:
     return path.read_text() if path.exists() else ""
 
 
+@pytest.mark.spawns
 def test_srun_job_on_one_node_with_two_ranks(cluster, tmp_path):
     job_id, run_dir = submit(cluster, "configs/tiny.yaml", "train.steps=4", "log.progress=lines",
                              "--nodes", "1", "--gpus-per-node", "2")
@@ -66,6 +67,7 @@ def test_srun_job_on_one_node_with_two_ranks(cluster, tmp_path):
     assert "fsdp2 over 2 rank(s)" in node_log(run_dir, 0)
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("config, backend", [("configs/tiny.yaml", "fsdp2"), ("configs/tiny-zero3.yaml", "ZeRO-3")])
 def test_two_nodes_rendezvous(cluster, config, backend):
     # ZeRO under plain srun: DeepSpeed needs LOCAL_RANK, which srun does not set.
@@ -91,6 +93,7 @@ def rows_of(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("nodes, ranks_per_node, hostfile", [(1, 2, "node1 slots=2\n"),
                                                               (2, 1, "node1 slots=1\nnode2 slots=1\n")])
 def test_deepspeed_launcher_job(cluster, nodes, ranks_per_node, hostfile):
@@ -110,6 +113,7 @@ DRILL = ["configs/tiny.yaml", "train.steps=40", "checkpoint.every=100", "eval.ev
          "log.wandb=true"]
 
 
+@pytest.mark.spawns
 def test_preemption_drill_saves_requeues_resumes_and_matches_an_uninterrupted_run(cluster, tmp_path):
     cluster.env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
     try:
@@ -189,6 +193,7 @@ def test_submit_passes_network_settings_on_to_every_rank():
     assert not any("UNRELATED" in line for line in exports)
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize(
     "args, env, message",
     [

@@ -45,6 +45,7 @@ def slurm_installed():
         unavailable(f"SLURM TESTS SKIPPED: {exc}")
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("now", [INSIDE_OLD_FAILING_WINDOW, OUTSIDE_OLD_FAILING_WINDOW])
 def test_cluster_comes_up_whatever_the_clock_says(slurm_installed, tmp_path, now):
     # A fresh counter: the first id is chosen from the (patched) clock, as on a new CI machine.
@@ -58,6 +59,7 @@ def test_cluster_comes_up_whatever_the_clock_says(slurm_installed, tmp_path, now
         cluster.stop()
 
 
+@pytest.mark.spawns
 def test_a_cluster_that_cannot_start_quotes_the_daemons_log(slurm_installed, tmp_path, monkeypatch):
     monkeypatch.setattr(slurm_cluster, "reserve_job_ids", lambda counter, now: MAX_JOB_ID + 1)
     cluster = Cluster(tmp_path / "slurm", job_id_counter=tmp_path / "counter")

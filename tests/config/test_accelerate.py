@@ -18,6 +18,7 @@ ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 
 
+@pytest.mark.spawns
 def test_runs_under_accelerate_launch_with_its_fsdp_config(tmp_path):
     result = subprocess.run(
         [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
@@ -31,6 +32,7 @@ def test_runs_under_accelerate_launch_with_its_fsdp_config(tmp_path):
     assert [r["step"] for r in rows] == [1, 2, 3]
 
 
+@pytest.mark.spawns
 def test_from_accelerate_config_flag_selects_deepspeed_zero2_fp16(tmp_path):
     result = subprocess.run(
         ["launch/local.sh", "2", "configs/tiny-accelerate-fsdp.yaml", "--from-accelerate-config",

@@ -10,8 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from harness.config import ConfigError, load_config
+from harness.config import load_config
 from harness.data import BatchShape, MixedSequences, PackedSequences, TrainBatches
+from harness.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -80,6 +81,7 @@ def test_mixture_config_errors_are_one_line(overrides, message):
     assert message in str(err.value) and "\n" not in str(err.value)
 
 
+@pytest.mark.spawns
 def test_mixture_training_resumes_exactly_after_a_kill(tmp_path):
     """A real 2-rank run on two corpora: tokens_by_source in every row, and a kill + resume=auto
     continues with the uninterrupted run's losses and counts."""

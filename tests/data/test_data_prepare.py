@@ -73,6 +73,7 @@ def _entries(cache: Path) -> list[str]:
     return sorted(p.name for p in cache.iterdir()) if cache.exists() else []
 
 
+@pytest.mark.spawns
 def test_bundled_stream_is_token_for_token_the_previous_one(tmp_path):
     cfg = DataConfig(cache_dir=str(tmp_path), num_proc=2, val_fraction=0.05)  # worker processes
     corpus = load_corpus(cfg)
@@ -100,6 +101,7 @@ def _memory_drill(tmp_path: Path, megabytes: int) -> tuple[list[float], list[str
     return peaks, outputs
 
 
+@pytest.mark.spawns
 def test_memory_is_bounded_and_does_not_grow_with_the_corpus(tmp_path):
     peaks, outputs = _memory_drill(tmp_path, 12)
     assert max(peaks) <= 1.5, peaks
@@ -115,6 +117,7 @@ def test_memory_bound_on_a_300_mb_corpus_and_its_double(tmp_path):
     assert max(peaks) <= 1.5 and peaks[1] <= peaks[0] * 1.2 + 0.05, peaks
 
 
+@pytest.mark.spawns
 def test_a_killed_preparation_leaves_nothing_training_would_read(tmp_path):
     corpus = generated_corpus(tmp_path / "corpus", 12)
     cache = tmp_path / "cache"
@@ -133,6 +136,7 @@ def test_a_killed_preparation_leaves_nothing_training_would_read(tmp_path):
     assert not list(cache.glob("*.tmp-*"))  # the dead preparation's folder was cleared
 
 
+@pytest.mark.spawns
 def test_processes_sharing_a_cache_prepare_once(tmp_path):
     corpus = generated_corpus(tmp_path / "corpus", 6)
     cache = tmp_path / "cache"
@@ -147,6 +151,7 @@ def test_processes_sharing_a_cache_prepare_once(tmp_path):
     assert len(list(cache.glob("*/index.json"))) == 1
 
 
+@pytest.mark.spawns
 def test_ranks_with_different_data_stop_before_step_one(tmp_path):
     """Nodes without a shared filesystem prepare their own copies; different files are caught."""
     from tests.distributed import run_on_ranks
@@ -175,6 +180,7 @@ def _load_with_own_home(root: str) -> None:
 # Prepared tokens in (data.format=tokens)
 
 
+@pytest.mark.spawns
 def test_token_files_train_on_the_same_batches(tmp_path):
     cfg = DataConfig(cache_dir=str(tmp_path / "cache"), num_proc=1, val_fraction=0.0)
     prepared = load_corpus(cfg).train[:]
@@ -225,6 +231,7 @@ def _bad(tmp_path: Path, case: str) -> tuple[DataConfig, str]:
     raise AssertionError(case)
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("case", ["empty file", "missing column", "invalid utf-8", "corrupt parquet",
                                   "ids beyond the vocabulary", "token file of the wrong size"])
 def test_bad_data_is_one_line_and_leaves_no_cache(tmp_path, case):
@@ -236,6 +243,7 @@ def test_bad_data_is_one_line_and_leaves_no_cache(tmp_path, case):
     assert [name for name in _entries(cache) if not name.endswith(".lock")] == []
 
 
+@pytest.mark.spawns
 def test_invalid_utf8_is_skipped_with_a_count_by_default(tmp_path):
     folder = tmp_path / "corpus"
     folder.mkdir()
@@ -249,6 +257,7 @@ def test_invalid_utf8_is_skipped_with_a_count_by_default(tmp_path):
     assert any("skipped 2 undecodable bytes in 1 file(s)" in line for line in said), said
 
 
+@pytest.mark.spawns
 def test_cli_bad_data_exits_2_without_a_traceback(tmp_path):
     cfg, message = _bad(tmp_path, "empty file")
     result = subprocess.run([HARNESS, "prepare-data", "configs/tiny.yaml", f"data.path={cfg.path}",
@@ -256,6 +265,7 @@ def test_cli_bad_data_exits_2_without_a_traceback(tmp_path):
     assert result.returncode == 2 and message in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("tokenizer_ref", ["bundled:gpt2", "bundled:smollm2-135m"])
 def test_a_huge_single_document_is_cut_without_changing_its_tokens(tmp_path, monkeypatch, tokenizer_ref):
     """Pieces cut at pre-token boundaries tokenize to exactly the whole document's tokens."""

@@ -46,6 +46,7 @@ def _measure(run_root: str) -> dict:
     return out
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_state_bytes_are_exact_and_total_is_close(world_size, tmp_path):
     measured = run_on_ranks(_measure, world_size, str(tmp_path))[0]  # rank 0 holds the largest shards
@@ -72,6 +73,7 @@ def test_fsdp2_chunking_rule():
     assert [fsdp2_local_numel((1, 4), 2, r) for r in (0, 1)] == [4, 0]
 
 
+@pytest.mark.spawns
 def test_cli_table_and_json():
     result = subprocess.run([str(Path(sys.executable).parent / "harness"), "estimate", str(TINY), "--world-size", "2",
                              "parallel.backend=deepspeed", "parallel.zero_stage=2"],
@@ -119,6 +121,7 @@ def test_setup_peak_columns_compare_sharded_init_with_a_full_build():
     assert b["fsdp2"]["setup_device_full_build"] == b["fsdp2"]["device"]
 
 
+@pytest.mark.spawns
 def test_70b_on_8x80gb_fits_with_zero3_offload_and_sharded_init_only():
     cfg = load_config(ROOT / "configs" / "llama-70b.yaml")
     assert (cfg.parallel.zero_stage, cfg.parallel.offload) == (3, "params")
@@ -130,6 +133,7 @@ def test_70b_on_8x80gb_fits_with_zero3_offload_and_sharded_init_only():
     assert no_offload["zero3"]["device"] > 80 * gib
 
 
+@pytest.mark.spawns
 def test_cli_marks_what_fits():
     result = subprocess.run([str(Path(sys.executable).parent / "harness"), "estimate", "configs/llama-70b.yaml",
                              "--world-size", "8", "--device-gb", "80"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -181,6 +185,7 @@ def test_ring_costs_and_fabrics():
     assert hsdp.comm_s < flat.comm_s / 3
 
 
+@pytest.mark.spawns
 def test_limits_are_named():
     memory, _ = _step("llama-70b.yaml", 8, "parallel.backend=fsdp2", "parallel.offload=none")
     assert memory.limit.startswith("memory: ") and "GiB per GPU needed" in memory.limit
@@ -214,6 +219,7 @@ def test_hsdp_and_hpz_memory_columns():
     assert hsdp["zero3"]["working"] - flat4["zero3"]["working"] == 4 * (1_639_296 // 2)  # fp32 tiny, no padding
 
 
+@pytest.mark.spawns
 def test_cli_step_section_json_and_errors():
     result = subprocess.run([HARNESS, "estimate", "configs/llama-8b.yaml", "--world-size", "64", "--nodes", "8",
                              "--gpu", "h100", "--intra-gbps", "2400", "--inter-gbps", "400", "parallel.replicate=8"],

@@ -110,6 +110,7 @@ def ranked(tmp_path_factory):
     return run_on_ranks(_ranked, 2, str(tmp_path_factory.mktemp("blocks")), timeout=900)[0]
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("label", [k for k in SWITCHES if k not in ("eager", "zero3_eager")])
 def test_each_switch_gives_the_eager_fp32_losses(ranked, label):
     reference = ranked["fp32_zero3_eager" if label.startswith("zero3") else "fp32_eager"]
@@ -120,6 +121,7 @@ def test_each_switch_gives_the_eager_fp32_losses(ranked, label):
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-5)
 
 
+@pytest.mark.spawns
 def test_a_compiled_block_is_one_graph_on_fsdp2_and_on_zero3_with_block_units(ranked):
     """(unique graphs, graph breaks) per run. The blocks share their code: one graph for all of
     them, none broken, where the sharding hooks sit outside the blocks (FSDP2, ZeRO-3 block
@@ -134,6 +136,7 @@ def test_a_compiled_block_is_one_graph_on_fsdp2_and_on_zero3_with_block_units(ra
     assert breaks > 0 and pieces != 1, graphs
 
 
+@pytest.mark.spawns
 def test_compile_keeps_the_fp16_fault_schedule(ranked):
     def decisions(rows):
         return [(r["loss_scale"], r["skipped"]) for r in rows]

@@ -7,6 +7,10 @@ import json
 import subprocess
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.spawns
+
 ROOT = Path(__file__).resolve().parents[2]
 LAYER = "transformer.h.1.mlp.c_fc.weight"
 

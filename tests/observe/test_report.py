@@ -39,6 +39,7 @@ def report(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([HARNESS, "report", *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.spawns
 def test_png_and_markdown_with_the_right_numbers(three_runs):
     root, runs = three_runs
     result = report(*map(str, runs), "--out", str(root / "out" / "report.md"))
@@ -70,6 +71,7 @@ def test_png_and_markdown_with_the_right_numbers(three_runs):
     assert "| tiny-fp16 | fp16 | 4 |" in text and "| 1 | 65536 |" in text  # one skipped step
 
 
+@pytest.mark.spawns
 def test_html_is_self_contained_and_png_alone(three_runs, tmp_path):
     _, runs = three_runs
     assert report(*map(str, runs), "--out", str(tmp_path / "r.html")).returncode == 0
@@ -79,6 +81,7 @@ def test_html_is_self_contained_and_png_alone(three_runs, tmp_path):
     assert (tmp_path / "r.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.spawns
 def test_verdict_follows_the_tolerance(three_runs, tmp_path):
     _, runs = three_runs
     strict = report(*map(str, runs), "--out", str(tmp_path / "r.md"), "--tolerance", "0")

@@ -56,11 +56,13 @@ def _column(rows: list[dict], field: str) -> list:
     return [row[field] for row in rows]
 
 
+@pytest.mark.spawns
 def test_fsdp2_waits_for_the_device_only_on_logged_steps(counted):
     for label in ("fsdp2_fp16", "fsdp2_accum", "fsdp2_accum_every"):
         assert _column(counted[label], "host_syncs") == [1, 0, 1, 1], label
 
 
+@pytest.mark.spawns
 def test_fsdp2_collectives_per_step(counted):
     units = BLOCKS + 1  # every block, and the root (embeddings, final norm, tied head)
     # Forward gathers every unit; backward gathers the blocks again, except the last one and the
@@ -80,6 +82,7 @@ def test_fsdp2_collectives_per_step(counted):
     assert every["reduce_scatter_tensor"]["bytes"] == 2 * once["reduce_scatter_tensor"]["bytes"]
 
 
+@pytest.mark.spawns
 def test_reducing_once_per_step_keeps_the_fp32_losses(counted):
     once, every = counted["fsdp2_accum"], counted["fsdp2_accum_every"]
     for a, b in zip(once, every):
@@ -95,6 +98,7 @@ def test_reducing_once_per_step_keeps_the_fp32_losses(counted):
 DEEPSPEED_SYNCS = {"zero1": 2, "zero2": 2, "zero3": 2}
 
 
+@pytest.mark.spawns
 def test_deepspeed_syncs_are_its_own_plus_one_read_of_the_decision(counted):
     for label, per_step in DEEPSPEED_SYNCS.items():
         rows = counted[label]
@@ -102,6 +106,7 @@ def test_deepspeed_syncs_are_its_own_plus_one_read_of_the_decision(counted):
         assert rows[2]["host_syncs"] == per_step + 1, label  # a logged one adds the rows' read
 
 
+@pytest.mark.spawns
 def test_zero_stages_reduce_as_zero_does(counted):
     """ZeRO-1 reduces once per optimizer step; ZeRO-2 and ZeRO-3 after every micro-batch."""
     zero1, zero3 = counted["zero1"][1]["collectives"], counted["zero3"][1]["collectives"]

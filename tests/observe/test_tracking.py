@@ -12,6 +12,8 @@ import pytest
 
 from harness.observe.wandb_file import find_runs, read_run
 
+pytestmark = pytest.mark.spawns
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

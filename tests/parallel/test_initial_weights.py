@@ -16,6 +16,8 @@ from safetensors.torch import load_file
 from harness.config import ModelConfig
 from harness.model import build_model
 
+pytestmark = pytest.mark.spawns
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = "configs/tiny.yaml"
 HARNESS = str(Path(sys.executable).parent / "harness")

@@ -15,6 +15,8 @@ import torch
 from tests.distributed import run_on_ranks
 from tests.parallel.test_parallel_deepspeed import DRILL, TINY, _common
 
+pytestmark = pytest.mark.spawns
+
 STEPS = 5
 OFFLOADED = {
     "fsdp2": ["parallel.backend=fsdp2", "parallel.offload=params"],

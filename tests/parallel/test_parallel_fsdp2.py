@@ -12,6 +12,8 @@ import torch
 from tests.distributed import run_on_ranks
 from tests.reference import reference_fp32
 
+pytestmark = pytest.mark.spawns
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 PARITY_STEPS = 6

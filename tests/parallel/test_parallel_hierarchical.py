@@ -16,6 +16,8 @@ import torch
 
 from tests.distributed import run_on_ranks
 
+pytestmark = pytest.mark.spawns
+
 ROOT = Path(__file__).resolve().parents[2]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 COMMON = ["eval.every=0", "log.progress=off", "debug.count_syncs=true"]

@@ -20,6 +20,8 @@ import pytest
 
 from tests.reliability.drills import ROOT, TINY
 
+pytestmark = pytest.mark.spawns
+
 TRAIN = [sys.executable, "-m", "harness.train"]
 FAST = ["train.steps=1", "log.progress=off", "eval.every=0"]
 

@@ -11,7 +11,7 @@ from harness.checkpoint import complete_checkpoints, verify
 from tests.reliability.drills import BACKENDS, Job, losses, no_process_left, run
 
 # The job must end within a deadline of the kill: a second worker's load would eat into it.
-pytestmark = pytest.mark.exclusive
+pytestmark = [pytest.mark.spawns, pytest.mark.exclusive]
 
 # Constant learning rate: the killed job can be given more steps than it will live, and its
 # losses still match a 12-step run's.

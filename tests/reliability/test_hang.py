@@ -47,6 +47,7 @@ def _check_stopped(job: Job, finished, silent_dumped: bool) -> re.Match:
     return match
 
 
+@pytest.mark.spawns
 def test_a_frozen_rank_is_named_and_the_job_ends(tmp_path):
     job = Job(tmp_path / "run", *BACKENDS["fsdp2"], f"parallel.timeout_s={TIMEOUT_S}", "checkpoint.every=3",
               "train.steps=100000")
@@ -59,6 +60,7 @@ def test_a_frozen_rank_is_named_and_the_job_ends(tmp_path):
     assert "no heartbeat" in finished.output, finished.output[-3000:]
 
 
+@pytest.mark.spawns
 def test_a_rank_stuck_in_its_own_code_is_named_with_its_phase_and_step(tmp_path):
     job = Job(tmp_path / "run", *BACKENDS["zero3"], f"parallel.timeout_s={TIMEOUT_S}", "checkpoint.every=2",
               "train.steps=6", "faults.hang_at_step=4", "faults.hang_rank=1")
@@ -114,6 +116,7 @@ dog.stop()
 """
 
 
+@pytest.mark.spawns
 def test_busy_ranks_are_not_a_hang_but_a_posted_verdict_stops_them(tmp_path):
     import subprocess
     import sys

@@ -13,7 +13,7 @@ from harness.checkpoint import complete_checkpoints, verify
 from tests.reliability.drills import Job, losses, no_process_left, rows, run
 
 # Exit deadlines are measured from the signal: a second worker's load would eat into them.
-pytestmark = pytest.mark.exclusive
+pytestmark = [pytest.mark.spawns, pytest.mark.exclusive]
 
 SHAPE = ["train.lr_schedule=constant", "train.warmup_steps=0", "checkpoint.every=5", "precision=fp32"]
 

@@ -6,7 +6,11 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from tests.reliability.drills import ROOT
+
+pytestmark = pytest.mark.spawns
 
 
 def test_short_soak_leaks_nothing(tmp_path):

