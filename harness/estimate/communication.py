@@ -1,6 +1,6 @@
 """The bytes every collective of one optimizer step moves, from the sharding plan alone.
 
-Counted the way `debug.count_syncs` counts them (harness/step_counter.py): per torch.distributed
+Counted the way `debug.count_syncs` counts them (harness/observe/step_counter.py): per torch.distributed
 op, the size of each call's full buffer (an all-gather's output, a reduce-scatter's input, an
 all-reduce's tensor), split by the size of the process group it runs on. A steady-state step is
 predicted (ZeRO-3 traces its module order during the first two steps and gathers more there).

@@ -21,6 +21,11 @@ def test_there_are_configs():
     assert {"tiny.yaml", "demo.yaml", "smollm2-135m.yaml"} <= names
 
 
+def test_the_readme_lists_every_shipped_config():
+    readme = (ROOT / "README.md").read_text()
+    assert [p.name for p in CONFIGS if f"`{p.name}`" not in readme] == []
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_loads_and_validates(path):
     cfg = load_config(path)

@@ -1,7 +1,7 @@
 """What happens when the input is wrong: every case is one line naming the problem and the fix, exit
 code 2, no traceback, and nothing written over (no run dir created, an existing one untouched).
 
-The README's "What happens when ..." section lists the same cases."""
+docs/reliability.md's "What happens when ..." section lists the same cases."""
 
 from __future__ import annotations
 
