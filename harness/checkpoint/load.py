@@ -79,11 +79,14 @@ def _config_value(cfg_dict: dict, dotted: str) -> Any:
 class ShardReader:
     """Reads any element range of any saved parameter, whichever ranks wrote it."""
 
-    def __init__(self, path: Path, manifest: dict) -> None:
+    def __init__(self, path: Path, manifest: dict, only: Optional[list[str]] = None) -> None:
+        """Every rank file of the checkpoint, or `only` those named."""
         from safetensors import safe_open
 
         self.path = path
         self.files = [e["file"] for e in manifest["files"] if e["file"].endswith(".safetensors")]
+        if only is not None:
+            self.files = [name for name in self.files if name in only]
         self.handles = []
         self.segments: dict[str, list[tuple[int, dict]]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
@@ -96,6 +99,15 @@ class ShardReader:
 
     def names(self) -> list[str]:
         return list(self.segments)
+
+    def covers(self, name: str, offset: int, numel: int) -> bool:
+        """Whether the files read hold every element of [offset, offset + numel) of `name`."""
+        spans = sorted((seg["offset"], seg["offset"] + seg["length"]) for _, seg in self.segments.get(name, []))
+        reached = offset
+        for start, end in spans:
+            if start <= reached < end:
+                reached = end
+        return reached >= offset + numel
 
     def read_into(self, name: str, offset: int, kind: str, out: torch.Tensor) -> None:
         """Fill `out` (1-D) with elements [offset, offset + len(out)) of `name`'s `kind`."""
@@ -165,11 +177,11 @@ def load_checkpoint(
     weights_only = cfg.resume.weights_only
     if not weights_only:
         check_compatible(path, manifest, cfg, global_batch)
-    reader = ShardReader(path, manifest)
     kinds = ("param",) if weights_only else STATE_KINDS
     with torch.no_grad():
         pieces = backend.state_pieces()
         model_names = {piece.name for piece in pieces}
+        reader = _reader_for(path, manifest, pieces, info)
         for piece in pieces:
             saved_shape = reader.shapes.get(piece.name)
             if saved_shape is not None and saved_shape != piece.shape:
@@ -191,6 +203,19 @@ def load_checkpoint(
     set_adam_step_count(backend.torch_optimizer, state.adam_steps)
     _restore_rng(reader, state, info, device)
     return state
+
+
+def _reader_for(path: Path, manifest: dict, pieces: list, info: RankInfo) -> ShardReader:
+    """Resuming on the layout that wrote the checkpoint (same world size and backend), a rank's
+    pieces are what it wrote itself: it opens its own file only, not every rank's (W ranks opening
+    W files each is a metadata storm at scale). Any other layout reads whichever files hold the
+    elements it needs."""
+    own = rank_file_name(info.rank, info.world_size)
+    if manifest.get("world_size") == info.world_size:
+        reader = ShardReader(path, manifest, only=[own])
+        if reader.files and all(reader.covers(p.name, p.offset, p.numel) for p in pieces):
+            return reader
+    return ShardReader(path, manifest)
 
 
 def _all_model_names(local: set[str], info: RankInfo) -> set[str]:

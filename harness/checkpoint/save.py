@@ -155,10 +155,11 @@ class Checkpointer:
         if info.is_main:
             _prune(self.root, self.cfg.checkpoint.keep_last)
         dist.barrier()
-        size = sum(f.stat().st_size for f in final.iterdir()) / 2**20
-        how = f"written in the background in {background_s:.1f}s" if background_s is not None else \
-            f"{time.perf_counter() - started:.1f}s"
-        print0(info.rank, f"checkpoint {final} saved ({size:.1f} MiB, {how})")
+        if info.is_main:  # one rank sizes the files: W ranks stat-ing W files is a metadata storm
+            size = sum(f.stat().st_size for f in final.iterdir()) / 2**20
+            how = f"written in the background in {background_s:.1f}s" if background_s is not None else \
+                f"{time.perf_counter() - started:.1f}s"
+            print0(info.rank, f"checkpoint {final} saved ({size:.1f} MiB, {how})")
         return_free_memory()  # the save's transient buffers: back to the OS, not kept by the heap
         return final
 

@@ -231,7 +231,9 @@ class FaultsConfig:
     loss_spike_factor: float = 10.0
     """The multiplier of faults.loss_spike_steps."""
     hang_at_step: int = 0
-    """Rank faults.hang_rank sleeps inside the forward pass of step N for faults.hang_s seconds: a hang drill for the watchdog. 0: never."""
+    """Rank faults.hang_rank sleeps for faults.hang_s seconds in step N (where: faults.hang_phase): a hang drill for the watchdog. 0: never."""
+    hang_phase: Literal["forward", "eval", "setup"] = "forward"
+    """Where the hang drill sleeps: inside the forward pass of step faults.hang_at_step, inside the evaluation after it, or during setup (before step 1; any faults.hang_at_step > 0 turns it on)."""
     hang_rank: int = 0
     """The rank that hangs."""
     hang_s: float = 3600.0

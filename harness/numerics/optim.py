@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from harness.config import TrainConfig
+from harness.errors import HarnessError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -34,6 +35,19 @@ def build_adamw(groups: list[dict], cfg: TrainConfig) -> torch.optim.Optimizer:
     # Fused (one kernel per step, on CUDA and CPU alike) is the fastest AdamW, and the one that
     # takes a device-side skip flag (`found_inf`), so a skipped step needs no host decision.
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+
+
+def check_skips_on_device(optimizer: torch.optim.Optimizer) -> None:
+    """FSDP2 skips a step by handing the optimizer the device-side skip flag (`found_inf`), as
+    torch.amp.GradScaler does; only an optimizer whose step honours it may be used there. torch's
+    foreach and single-tensor AdamW refuse the flag; an optimizer that silently ignored it would
+    apply a skipped step's non-finite update."""
+    fused = bool(optimizer.defaults.get("fused"))
+    if not (fused and getattr(optimizer, "_step_supports_amp_scaling", False)):
+        raise HarnessError(
+            f"{type(optimizer).__name__}(fused={fused}) cannot skip a step on the device (it does not take "
+            "found_inf); FSDP2 needs one that does: torch.optim.AdamW(..., fused=True)"
+        )
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

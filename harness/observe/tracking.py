@@ -85,14 +85,9 @@ class WandbTracker:
             self._backfill(run_dir, wandb_dir, run_id)
 
     def _backfill(self, run_dir: Path, wandb_dir: Path, run_id: str) -> None:
-        from harness.observe.wandb_file import find_runs, read_run
+        from harness.observe.wandb_file import find_runs
 
-        recorded = set()
-        for path in find_runs(wandb_dir, run_id)[:-1]:  # the last one is this attempt's
-            try:
-                recorded |= {row["step"] for row in read_run(path)["history"] if "step" in row}
-            except Exception:  # noqa: BLE001 - a file cut off mid-record still tells us nothing more
-                continue
+        recorded = recorded_steps(find_runs(wandb_dir, run_id)[:-1])  # the last one is this attempt's
         metrics = run_dir / "metrics.jsonl"
         rows = [json.loads(line) for line in metrics.read_text().splitlines()] if metrics.exists() else []
         missing = [row for row in rows if row["step"] not in recorded]
@@ -121,6 +116,23 @@ class WandbTracker:
             print(f"wandb stopped working ({type(exc).__name__}: {exc}); tracking is off for the rest of "
                   "this attempt, metrics.jsonl is complete", flush=True)
             self.run = None
+
+
+def recorded_steps(run_files: list[Path]) -> set[int]:
+    """The steps earlier attempts of a run logged to wandb (their run files). A file that cannot be
+    read stops the run: guessing would re-log its whole history into the same wandb run."""
+    from harness.observe.wandb_file import UnreadableRunFile, read_run
+
+    steps: set[int] = set()
+    for path in run_files:
+        try:
+            steps |= {row["step"] for row in read_run(path)["history"] if "step" in row}
+        except (UnreadableRunFile, OSError) as exc:
+            raise HarnessError(
+                f"wandb: cannot read the earlier attempt's run file ({exc}); to resume the same wandb run, move "
+                f"that file away (its steps are then logged again), or set log.wandb=false"
+            ) from None
+    return steps
 
 
 def _new_run_id() -> str:

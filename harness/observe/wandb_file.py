@@ -30,6 +30,8 @@ def _payloads(data: bytes):
             pos += room
             continue
         chunk = data[pos + HEADER : pos + HEADER + length]
+        if len(chunk) < length:  # the last record, cut off by a kill while it was written
+            return
         pos += HEADER + length
         if kind == 1:
             yield chunk
@@ -42,14 +44,23 @@ def _payloads(data: bytes):
             yield b"".join(parts)
 
 
+class UnreadableRunFile(ValueError):
+    """A record of a run file does not parse: not a cut-off tail, but damage or another format."""
+
+
 def read_run(path: Path) -> dict:
-    """{"history": [row dicts], "config": {key: value}, "run_id": str}."""
+    """{"history": [row dicts], "config": {key: value}, "run_id": str}. A last record cut off by a
+    kill is left out; any other record that does not parse raises UnreadableRunFile."""
+    from google.protobuf.message import DecodeError
     from wandb.proto import wandb_internal_pb2
 
     history, config, run_id = [], {}, None
     for payload in _payloads(Path(path).read_bytes()):
         record = wandb_internal_pb2.Record()
-        record.ParseFromString(payload)
+        try:
+            record.ParseFromString(payload)
+        except DecodeError as exc:
+            raise UnreadableRunFile(f"{path}: a record does not parse ({exc})") from None
         kind = record.WhichOneof("record_type")
         if kind == "history":
             row = {}

@@ -19,7 +19,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 from harness.config import ParallelConfig, TrainConfig
 from harness.model import materialize_on, transformer_blocks
 from harness.numerics.grad_scale import DeviceDecision
-from harness.numerics.optim import build_adamw, ensure_adam_state, param_groups
+from harness.numerics.optim import build_adamw, check_skips_on_device, ensure_adam_state, param_groups
 from harness.numerics.precision import PrecisionPolicy
 from harness.parallel.base import STATE_KINDS, ParallelBackend, StatePiece
 
@@ -63,6 +63,7 @@ class FSDP2Backend(ParallelBackend):
         self.model = self.module = model
         self._reshard()
         self.optimizer = build_adamw(param_groups(model, train_cfg.weight_decay), train_cfg)
+        check_skips_on_device(self.optimizer)
         if offloaded:
             self.name += " (parameters, gradients and optimizer offloaded to host memory, stepped by torch AdamW)"
 

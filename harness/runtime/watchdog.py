@@ -37,7 +37,7 @@ from typing import Callable, Optional
 
 EXIT_HUNG = 4
 """A rank stopped the job because some rank made no progress for parallel.timeout_s."""
-PHASES = ("data", "forward", "backward", "decision", "step", "read", "checkpoint", "eval")
+PHASES = ("setup", "data", "forward", "backward", "decision", "step", "read", "checkpoint", "eval")
 _VERDICT = "harness/hang"
 # Frames of code that waits for other ranks: the collectives and the libraries that issue them.
 _COLLECTIVE_PATHS = (f"torch{os.sep}distributed{os.sep}", f"deepspeed{os.sep}comm{os.sep}",
@@ -114,11 +114,13 @@ class Watchdog:
         self._thread.start()
         return self
 
-    def stop(self) -> None:
+    def stop(self, wait: bool = True) -> None:
+        """End the thread. wait=False when the rank is failing: the thread may be inside a call to a
+        store whose host is already gone, and the launcher gives a failed job only seconds."""
         self._stop.set()
-        if self._thread is not None:
+        if self._thread is not None and wait:
             self._thread.join(timeout=2 * self.interval + 5)
-            self._thread = None
+        self._thread = None
 
     # -- the thread ------------------------------------------------------------------------
 
@@ -205,6 +207,24 @@ class Watchdog:
             self._store = None  # reconnect for the second attempt
         return beats
 
+    def peers_gone(self) -> list[int]:
+        """The other ranks that evidently stopped, for telling a collective that failed because a
+        peer died from a bug of this rank's own: a peer on this host whose process is gone (or a
+        zombie), a peer whose heartbeat never arrived, a peer on another host whose heartbeat did
+        not move in an interval and a half (read twice, apart), and rank 0 when the store it hosts
+        does not answer. [] when every peer is alive."""
+        first = self.read_beats()
+        if not first:
+            return [0]
+        peers = [r for r in range(self.world_size) if r != self.rank]
+        gone = [r for r in peers if r not in first or (first[r].host == self._host and not _alive(first[r].pid))]
+        remote = [r for r in peers if r in first and first[r].host != self._host]
+        if gone or not remote:
+            return gone
+        time.sleep(self.interval + 0.5)
+        second = self.read_beats()
+        return [r for r in remote if r not in second or second[r].count == first[r].count]
+
     # -- the report ------------------------------------------------------------------------
 
     def trip(self) -> None:
@@ -242,6 +262,23 @@ class Watchdog:
                 faulthandler.dump_traceback(file=f, all_threads=True)
         except OSError as exc:
             print(f"[rank {self.rank}] could not write its stack to {self.run_dir}: {exc}", file=sys.stderr, flush=True)
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this host runs (a zombie, killed but not yet reaped, does not)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc: ask the kernel whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
 
 
 def diagnose(rank: int, world_size: int, first: dict[int, Beat], second: dict[int, Beat], own_where: str) -> tuple[str, int]:

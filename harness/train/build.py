@@ -150,6 +150,8 @@ def _data(cfg: Config, info: RankInfo, parts: Parts) -> _Data:
 
 
 def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: Path, parts: Parts) -> Loop:
+    faults = FaultInjector(cfg.faults, info.rank)
+    faults.maybe_hang(0, "setup")  # the drill of a rank that never finishes setting up
     data = _data(cfg, info, parts)
     source = model_source(cfg.model, data.vocab_size, cfg.train.seq_len, parts.model, parts.blocks)
     for note in source.notes:
@@ -178,7 +180,6 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
     )
     for note in backend.notes:
         print0(info.rank, f"note: {note}")
-    faults = FaultInjector(cfg.faults, info.rank)
     faults.attach(backend.module)  # before the probe, so the probe sees injected values
     probe = ForwardProbe(backend.module) if cfg.debug.nan_hooks else None
     diagnosis = OverflowDiagnosis(

@@ -33,7 +33,7 @@ class FaultInjector:
         self.spike_steps = set(cfg.loss_spike_steps)
         self.spike_factor = cfg.loss_spike_factor
         self._spiked: set[int] = set()
-        self.hang = (cfg.hang_at_step, cfg.hang_s) if cfg.hang_at_step and rank == cfg.hang_rank else None
+        self.hang = (cfg.hang_at_step, cfg.hang_phase, cfg.hang_s) if cfg.hang_at_step and rank == cfg.hang_rank else None
         self.step = 0
 
     def attach(self, model: nn.Module) -> None:
@@ -74,12 +74,15 @@ class FaultInjector:
         if getattr(self, "_spiked_now", None) == step:
             self._spiked.add(step)
 
-    def maybe_hang(self, step: int) -> None:
-        """faults.hang_at_step: this rank stops making progress inside the step's forward pass."""
-        if self.hang is not None and step == self.hang[0]:
-            print(f"[rank {self.rank}] step {step}: fault injected: sleeping {self.hang[1]:g} s inside forward",
-                  flush=True)
-            time.sleep(self.hang[1])
+    def maybe_hang(self, step: int, phase: str = "forward") -> None:
+        """faults.hang_at_step: this rank stops making progress in `phase` (forward, eval, setup)."""
+        if self.hang is None:
+            return
+        at_step, at_phase, seconds = self.hang
+        if phase == at_phase and (phase == "setup" or step == at_step):
+            where = "during setup" if phase == "setup" else f"step {step}: inside {phase}"
+            print(f"[rank {self.rank}] {where}: fault injected: sleeping {seconds:g} s", flush=True)
+            time.sleep(seconds)
 
     def maybe_kill(self, step: int) -> None:
         """The crash drill: die the way a preempted or OOM-killed job dies, with no cleanup."""

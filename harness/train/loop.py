@@ -158,7 +158,8 @@ class Loop:
             first_loss=tally.losses[0] if tally.losses else None,
             final_loss=tally.losses[-1] if tally.losses else None,
             eval_loss=tally.eval_loss,
-            tokens=self.batches.consumed_after(cfg.train.steps) * cfg.train.seq_len,
+            # A run stopped by a signal consumed the batches up to the step it stopped after.
+            tokens=self.batches.consumed_after(stopped_after or cfg.train.steps) * cfg.train.seq_len,
             tokens_per_s=tokens_per_s,
             mfu=self._mfu(tokens_per_s),
             peak_mem_gb=peak_memory_gb(self.device),
@@ -187,7 +188,7 @@ class Loop:
                 print0(self.info.rank, spike_warning(cfg.train.spike, step, row["loss"], decision.loss_median))
             if row is read[-1][0] and cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps) \
                     and not (spikes and cfg.train.spike.action == "rollback"):
-                tally.eval_loss = row["eval_loss"] = self.evaluate()
+                tally.eval_loss = row["eval_loss"] = self.evaluate(step)
                 for callback in self.callbacks:
                     callback.on_eval(step, row["eval_loss"])
             self.metrics.write(row)
@@ -343,12 +344,13 @@ class Loop:
         return total / tokens
 
     @torch.no_grad()
-    def evaluate(self) -> float:
+    def evaluate(self, step: int = 0) -> float:
         """Mean loss over the fixed held-out sequences, identical for any world size: next-token
         cross entropy weighted per sequence, or the user's loss summed over real rows (every rank
         runs every micro-batch, padding included: a forward pass is collective)."""
         model = self.backend.model
-        self._phase("eval", self.watchdog.step if self.watchdog is not None else 0)
+        self._phase("eval", step)
+        self.faults.maybe_hang(step, "eval")
         model.eval()
         totals = torch.zeros(2, dtype=torch.float64, device=self.device)
         for batch, weights in self.eval_data:
@@ -365,7 +367,10 @@ class Loop:
             totals[1] += weights.sum()
         model.train()
         dist.all_reduce(totals)
-        return (totals[0] / totals[1]).item()
+        # Through host_read, where the watchdog sees a rank waiting for the others (on a GPU the
+        # wait for the all-reduce happens here, not inside torch.distributed).
+        total, weight = host_read(totals)
+        return total / weight
 
     def mean_loss(self, local_loss: torch.Tensor) -> float:
         """The mean over ranks of this step's loss, read now (a collective and a sync: for tests

@@ -90,22 +90,39 @@ class Trainer:
                 signal.signal(sig, handler)
 
     def _run(self, info: dist.RankInfo, device: torch.device, stop: StopRequest) -> RunSummary:
-        with setup_allocations_returned_to_os():
-            loop = build_loop(self.cfg, info, device, self.parts)
-        loop.stop = stop
-        loop.watchdog = _start_watchdog(self.cfg, info)
+        # Watched from the start: a rank that never finishes setting up is named like one that
+        # stops in a step (setup's collectives wait for every rank too).
+        watchdog = _start_watchdog(self.cfg, info)
+        if watchdog is not None:
+            watchdog.enter("setup", 0)
         try:
-            return loop.fit()
+            with setup_allocations_returned_to_os():
+                loop = build_loop(self.cfg, info, device, self.parts)
+        except BaseException:
+            if watchdog is not None:
+                watchdog.stop(wait=False)
+            raise
+        loop.stop = stop
+        loop.watchdog = watchdog
+        finished = False
+        try:
+            summary = loop.fit()
+            finished = True
+            return summary
         except Exception as exc:
-            if loop.watchdog is None or not dist.lost_a_rank(exc):
+            if loop.watchdog is None or not dist.is_communication_failure(exc):
                 raise
+            gone = loop.watchdog.peers_gone()
+            if not gone:
+                raise  # every peer is alive: this rank's own failure, traceback and all
             # The launcher names the rank that died; this one says where it was and stops.
             reason = re.sub(r"^\[[^\]]*\]\s*", "", first_line(exc))[:120]  # gloo prefixes its source location
-            raise LostRank(f"lost contact with another rank in {loop.watchdog.where()} ({reason}); stopping",
+            ranks = ", ".join(map(str, gone))
+            raise LostRank(f"lost contact with rank {ranks} in {loop.watchdog.where()} ({reason}); stopping",
                            rank_local=True) from None
         finally:
             if loop.watchdog is not None:
-                loop.watchdog.stop()
+                loop.watchdog.stop(wait=finished)
 
 
 def _start_watchdog(cfg: Config, info: dist.RankInfo) -> Optional[Watchdog]:

@@ -324,3 +324,65 @@ def test_export_refuses_damaged_or_partial_checkpoints(runs, tmp_path):
     assert result.returncode == 2
     assert result.stderr.strip() == f"harness: error: cannot export {copy}: rank-00001-of-00002.safetensors is missing"
     assert not (tmp_path / "out").exists()
+
+
+# --------------------------------------------------------------------------------------------
+# What each rank touches
+
+
+def _files_touched(run_root: str) -> dict:
+    """The checkpoint files rank r stats while saving, and those it opens when resuming."""
+    import pathlib
+
+    import safetensors
+
+    from harness.config import load_config
+    from harness.runtime import dist as hdist
+    from harness.train.build import build_loop
+
+    info = hdist.rank_info_from_env()
+    hdist.init_process_group(info, "gloo", 120, torch.device("cpu"))
+    stats: list[str] = []
+    opened: list[str] = []
+    saving = [False]
+    real_stat, real_open = pathlib.Path.stat, safetensors.safe_open
+
+    def stat(self, *args, **kwargs):
+        if saving[0] and self.parent.name.startswith("step-"):
+            stats.append(self.name)
+        return real_stat(self, *args, **kwargs)
+
+    def safe_open(filename, *args, **kwargs):
+        opened.append(pathlib.Path(filename).name)
+        return real_open(filename, *args, **kwargs)
+
+    pathlib.Path.stat, safetensors.safe_open = stat, safe_open
+    common = ["train.steps=2", "log.progress=off", "eval.every=0"]
+    saving[0] = True
+    build_loop(load_config(ROOT / TINY, [f"run.dir={run_root}/saved", "checkpoint.every=2", *common]),
+               info, torch.device("cpu")).fit()
+    saving[0] = False
+    saved = f"{run_root}/saved/checkpoints/step-00000002"
+    opened_by_resume = {}
+    layouts = {"same": [], "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
+               "zero1": ["parallel.backend=deepspeed", "parallel.zero_stage=1"]}
+    for label, backend in layouts.items():
+        opened.clear()
+        build_loop(load_config(ROOT / TINY, [f"run.dir={run_root}/{label}", f"resume={saved}", *common, *backend]),
+                   info, torch.device("cpu"))
+        opened_by_resume[label] = sorted(set(opened))
+    return {"stats": stats, "opened": opened_by_resume}
+
+
+def test_a_resume_on_the_same_layout_reads_only_the_ranks_own_file_and_only_rank_0_stats_a_save(tmp_path):
+    results = run_on_ranks(_files_touched, 2, str(tmp_path))
+    # Saving: rank 0 sizes the files for its console line; no other rank looks at them (at 512
+    # ranks, every rank stat-ing every file is a metadata storm on a shared filesystem).
+    assert results[0]["stats"] and results[1]["stats"] == []
+    for rank, result in enumerate(results):
+        own = f"rank-{rank:05d}-of-00002.safetensors"
+        # The same backend and world size: the rank's pieces are exactly those it wrote. So are
+        # ZeRO-3's here: it splits each parameter where FSDP2 does when the rows divide evenly.
+        assert result["opened"]["same"] == result["opened"]["zero3"] == [own]
+        # ZeRO-1 partitions the flattened model instead: its pieces lie in both files.
+        assert result["opened"]["zero1"] == [f"rank-{r:05d}-of-00002.safetensors" for r in (0, 1)]

@@ -34,3 +34,15 @@ def test_no_weight_decay_on_biases_and_norms():
 def test_a_warmup_longer_than_the_run_never_reaches_the_peak():
     cfg = TrainConfig(steps=4, lr=1.0, warmup_steps=10)
     assert [lr_at(step, cfg) for step in range(1, 5)] == [0.1, 0.2, 0.3, 0.4]
+
+
+def test_only_an_optimizer_that_skips_on_the_device_is_accepted_for_fsdp2():
+    from harness.errors import HarnessError
+    from harness.numerics.optim import check_skips_on_device
+
+    params = [torch.nn.Parameter(torch.zeros(4))]
+    check_skips_on_device(torch.optim.AdamW(params, fused=True))
+    for refused in (torch.optim.AdamW(params, foreach=True), torch.optim.AdamW(params, foreach=False),
+                    torch.optim.SGD(params, lr=0.1)):
+        with pytest.raises(HarnessError, match=r"cannot skip a step on the device.*fused=True"):
+            check_skips_on_device(refused)

@@ -4,6 +4,8 @@ so a name missing there fails them too.)"""
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from harness.errors import HarnessError
@@ -73,3 +75,41 @@ def test_replaced_checks_must_have_been_called_after_the_first_applied_step():
     optimizer.scaled_global_norm()
     checks.assert_called(("has_overflow", "scaled_global_norm"))
     assert checks.confirmed
+
+
+@pytest.mark.parametrize("failure, named", [
+    (RuntimeError("Error building extension 'cpu_adam'\nninja: build stopped"), "RuntimeError: Error building extension 'cpu_adam'"),
+    (OSError("[Errno 2] No such file or directory: 'c++'"), "OSError: [Errno 2] No such file or directory: 'c++'"),
+])
+def test_cpu_adam_that_does_not_build_falls_back_naming_what_failed(monkeypatch, failure, named):
+    import deepspeed.ops.adam
+    import torch
+
+    from harness.config import TrainConfig
+    from harness.parallel.deepspeed.backend import host_adamw
+
+    def refuse(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(deepspeed.ops.adam, "DeepSpeedCPUAdam", refuse)
+    groups = [{"params": [torch.nn.Parameter(torch.zeros(2))]}]
+    optimizer, name = host_adamw(groups, TrainConfig(), "auto")
+    assert isinstance(optimizer, torch.optim.AdamW)
+    assert name == f"torch AdamW (DeepSpeed's CPU Adam did not build: {named})"
+    with pytest.raises(HarnessError, match=re.escape(f"offload_adam=deepspeed: DeepSpeed's CPU Adam did not build ({named})")):
+        host_adamw(groups, TrainConfig(), "deepspeed")
+
+
+def test_a_bug_in_building_cpu_adam_keeps_its_traceback(monkeypatch):
+    import deepspeed.ops.adam
+    import torch
+
+    from harness.config import TrainConfig
+    from harness.parallel.deepspeed.backend import host_adamw
+
+    def bug(*args, **kwargs):
+        raise TypeError("__init__() got an unexpected keyword argument 'adamw_mode'")
+
+    monkeypatch.setattr(deepspeed.ops.adam, "DeepSpeedCPUAdam", bug)
+    with pytest.raises(TypeError, match="adamw_mode"):
+        host_adamw([{"params": [torch.nn.Parameter(torch.zeros(2))]}], TrainConfig(), "auto")

@@ -78,7 +78,7 @@ def _count_deepspeeds_own_checks(trainer) -> list[str]:
 
 def _rank_scenarios(run_root: str) -> dict:
     from harness.config import load_config
-    from harness.numerics.optim import lr_at
+    from harness.numerics.optim import adam_step_count, lr_at
     from harness.runtime import dist as hdist
     from harness.train.build import build_loop
 
@@ -118,6 +118,27 @@ def _rank_scenarios(run_root: str) -> dict:
     for label, backend_args in BACKENDS.items():
         cfg = load_config(TINY, _common(f"{run_root}/drill-{label}", *DRILL, *backend_args))
         build_loop(cfg, info, device).fit()
+
+    out["skip"] = {}
+    for label, backend_args in BACKENDS.items():
+        # Step 2 overflows on rank 1: every rank skips it, and nothing it holds may change.
+        cfg = load_config(TINY, _common(f"{run_root}/skip-{label}", "precision=fp16", "train.steps=3",
+                                        "faults.nonfinite_grad_steps=[2]", "faults.nonfinite_grad_rank=1",
+                                        *backend_args))
+        trainer = build_loop(cfg, info, device)
+        held = []
+        for step in range(1, 4):
+            _, decision, _ = trainer.run_step(step)
+            pieces = trainer.backend.state_pieces()
+            held.append((decision.skipped, adam_step_count(trainer.backend.torch_optimizer),
+                         {(p.name, p.offset, kind): tensor.clone() for p in pieces for kind, tensor in p.tensors.items()}))
+        (_, steps_before, before), (skipped, steps_skipped, after_skip), (_, steps_after, after) = held
+        out["skip"][label] = {
+            "skipped": [s for s, _, _ in held],
+            "adam_steps": [steps_before, steps_skipped, steps_after],
+            "unchanged": before.keys() == after_skip.keys() and all(torch.equal(before[k], after_skip[k]) for k in before),
+            "changed_after": any(not torch.equal(after_skip[key], after[key]) for key in before),
+        }
 
     out["bf16_accum"] = {}
     for label, backend_args in BACKENDS.items():
@@ -274,3 +295,13 @@ def test_zero3_mixed_precision_trains_with_sharded_fp32_master_and_state(ranks, 
         assert {d for d, _ in run["state"]} == {"torch.float32"}
         assert sum(n for _, n in run["state"]) == 2 * master_numel
         assert abs(run["pieces"] - run["full_numel"] / 2) <= 0.01 * run["full_numel"]
+
+
+def test_a_skipped_step_leaves_weights_moments_and_adams_step_count_bit_for_bit_on_every_backend(ranks):
+    _, results = ranks
+    for r in results:
+        for label, run in r["skip"].items():
+            assert run["skipped"] == [False, True, False], label
+            assert run["adam_steps"] == [1, 1, 2], label
+            assert run["unchanged"], label  # fp32 masters, exp_avg and exp_avg_sq: every element
+            assert run["changed_after"], label  # the next applied step does move them

@@ -172,3 +172,27 @@ def _store_server(port: int):
     import torch.distributed as dist
 
     return dist.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, timeout=timedelta(seconds=5))
+
+
+SETUP_OR_EVAL = re.compile(r"harness: hang: no progress for \d+ s \(parallel\.timeout_s=10\) in (.+?): silent rank 1 ")
+
+
+@pytest.mark.spawns
+@pytest.mark.parametrize("phase, where", [("setup", "start-up (before its first step)"), ("eval", "eval of step 2")])
+def test_a_rank_stuck_in_setup_or_in_evaluation_is_named_too(tmp_path, phase, where):
+    """The watchdog runs from the start of setup, and evaluation reads the device through
+    host_read: a rank stuck there is found as one stuck in a step is."""
+    job = Job(tmp_path / "run", *BACKENDS["fsdp2"], f"parallel.timeout_s={TIMEOUT_S}", "train.steps=4",
+              "eval.every=2", "faults.hang_at_step=2", f"faults.hang_phase={phase}",
+              "faults.hang_rank=1")
+    job.fault_at = time.monotonic()
+    finished = job.finish(timeout=TIMEOUT_S + MARGIN_S + 60)
+    said = f"after {finished.seconds:.1f} s, exit {finished.returncode}:\n{finished.output[-3000:]}"
+    assert finished.returncode == EXIT_HUNG, said
+    assert "Traceback" not in finished.output, said
+    lines = [line for line in finished.output.splitlines() if line.startswith("harness: hang:")]
+    assert len(lines) == 1 and (match := SETUP_OR_EVAL.search(lines[0])), said
+    assert match.group(1) == where, said
+    assert "not inside a collective" in lines[0], said
+    assert "in maybe_hang" in (job.run_dir / "hang-rank-1.txt").read_text()
+    assert no_process_left(job.run_dir), said

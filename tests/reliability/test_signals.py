@@ -4,6 +4,7 @@ newest intact one."""
 
 from __future__ import annotations
 
+import json
 import signal
 import time
 
@@ -32,6 +33,9 @@ def test_first_signal_checkpoints_and_exits_zero_then_resume_continues(sig, tmp_
     checkpoints = complete_checkpoints(tmp_path / "run" / "checkpoints")
     assert checkpoints[-1].name == f"step-{last:08d}"  # saved after the step it stopped at
     assert all(verify(path) is None for path in checkpoints)
+    # The summary counts the tokens trained, not those train.steps would have trained.
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["tokens"] == [row for row in rows(tmp_path / "run") if row["step"] == last][-1]["tokens"]
 
     resumed = run(tmp_path / "run", *SHAPE, f"train.steps={last + 2}", "resume=auto")
     assert resumed.returncode == 0, resumed.output[-3000:]

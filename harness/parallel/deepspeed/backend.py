@@ -25,6 +25,7 @@ each optimizer keeps what harness reads is in layouts.py; every private DeepSpee
 from __future__ import annotations
 
 import importlib
+import subprocess
 from typing import ContextManager, Optional
 
 import torch
@@ -177,6 +178,12 @@ class DeepSpeedBackend(ParallelBackend):
             raise RuntimeError("DeepSpeed applied a step whose gradients harness found non-finite")
 
 
+# What building or loading DeepSpeed's C++ op raises: a missing compiler or header (OSError,
+# subprocess.CalledProcessError), torch.utils.cpp_extension's "Error building extension"
+# (RuntimeError), a library that will not load (ImportError).
+OP_BUILD_FAILURES = (ImportError, OSError, RuntimeError, subprocess.CalledProcessError)
+
+
 def zero3_leaf_blocks(model: nn.Module, cfg: ParallelConfig) -> list[nn.Module]:
     """The modules ZeRO-3 gathers and releases whole (DeepSpeed leaf modules): every transformer
     block with parallel.zero3_unit=block, none with module. harness.estimate simulates the same."""
@@ -197,7 +204,8 @@ def host_adamw(groups: list[dict], train_cfg: TrainConfig, choice: str) -> tuple
 
     DeepSpeed's CPU Adam is a vectorised C++ kernel (several times faster than torch's CPU AdamW);
     it is compiled on first use (minutes, cached in ~/.cache/torch_extensions) and needs a C++
-    toolchain. auto takes it where it builds and says so when it falls back."""
+    toolchain. auto takes it where it builds and says what failed when it falls back; only a
+    failure to build or load the op falls back (anything else is a bug and keeps its traceback)."""
     if choice != "torch":
         try:
             from deepspeed.ops.adam import DeepSpeedCPUAdam
@@ -206,11 +214,12 @@ def host_adamw(groups: list[dict], train_cfg: TrainConfig, choice: str) -> tuple
                 groups, lr=train_cfg.lr, betas=(train_cfg.beta1, train_cfg.beta2), eps=train_cfg.eps, adamw_mode=True
             )
             return optimizer, "DeepSpeed's CPU Adam"
-        except Exception as exc:  # the op did not build: no compiler, missing headers, ...
+        except OP_BUILD_FAILURES as exc:  # no compiler, missing headers, a failed ninja build, ...
+            failed = f"{type(exc).__name__}: {first_line(exc)}"
             if choice == "deepspeed":
                 raise HarnessError(
-                    f"parallel.offload_adam=deepspeed: DeepSpeed's CPU Adam did not build ({first_line(exc)}); "
+                    f"parallel.offload_adam=deepspeed: DeepSpeed's CPU Adam did not build ({failed}); "
                     "install a C++ compiler or use parallel.offload_adam=torch"
                 ) from None
-            return build_adamw(groups, train_cfg), f"torch AdamW (DeepSpeed's CPU Adam did not build: {first_line(exc)})"
+            return build_adamw(groups, train_cfg), f"torch AdamW (DeepSpeed's CPU Adam did not build: {failed})"
     return build_adamw(groups, train_cfg), "torch AdamW"
