@@ -40,6 +40,7 @@ from harness.data.sources import Piece, ReadStats, Source, iter_pieces, pretoken
 from harness.data.stream import FORMAT, INDEX, TokenStream, open_prepared
 from harness.errors import HarnessError
 from harness.runtime.locks import file_lock
+from harness.runtime.process import process_alive
 
 TASK_CHARS = 1 << 20
 CACHE_VERSION = 2
@@ -112,18 +113,8 @@ def _remove_stale(root: Path, key: str) -> None:
     host = socket.gethostname()
     for tmp in root.glob(f"{key}.tmp-*"):
         owner, _, pid = tmp.name.rpartition("-")
-        if owner.endswith(host) and pid.isdigit() and not _alive(int(pid)):
+        if owner.endswith(host) and pid.isdigit() and not process_alive(int(pid)):
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 # --------------------------------------------------------------------------------------------

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from harness.errors import HarnessError
+from harness.runtime.process import process_alive
 
 _NO_FLOCK = {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL}
 _POLL_S = 0.2
@@ -127,12 +128,4 @@ def read_holder(marker: Path) -> str:
 def _is_dead_here(holder: str) -> bool:
     """The holder ran on this host and its process no longer exists."""
     host, _, pid = holder.partition(" ")
-    if host != socket.gethostname() or not pid.isdigit():
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False
-    return False
+    return host == socket.gethostname() and pid.isdigit() and not process_alive(int(pid))

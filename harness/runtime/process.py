@@ -1,4 +1,5 @@
-"""The process itself: environment set before the libraries read it, and a clean exit (no torch import here)."""
+"""The process itself: environment set before the libraries read it, whether a process of this host
+lives, and a clean exit (no torch import here)."""
 
 from __future__ import annotations
 
@@ -19,3 +20,21 @@ def exit_process(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
+
+
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` of this host runs. A zombie (exited, or killed, and not yet reaped by
+    its parent, as a launcher's dead rank is for a moment) does not."""
+    try:
+        state = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()[0]
+        return state not in ("Z", "X")
+    except FileNotFoundError:
+        return False
+    except (OSError, IndexError):  # no /proc: ask the kernel whether the pid exists
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True

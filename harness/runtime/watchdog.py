@@ -35,6 +35,8 @@ from datetime import timedelta
 from pathlib import Path
 from typing import Callable, Optional
 
+from harness.runtime.process import process_alive
+
 EXIT_HUNG = 4
 """A rank stopped the job because some rank made no progress for parallel.timeout_s."""
 PHASES = ("setup", "data", "forward", "backward", "decision", "step", "read", "checkpoint", "eval")
@@ -217,7 +219,7 @@ class Watchdog:
         if not first:
             return [0]
         peers = [r for r in range(self.world_size) if r != self.rank]
-        gone = [r for r in peers if r not in first or (first[r].host == self._host and not _alive(first[r].pid))]
+        gone = [r for r in peers if r not in first or (first[r].host == self._host and not process_alive(first[r].pid))]
         remote = [r for r in peers if r in first and first[r].host != self._host]
         if gone or not remote:
             return gone
@@ -262,23 +264,6 @@ class Watchdog:
                 faulthandler.dump_traceback(file=f, all_threads=True)
         except OSError as exc:
             print(f"[rank {self.rank}] could not write its stack to {self.run_dir}: {exc}", file=sys.stderr, flush=True)
-
-
-def _alive(pid: int) -> bool:
-    """Whether a process of this host runs (a zombie, killed but not yet reaped, does not)."""
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-        return state not in ("Z", "X")
-    except FileNotFoundError:
-        return False
-    except (OSError, IndexError):  # no /proc: ask the kernel whether the pid exists
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:
-            return False
-        except PermissionError:
-            return True
-        return True
 
 
 def diagnose(rank: int, world_size: int, first: dict[int, Beat], second: dict[int, Beat], own_where: str) -> tuple[str, int]:
