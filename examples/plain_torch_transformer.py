@@ -74,4 +74,6 @@ if __name__ == "__main__":
     summary = main(sys.argv[1:])
     if os.environ.get("RANK", "0") == "0":
         print(f"final loss {summary.final_loss:.4f} (first {summary.first_loss:.4f})", flush=True)
-    harness.exit_process(0)  # skips gloo's teardown, which can abort at exit (pytorch #190489)
+    # Stopped by a signal (a checkpoint was saved): 75 under Slurm, so the job script requeues.
+    # exit_process skips gloo's teardown, which can abort at exit (pytorch #190489).
+    harness.exit_process(harness.stopped_exit_code() if summary.stopped else 0)

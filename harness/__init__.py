@@ -22,6 +22,7 @@ _EXPORTS = {
     "load_config": "harness.config",
     "HarnessError": "harness.errors",
     "exit_process": "harness.runtime.process",
+    "stopped_exit_code": "harness.runtime.preemption",
 }
 __all__ = sorted(_EXPORTS)
 
