@@ -21,11 +21,10 @@ from harness.checkpoint import (
 )
 from harness.config import Config
 from harness.data import PrefetchedBatches, TrainBatches
-from harness.data.batch import first_rows, to_device
+from harness.data.batch import to_device
 from harness.errors import TrainingAborted
 from harness.model import (
     next_token_loss,
-    per_sequence_loss,
 )
 from harness.numerics.diagnose import OverflowDiagnosis
 from harness.numerics.grad_scale import DeviceDecision, GradScaler, StepDecision
@@ -48,6 +47,7 @@ from harness.runtime.preemption import StopRequest
 from harness.runtime.run_dir import Claim
 from harness.runtime.watchdog import Watchdog
 from harness.train.callbacks import Callback, LossFn
+from harness.train.evaluation import held_out_loss
 from harness.train.faults import FaultInjector
 from harness.train.rollback import roll_back
 from harness.train.rows import PendingStep, StepAgreement, Tally, pack_pending, read_rows
@@ -343,34 +343,12 @@ class Loop:
         total, tokens = self.loss_fn(self.backend.model, batch)
         return total / tokens
 
-    @torch.no_grad()
     def evaluate(self, step: int = 0) -> float:
-        """Mean loss over the fixed held-out sequences, identical for any world size: next-token
-        cross entropy weighted per sequence, or the user's loss summed over real rows (every rank
-        runs every micro-batch, padding included: a forward pass is collective)."""
-        model = self.backend.model
+        """Mean loss over the fixed held-out sequences (harness.train.evaluation), after step `step`."""
         self._phase("eval", step)
         self.faults.maybe_hang(step, "eval")
-        model.eval()
-        totals = torch.zeros(2, dtype=torch.float64, device=self.device)
-        for batch, weights in self.eval_data:
-            batch, real_rows = to_device(batch, self.device), int(weights.sum())
-            if self.loss_fn is not None:
-                total, tokens = self.loss_fn(model, first_rows(batch, real_rows or len(weights)))
-                if real_rows:
-                    totals[0] += torch.as_tensor(total, dtype=torch.float64, device=self.device)
-                    totals[1] += torch.as_tensor(tokens, dtype=torch.float64, device=self.device)
-                continue
-            losses = per_sequence_loss(model, batch, self.cfg.train.loss_chunk_tokens)
-            weights = weights.to(self.device)
-            totals[0] += (losses.double() * weights).sum()
-            totals[1] += weights.sum()
-        model.train()
-        dist.all_reduce(totals)
-        # Through host_read, where the watchdog sees a rank waiting for the others (on a GPU the
-        # wait for the all-reduce happens here, not inside torch.distributed).
-        total, weight = host_read(totals)
-        return total / weight
+        return held_out_loss(self.backend.model, self.eval_data, self.device, self.loss_fn,
+                             self.cfg.train.loss_chunk_tokens)
 
     def mean_loss(self, local_loss: torch.Tensor) -> float:
         """The mean over ranks of this step's loss, read now (a collective and a sync: for tests
