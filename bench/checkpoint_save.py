@@ -6,7 +6,7 @@ measured side by side in one run (so only the ratios matter).
 
 One trainer; each round runs `--steps` optimizer steps three times: without checkpoints, saving
 every `--every` steps synchronously, and saving every `--every` steps with checkpoint.async_save
-(the loop drives the trainer's checkpointer exactly as Trainer.fit does). Saves fall mid-round, never on a
+(the loop drives the checkpointer exactly as harness.train.loop.Loop.fit does). Saves fall mid-round, never on a
 round's last step, as in a long run where the next save comes long after. A round ends by waiting
 for any save still in flight. Rank 0 prints the median wall time of each mode, the time
 checkpointing added to it, and how long the loop was blocked per save (copy, commit, waits).
