@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU check, sized for a short lease on one H100/H200: configs/llama-1b.yaml (1.1B
+# One prepared GPU check, sized to finish in minutes on one H100/H200: configs/llama-1b.yaml (1.1B
 # parameters, seq 2048, 16k tokens per step) on 1 GPU, in one process (bench/switches.py --set
 # gpu): a hand-written loop, harness bf16, + compile, + chunked cross-entropy, + selective AC, full
 # AC, fp16, fp32 (TF32 off) and DeepSpeed ZeRO-3 bf16; then host syncs counted on CUDA (fp16 with

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Issue 12's open targets on one GPU (bf16 MFU >= 50% within an H100's 80 GB, ZeRO-3 >= 0.9x
-# FSDP2), in one call sized for a short lease: configs/llama-1b.yaml at micro-batch 8 x grad_accum 1
+# FSDP2), in one call that finishes in minutes: configs/llama-1b.yaml at micro-batch 8 x grad_accum 1
 # (16,384 tokens per step).
 #   1. FSDP2 eager / compile, compile at micro-batch 16 with and without chunked cross-entropy (the
 #      shape that reached 56.7% MFU, and the one that should fit 80 GB); then DeepSpeed ZeRO-3 with

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from tests.distributed import run_on_ranks
+from tests.parallel.test_parallel_deepspeed import BACKENDS
 from tests.reference import reference_fp32
 
 pytestmark = [pytest.mark.spawns, pytest.mark.smoke]
@@ -22,12 +23,6 @@ pytestmark = [pytest.mark.spawns, pytest.mark.smoke]
 ROOT = Path(__file__).resolve().parents[1]
 TINY = str(ROOT / "configs" / "tiny.yaml")
 STEPS = 4
-BACKENDS = {
-    "fsdp2": ["parallel.backend=fsdp2"],
-    "zero1": ["parallel.backend=deepspeed", "parallel.zero_stage=1"],
-    "zero2": ["parallel.backend=deepspeed", "parallel.zero_stage=2"],
-    "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
-}
 FAULTS = ["precision=fp16", "train.steps=6", "log.per_rank=true", "scaler.init_scale=1024", "scaler.hysteresis=2",
           "faults.nonfinite_grad_steps=[2,3]", "faults.nonfinite_grad_rank=1"]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 from harness.config import accelerate, deepspeed_json
 from harness.config.schema import Config, DataConfig
 from harness.errors import ConfigError
+from harness.parallel.layouts import layout_of
 
 
 def _require(condition: bool, message: str) -> None:
@@ -147,22 +148,22 @@ def _checkpoint(cfg: Config) -> None:
 
 
 def _parallel(cfg: Config) -> None:
-    p = cfg.parallel
+    p, layout = cfg.parallel, layout_of(cfg.parallel)
     _require(p.timeout_s >= 1, f"parallel.timeout_s must be >= 1 (got {p.timeout_s})")
     _require(p.replicate >= 1, f"parallel.replicate must be >= 1 (1: one flat shard group; got {p.replicate})")
     _require(
-        p.replicate == 1 or p.backend == "fsdp2" or p.zero_stage == 3,
+        p.replicate == 1 or layout.partitions_parameters,
         f"parallel.replicate={p.replicate} needs partitioned parameters (HSDP on FSDP2, hpZ on ZeRO-3); "
         f"ZeRO-{p.zero_stage} has no hierarchical form: use parallel.zero_stage=3, or parallel.replicate=1",
     )
     _require(p.prefetch >= 0, f"parallel.prefetch must be >= 0 (0: FSDP2's implicit prefetching; got {p.prefetch})")
     _require(
-        not (p.offload == "params" and p.backend == "deepspeed" and p.zero_stage != 3),
+        p.offload != "params" or layout.partitions_parameters,
         f"parallel.offload=params needs partitioned parameters, and ZeRO-{p.zero_stage} keeps them whole on every "
         "rank: use parallel.zero_stage=3, or parallel.offload=optimizer",
     )
     _require(
-        not (p.reduce_every_micro_batch and p.backend == "deepspeed"),
+        not p.reduce_every_micro_batch or layout.chooses_reduce_timing,
         "parallel.reduce_every_micro_batch is an FSDP2 switch; ZeRO decides itself (ZeRO-1 reduces once per step, "
         "ZeRO-2/3 after every micro-batch): remove it, or use parallel.backend=fsdp2",
     )
@@ -186,7 +187,7 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
         f"number of ranks (use a divisor of {world_size}, e.g. the number of nodes)",
     )
     _require(
-        not (cfg.parallel.backend == "deepspeed" and replicas > 1 and world_size // replicas < 2),
+        replicas == 1 or world_size // replicas >= layout_of(cfg.parallel).min_ranks_per_shard_group,
         f"parallel.replicate={replicas} on {world_size} rank(s) leaves one rank per ZeRO-3 group, and hpZ needs at "
         f"least 2: use parallel.replicate <= {world_size // 2}, or parallel.backend=fsdp2 (plain replication)",
     )

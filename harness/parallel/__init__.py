@@ -8,10 +8,21 @@ base.py             the interface (wrap model + optimizer, backward, gradient sh
 fsdp2.py            FSDP2: fully_shard per block then the root, one MixedPrecisionPolicy
 deepspeed/          DeepSpeed ZeRO-1/2/3 (backend, optimizer layouts, its private names in one place)
 initial_weights.py  writing the initial weights into whatever pieces a rank owns
+layouts.py          what each layout can do, as plain data (config validation reads it, no torch)
 select.py           the backend a config asks for
+
+Names are handed on lazily, so config validation can read layouts.py without importing torch.
 """
 
-from harness.parallel.base import ParallelBackend, StatePiece
-from harness.parallel.select import build_backend, layout_name
+import importlib
+from typing import Any
 
-__all__ = ["ParallelBackend", "StatePiece", "build_backend", "layout_name"]
+_EXPORTS = {"ParallelBackend": "base", "StatePiece": "base", "build_backend": "select", "layout_name": "select",
+            "Layout": "layouts", "layout_of": "layouts"}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'harness.parallel' has no attribute {name!r}")
+    return getattr(importlib.import_module(f"harness.parallel.{_EXPORTS[name]}"), name)

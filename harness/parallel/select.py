@@ -7,6 +7,7 @@ import torch
 from harness.config import Config, ParallelConfig
 from harness.numerics.precision import PrecisionPolicy
 from harness.parallel.base import ParallelBackend
+from harness.parallel.layouts import layout_of
 
 
 def build_backend(cfg: Config, policy: PrecisionPolicy, device: torch.device, world_size: int) -> ParallelBackend:
@@ -24,6 +25,4 @@ def build_backend(cfg: Config, policy: PrecisionPolicy, device: torch.device, wo
 def layout_name(parallel: ParallelConfig) -> str:
     """The sharding layout a config asks for, as `harness estimate` names its columns:
     fsdp2, zero1, zero2 or zero3."""
-    if parallel.backend == "fsdp2":
-        return "fsdp2"
-    return f"zero{parallel.zero_stage}"
+    return layout_of(parallel).name

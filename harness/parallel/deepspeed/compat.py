@@ -106,7 +106,7 @@ def check_deepspeed_version(found: str) -> None:
     if found not in TESTED_DEEPSPEED:
         raise HarnessError(
             f"DeepSpeed {found} is installed, but harness's ZeRO backend reads DeepSpeed internals and was tested "
-            f"with {tested_pin()} only; pip install '{tested_pin().split(' or ')[-1]}'"
+            f"with {tested_pin()} only; pip install 'deepspeed=={TESTED_DEEPSPEED[-1]}'"
         )
 
 
