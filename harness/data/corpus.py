@@ -61,8 +61,11 @@ class TokenCorpus:
 
 
 def load_tokenizer(ref: str):
+    """AutoTokenizer for data.tokenizer; an empty one (a DataConfig on its own, with no model to
+    take the tokenizer from) is bundled:gpt2, as Config.tokenizer_ref() has it."""
     from transformers import AutoTokenizer
 
+    ref = ref or "bundled:gpt2"
     resolved = assets.resolve_tokenizer(ref)
     try:
         return AutoTokenizer.from_pretrained(resolved)
@@ -78,7 +81,7 @@ def load_corpus(cfg: DataConfig, show_progress: bool = True, log=print) -> Token
     import hashlib
 
     tokenizer = load_tokenizer(cfg.tokenizer)
-    tokenizer_path = str(assets.resolve_tokenizer(cfg.tokenizer))
+    tokenizer_path = str(assets.resolve_tokenizer(cfg.tokenizer or "bundled:gpt2"))
     if cfg.sources:
         specs = [(s.display_name(), s.weight, s.path, s.format, s.text_field or cfg.text_field) for s in cfg.sources]
     else:

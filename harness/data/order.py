@@ -222,6 +222,12 @@ class TrainBatches:
         draws = self.order.draws_before(self.consumed_after(step))
         return {name: int(count) * self.sequences.seq_len for name, count in zip(self.sequences.names, draws)}
 
+    def packing_efficiency(self, step: int) -> Optional[float]:
+        """Instruction rows: example tokens over row tokens in step `step`'s global batch."""
+        if not hasattr(self.sequences, "packing_efficiency"):
+            return None
+        return self.sequences.packing_efficiency(self.global_indices(step))
+
     def micro_batches(self, step: int) -> list[torch.Tensor]:
         per_rank = self.shape.micro_batch_size * self.shape.grad_accum
         mine = self.global_indices(step)[self.rank * per_rank : (self.rank + 1) * per_rank]

@@ -64,6 +64,10 @@ def find_source(cfg: DataConfig, path: str | None = None, fmt: str | None = None
     path = path or cfg.path
     fmt = fmt or cfg.format
     field_name = text_field or cfg.text_field
+    if path == "bundled:shakespeare-chat":
+        from harness.data.shakespeare_chat import chat_file
+
+        return Source("json", (str(chat_file()),), path, text_field=field_name)
     if assets.is_bundled(path):
         files = tuple(str(f) for f in assets.bundled_text_files(path))
         return Source("text", files, path)

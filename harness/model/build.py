@@ -79,6 +79,25 @@ def model_spec(cfg: ModelConfig, vocab_size: int, seq_len: Optional[int] = None)
     return ModelSpec(hf_config, pretrained_dir, cfg.checkpointing_mode(), cfg.selective_ac, notes)
 
 
+def check_tokenizer_fits(hf_config: Any, tokenizer: Any, tokenizer_ref: str, model_ref: str) -> None:
+    """A pretrained model trains on its own token ids: refuse a tokenizer whose vocabulary does not
+    fit the model's embedding, or that lacks the model's special tokens (its bos/eos/pad ids are
+    not special tokens of the tokenizer: another tokenizer's ids)."""
+    rows = getattr(hf_config, "vocab_size", None)
+    own = "leave data.tokenizer unset to use the model's own tokenizer"
+    if rows is not None and len(tokenizer) > rows:
+        raise HarnessError(f"data.tokenizer {tokenizer_ref!r} has {len(tokenizer):,} tokens but model.pretrained "
+                           f"{model_ref!r} embeds {rows:,}: they do not belong together; {own}")
+    special = set(tokenizer.all_special_ids) | set(getattr(tokenizer, "added_tokens_decoder", {}) or {})
+    for field in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        ids = getattr(hf_config, field, None)
+        for token_id in ids if isinstance(ids, (list, tuple)) else [ids]:
+            if isinstance(token_id, int) and token_id not in special:
+                raise HarnessError(
+                    f"model.pretrained {model_ref!r} has {field}={token_id}, which is not a special token of "
+                    f"data.tokenizer {tokenizer_ref!r} ({len(tokenizer):,} tokens): the tokenizer is not the model's; {own}")
+
+
 def attention_kernel(requested: str, hf_config: Any) -> tuple[str, tuple[str, ...]]:
     """The attention kernel to build with. The default, sdpa, falls back to eager (with a note)
     on architectures transformers has no sdpa path for (gemma2, ...); a flash-attn kernel that is

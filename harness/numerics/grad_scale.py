@@ -3,12 +3,16 @@
 Per optimizer step, after backward has left this rank's (sharded, fp32, still scaled) gradients:
 
   1. per-tensor norms of the local shards (accumulated in fp64), in one pass;
-  2. ONE all-reduce (SUM) of the local sums of squares and the local losses: inf and nan
-     propagate through a sum, so the result is both the skip decision (non-finite anywhere) and,
-     when finite, the global norm, bit-identical on every rank and equal to the norm of the
-     unsharded gradient; the summed loss feeds the loss-spike check (harness.numerics.spikes);
-  3. one multiplier that unscales and clips together (scales are powers of two, so folding 1/scale
-     into the clip coefficient changes no bits), which the backend applies to its gradients;
+  2. ONE all-reduce (SUM) of the local sums of squares, the local loss sums and the local
+     trained-token counts: inf and nan propagate through a sum, so the result is both the skip
+     decision (non-finite anywhere) and, when finite, the global norm, bit-identical on every rank
+     and equal to the norm of the unsharded gradient; the global mean loss feeds the loss-spike
+     check (harness.numerics.spikes);
+  3. one multiplier that unscales, normalizes and clips together, which the backend applies to its
+     gradients. Backward ran on each rank's loss sum over a fixed token count (the tokens of the
+     step if every one were trained), so the gradient becomes the global mean's by nominal /
+     trained tokens, a count only known once summed over ranks: it rides in the same all-reduce.
+     Scales are powers of two, so folding 1/scale into the coefficient changes no bits;
   4. the loss scale is updated with DeepSpeed's DynamicLossScaler rules, so a user's DeepSpeed
      fp16 settings (initial_scale_power, loss_scale_window, hysteresis, consecutive_hysteresis,
      min_loss_scale) produce the same scale trajectory here.
@@ -272,11 +276,15 @@ class GradScaler:
         return host_read(self.total_skips_t)
 
     def decide(self, named_grads: Sequence[tuple[str, torch.Tensor]], counted: bool = True,
-               loss: Optional[torch.Tensor] = None) -> DeviceDecision:
+               loss: Optional[torch.Tensor] = None, loss_and_tokens: Optional[torch.Tensor] = None,
+               nominal_tokens: Optional[float] = None) -> DeviceDecision:
         """Runs on every rank with that rank's local gradient shards (disjoint across ranks, or,
-        with `counted=False`, a copy of another rank's: an HSDP replica) and its mean loss of the
-        step. Reads the gradients only; the backend applies the decision. Nothing is read by the
-        host."""
+        with `counted=False`, a copy of another rank's: an HSDP replica). The step's loss, either
+        `loss` (this rank's mean loss: the step's loss is the mean over ranks), or
+        `loss_and_tokens` (this rank's (loss sum, trained tokens): the step's loss is the global
+        sum over the global count) with `nominal_tokens` (the global count backward divided by:
+        the gradients are rescaled by nominal / trained tokens). Reads the gradients only; the
+        backend applies the decision. Nothing is read by the host."""
         names = tuple(name for name, _ in named_grads)
         grads = [grad for _, grad in named_grads]
         used_scale = self.scale_tensor
@@ -289,18 +297,24 @@ class GradScaler:
         sumsq = local_norms.square().sum().to(self.device).reshape(1)
         if not counted:
             # A replica's copy adds 0 to the sum, so each element counts once, but a non-finite
-            # value still poisons it (0 * inf = nan): the same decision on every rank.
+            # value still poisons it (0 * inf = nan): the same decision on every rank. Its loss
+            # and tokens are its own data's and count in full.
             sumsq = sumsq * 0
-        local_loss = torch.zeros(1, dtype=torch.float64, device=self.device) if loss is None else \
-            loss.detach().to(device=self.device, dtype=torch.float64).reshape(1)
-        packet = torch.cat([sumsq, local_loss])
+        packet = torch.cat([sumsq, self._loss_packet(loss, loss_and_tokens)])
         dist.all_reduce(packet, op=dist.ReduceOp.SUM, group=self.group)
         sumsq = packet[:1]
         nonfinite = ~torch.isfinite(sumsq[0])
+        if loss_and_tokens is not None:
+            trained = packet[2].clamp(min=1.0)
+            mean_loss = packet[1] / trained
+            normalize = nominal_tokens / trained if nominal_tokens else torch.ones_like(trained)
+        else:
+            mean_loss = packet[1] / dist.get_world_size(self.group)
+            normalize = torch.ones_like(packet[1])
         no_spike = torch.zeros((), dtype=torch.bool, device=self.device)
         spike, median = no_spike, torch.full((), math.nan, dtype=torch.float64, device=self.device)
-        if self.spikes is not None and loss is not None:
-            spike, median = self.spikes.check(packet[1])
+        if self.spikes is not None and (loss is not None or loss_and_tokens is not None):
+            spike, median = self.spikes.check(mean_loss)
 
         already_aborted = self.aborted_t
         fresh = ~already_aborted
@@ -318,12 +332,13 @@ class GradScaler:
 
         # A spike's skip leaves the loss scale and the overflow counters alone: it is not an overflow.
         skip = nonfinite | already_aborted | (spike if self.spikes is not None and self.spikes.skips else no_spike)
-        grad_norm = sumsq[0].sqrt() / used_scale
+        unscale = normalize / used_scale
+        grad_norm = sumsq[0].sqrt() * unscale
         clip_coef = torch.ones_like(grad_norm)
         if self.grad_clip > 0:
             # Same coefficient as torch.nn.utils.clip_grad_norm_.
             clip_coef = torch.clamp(self.grad_clip / (grad_norm + 1e-6), max=1.0)
-        multiplier = torch.where(skip, torch.zeros_like(clip_coef), clip_coef / used_scale)
+        multiplier = torch.where(skip, torch.zeros_like(clip_coef), clip_coef * unscale)
         return DeviceDecision(
             skip=skip,
             loss_scale=used_scale,
@@ -341,6 +356,15 @@ class GradScaler:
             settings=self.loss_scale.settings,
             max_consecutive_skips=self.max_consecutive_skips,
         )
+
+    def _loss_packet(self, loss: Optional[torch.Tensor], loss_and_tokens: Optional[torch.Tensor]) -> torch.Tensor:
+        """(loss, tokens) of this rank as the all-reduce carries them, fp64."""
+        if loss_and_tokens is not None:
+            return loss_and_tokens.detach().to(device=self.device, dtype=torch.float64).reshape(2)
+        packet = torch.zeros(2, dtype=torch.float64, device=self.device)
+        if loss is not None:
+            packet[0] = loss.detach().to(device=self.device, dtype=torch.float64).reshape(())
+        return packet
 
     def state_dict(self) -> dict:
         return {

@@ -14,12 +14,12 @@ from __future__ import annotations
 import torch
 
 from harness.config import SpikeConfig
+from harness.observe.step_counter import host_read
 
 
 class SpikeGuard:
-    def __init__(self, cfg: SpikeConfig, world_size: int, device: torch.device) -> None:
+    def __init__(self, cfg: SpikeConfig, device: torch.device) -> None:
         self.cfg = cfg
-        self.world_size = world_size
         self.device = device
         self.history = torch.full((cfg.window,), float("nan"), dtype=torch.float64, device=device)
         self.position = torch.zeros((), dtype=torch.int64, device=device)
@@ -31,11 +31,11 @@ class SpikeGuard:
         """Whether a spike's update is skipped (skip and rollback) or only reported (warn)."""
         return self.cfg.action != "warn"
 
-    def check(self, loss_sum: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Whether this step's loss (summed over ranks) is a spike, and the running median it was
-        compared with; records the loss in the history when it is not a spike. 0-dim tensors,
+    def check(self, mean_loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Whether this step's loss (the same on every rank) is a spike, and the running median it
+        was compared with; records the loss in the history when it is not a spike. 0-dim tensors,
         nothing read by the host."""
-        loss = loss_sum.to(torch.float64) / self.world_size
+        loss = mean_loss.to(torch.float64)
         median = torch.nanmedian(self.history)
         full = self.filled >= self.cfg.window
         spike = ~torch.isfinite(loss) | (full & (loss > self.cfg.factor * median))
@@ -46,7 +46,8 @@ class SpikeGuard:
         return spike, median
 
     def state_dict(self) -> dict:
-        values = torch.cat([self.history, self.position.reshape(1).double(), self.filled.reshape(1).double()]).tolist()
+        values = torch.cat([self.history, self.position.reshape(1).double(), self.filled.reshape(1).double()])
+        values = host_read(values)
         history = [v if v == v else None for v in values[:-2]]  # JSON has no NaN: empty slots are null
         return {"history": history, "position": int(values[-2]), "filled": int(values[-1])}
 

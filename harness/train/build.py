@@ -14,10 +14,13 @@ from torch import nn
 from harness.checkpoint import Checkpointer, choose_resume, load_checkpoint
 from harness.config import Config, dump_yaml
 from harness.data import BatchShape, PrefetchedBatches, TrainBatches, eval_batches, load_corpus, load_tokenizer
+from harness.data.instruct import INSTRUCTION_FORMATS, describe_dropped
+from harness.data.packing import instruction_rows
 from harness.data.user import user_sequences
 from harness.errors import HarnessError
 from harness.model import flops_per_token, full_numel
 from harness.model.blocks import compile_blocks
+from harness.model.build import check_tokenizer_fits
 from harness.model.loss import enable_chunked_loss
 from harness.model.source import BlocksOf, model_source
 from harness.numerics.diagnose import ForwardProbe, OverflowDiagnosis
@@ -44,17 +47,32 @@ def load_agreed_corpus(cfg: Config, info: RankInfo):
     difference (other files, another tokenizer version) stops the run before step 1."""
     reporter = info.local_rank == 0
     corpus = load_corpus(cfg.data, show_progress=reporter, log=print if reporter else (lambda *_: None))
-    if dist.is_initialized() and info.world_size > 1:
-        digests: list = [None] * info.world_size
-        dist.all_gather_object(digests, corpus.digest)
-        odd = next((rank for rank, digest in enumerate(digests) if digest != digests[0]), None)
-        if odd is not None:
-            raise HarnessError(
-                f"rank {odd} prepared a different token stream than rank 0 (sha256 {str(digests[odd])[:12]} vs "
-                f"{str(digests[0])[:12]}): the nodes read different files or tokenizers; give every node the same "
-                "data, or put data.cache_dir on a shared filesystem"
-            )
+    _check_same_on_every_rank(corpus.digest, info)
     return corpus
+
+
+def load_agreed_examples(cfg: Config, info: RankInfo):
+    """Instruction data (data.format=chat|prompt_completion) as training and held-out rows,
+    prepared once per filesystem and the same on every rank."""
+    reporter = info.local_rank == 0
+    train, val, examples = instruction_rows(cfg.data, cfg.train.seq_len, cfg.eval.sequences,
+                                            log=print if reporter else (lambda *_: None))
+    _check_same_on_every_rank(examples.index["sha256"], info)
+    return train, val, examples
+
+
+def _check_same_on_every_rank(digest: Optional[str], info: RankInfo) -> None:
+    if not (dist.is_initialized() and info.world_size > 1):
+        return
+    digests: list = [None] * info.world_size
+    dist.all_gather_object(digests, digest)
+    odd = next((rank for rank, seen in enumerate(digests) if seen != digests[0]), None)
+    if odd is not None:
+        raise HarnessError(
+            f"rank {odd} prepared a different token stream than rank 0 (sha256 {str(digests[odd])[:12]} vs "
+            f"{str(digests[0])[:12]}): the nodes read different files or tokenizers; give every node the same "
+            "data, or put data.cache_dir on a shared filesystem"
+        )
 
 
 @dataclass
@@ -128,6 +146,14 @@ def _claim_run_dir(run_dir: Path, info: RankInfo) -> Optional[Claim]:
 
 def _data(cfg: Config, info: RankInfo, parts: Parts) -> _Data:
     """The config's corpus, or the user's datasets."""
+    if parts.data is None and cfg.data.format in INSTRUCTION_FORMATS:
+        train, val, examples = load_agreed_examples(cfg, info)
+        index = examples.index
+        print0(info.rank, f"data: {cfg.data.path} ({cfg.data.format}, trained on {cfg.data.train_on}): "
+                          f"{index['examples']:,} examples, {index['tokens']:,} tokens ({index['trained_tokens']:,} "
+                          f"trained); {describe_dropped(index)}; {train.describe()}; {val.examples_in_rows:,} "
+                          "held out for evaluation")
+        return _Data(train, val if cfg.eval.every else None, index["vocab_size"])
     if parts.data is None:
         corpus = load_agreed_corpus(cfg, info)
         print0(info.rank, f"data: {corpus.description}; {corpus.tokens('train'):,} train / "
@@ -154,6 +180,9 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
     faults.maybe_hang(0, "setup")  # the drill of a rank that never finishes setting up
     data = _data(cfg, info, parts)
     source = model_source(cfg.model, data.vocab_size, cfg.train.seq_len, parts.model, parts.blocks)
+    if parts.model is None and cfg.model.pretrained:
+        check_tokenizer_fits(source.spec.hf_config, load_tokenizer(cfg.data.tokenizer), cfg.data.tokenizer,
+                             cfg.model.pretrained)
     for note in source.notes:
         print0(info.rank, f"note: {note}")
     backend = build_backend(cfg, policy, device, info.world_size)
@@ -189,7 +218,7 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
     torch.manual_seed(cfg.train.seed + 1 + info.rank)
 
     shape = BatchShape(cfg.train.micro_batch_size, cfg.train.grad_accum, info.world_size)
-    spikes = SpikeGuard(cfg.train.spike, info.world_size, device)
+    spikes = SpikeGuard(cfg.train.spike, device)
     scaler = build_grad_scaler(cfg.scaler, policy.uses_loss_scaling, cfg.train.grad_clip, device, spikes=spikes)
     start_step, start_offset = 0, 0
     skip_steps: list[int] = []

@@ -9,7 +9,7 @@ import torch.distributed as dist
 from torch import nn
 
 from harness.data.batch import first_rows, to_device
-from harness.model import per_sequence_loss
+from harness.model.loss import per_sequence_sums
 from harness.observe.step_counter import host_read
 from harness.train.callbacks import LossFn
 
@@ -17,9 +17,10 @@ from harness.train.callbacks import LossFn
 @torch.no_grad()
 def held_out_loss(model: nn.Module, eval_data: list, device: torch.device, loss_fn: Optional[LossFn],
                   chunk_tokens: int) -> float:
-    """Mean loss over the fixed held-out sequences (`eval_data`: this rank's (batch, row weights),
-    padded so every rank runs as many micro-batches: a forward pass is collective): next-token
-    cross entropy weighted per sequence, or the user's loss summed over the real rows."""
+    """Mean loss over every trained token of the fixed held-out sequences (`eval_data`: this
+    rank's (batch, row weights), padded so every rank runs as many micro-batches: a forward pass is
+    collective, and a weight-0 row counts nothing): next-token cross entropy, or the user's loss,
+    summed over the real rows and divided by their tokens."""
     model.eval()
     totals = torch.zeros(2, dtype=torch.float64, device=device)
     for batch, weights in eval_data:
@@ -30,10 +31,10 @@ def held_out_loss(model: nn.Module, eval_data: list, device: torch.device, loss_
                 totals[0] += torch.as_tensor(total, dtype=torch.float64, device=device)
                 totals[1] += torch.as_tensor(tokens, dtype=torch.float64, device=device)
             continue
-        losses = per_sequence_loss(model, batch, chunk_tokens)
-        weights = weights.to(device)
-        totals[0] += (losses.double() * weights).sum()
-        totals[1] += weights.sum()
+        sums, counts = per_sequence_sums(model, batch, chunk_tokens)
+        weights = weights.to(device).double()
+        totals[0] += (sums.double() * weights).sum()
+        totals[1] += (counts.double() * weights).sum()
     model.train()
     dist.all_reduce(totals)
     # Through host_read, where the watchdog sees a rank waiting for the others (on a GPU the wait

@@ -23,9 +23,7 @@ from harness.config import Config
 from harness.data import PrefetchedBatches, TrainBatches
 from harness.data.batch import to_device
 from harness.errors import TrainingAborted
-from harness.model import (
-    next_token_loss,
-)
+from harness.model.loss import loss_sum_and_count
 from harness.numerics.diagnose import OverflowDiagnosis
 from harness.numerics.grad_scale import DeviceDecision, GradScaler, StepDecision
 from harness.numerics.optim import lr_at
@@ -51,6 +49,7 @@ from harness.train.evaluation import held_out_loss
 from harness.train.faults import FaultInjector
 from harness.train.rollback import roll_back
 from harness.train.rows import PendingStep, StepAgreement, Tally, pack_pending, read_rows
+from harness.train.schedule import eval_due, reads_after, save_due
 
 
 @dataclass
@@ -94,6 +93,8 @@ class Loop:
     """harness.Trainer(callbacks=...): told of every metrics row and every evaluation."""
     run_dir_claim: Optional[Claim] = None
     """Rank 0's hold on run.dir (harness.runtime.run_dir), kept for the life of the trainer."""
+    _local_loss: Optional[torch.Tensor] = None
+    """The last forward_backward's (loss sum, trained tokens) on this rank."""
 
     @property
     def tokens_per_step(self) -> int:
@@ -118,7 +119,7 @@ class Loop:
                 with self.counter or contextlib.nullcontext():
                     pending.append(self.train_step(step))
                     values = None
-                    if self._reads_after(step):
+                    if reads_after(cfg, step, self.start_step):
                         self._phase("read", step)
                         values = host_read(pack_pending(pending))
                 if self.counter is not None:
@@ -186,7 +187,7 @@ class Loop:
             if decision.spike:
                 spikes.append(step)
                 print0(self.info.rank, spike_warning(cfg.train.spike, step, row["loss"], decision.loss_median))
-            if row is read[-1][0] and cfg.eval.every and (step % cfg.eval.every == 0 or step == cfg.train.steps) \
+            if row is read[-1][0] and eval_due(cfg, step) \
                     and not (spikes and cfg.train.spike.action == "rollback"):
                 tally.eval_loss = row["eval_loss"] = self.evaluate(step)
                 for callback in self.callbacks:
@@ -209,8 +210,7 @@ class Loop:
         kill drill, and a stop signal (save, then True: the run ends here)."""
         cfg = self.cfg
         self.checkpointer.commit_if_written(agreed.saves_written)
-        every = cfg.checkpoint.every
-        saved = bool(every) and (step % every == 0 or step == cfg.train.steps)
+        saved = save_due(cfg, step)
         if saved:
             self.save_checkpoint(step, blocking=step == cfg.train.steps)
         self.faults.maybe_kill(step)
@@ -230,20 +230,6 @@ class Loop:
         values = host_read(pack_pending(pending))
         return self._rows(pending, values, time.perf_counter() - started)[0]
 
-    def _reads_after(self, step: int) -> bool:
-        """Steps after which the host reads the device: the first, every log.every-th, the last,
-        and those where it acts (checkpoint, evaluation, a kill drill). The same on every rank,
-        so a stop signal or an abort is acted on by all ranks at the same step."""
-        cfg = self.cfg
-
-        def due(every: int) -> bool:
-            return bool(every) and step % every == 0
-
-        return (
-            step in (self.start_step + 1, cfg.train.steps, cfg.faults.kill_at_step)
-            or due(cfg.log.every) or due(cfg.checkpoint.every) or due(cfg.eval.every)
-        )
-
     def train_step(self, step: int) -> "PendingStep":
         """Issue one optimizer step; nothing here waits for the device (FSDP2)."""
         lr = lr_at(step, self.cfg.train)
@@ -261,6 +247,8 @@ class Loop:
             host_fields={
                 "tokens": self.batches.consumed_after(step) * self.cfg.train.seq_len,
                 **({"tokens_by_source": by_source} if (by_source := self.batches.tokens_by_source(step)) else {}),
+                **({"packing_efficiency": filled} if (filled := self.batches.packing_efficiency(step)) is not None
+                   else {}),
                 "mem_gb": peak_memory_gb(self.device),
                 "mem_reserved_gb": peak_reserved_gb(self.device),
                 "host_mem_gb": host_peak_gb(),
@@ -269,8 +257,7 @@ class Loop:
 
     def _rows(self, pending: list[PendingStep], values: list[float], window_s: float
               ) -> list[tuple[dict, StepDecision, StepAgreement]]:
-        return read_rows(pending, values, window_s, world_size=self.info.world_size,
-                         tokens_per_step=self.tokens_per_step, mfu=self._mfu, skipped_batches=self.skipped_batches,
+        return read_rows(pending, values, window_s, tokens_per_step=self.tokens_per_step, mfu=self._mfu, skipped_batches=self.skipped_batches,
                          diagnosis=self.diagnosis)
 
     def save_checkpoint(self, step: int, blocking: bool = True) -> Optional[Path]:
@@ -300,27 +287,42 @@ class Loop:
             print0(self.info.rank, f"warning: {exc}")
 
     def forward_backward(self, step: int, loss_scale: Optional[torch.Tensor]) -> torch.Tensor:
-        """Accumulate this rank's gradients for step `step`; returns its mean (unscaled) loss."""
+        """Accumulate this rank's gradients for step `step`. Returns, on the device and unread,
+        (summed loss of this rank's trained tokens, their count).
+
+        The loss of a step is the mean over every trained token of the global batch, however the
+        tokens fall on ranks and micro-batches (prompts and padding carry none). Backward runs on
+        each micro-batch's summed loss divided by the tokens a rank would train if every one
+        counted (a constant); the shared decision, whose all-reduce carries the true global count,
+        turns the gradient into the global mean's (harness.numerics.grad_scale)."""
         self._phase("data", step)
         micro_batches = (self.prefetched or self.batches).micro_batches(step)
-        loss_sum = torch.zeros((), device=self.device)
+        sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         for i, batch in enumerate(micro_batches):
             self._phase("forward", step)
             self.faults.maybe_hang(step)
-            loss = self.micro_batch_loss(to_device(batch, self.device, non_blocking=True))
-            loss = self.faults.scale_loss(step, loss)
+            total, count = self.micro_batch_loss(to_device(batch, self.device, non_blocking=True))
+            total = self.faults.scale_loss(step, total)
             last = i == len(micro_batches) - 1
             self._phase("backward", step)
-            self.backend.backward(loss / len(micro_batches), loss_scale, last_micro_batch=last)
-            loss_sum += loss.detach()
-        return loss_sum / len(micro_batches)
+            self.backend.backward(total / self.nominal_tokens_per_rank, loss_scale, last_micro_batch=last)
+            sums += torch.stack([total.detach().double(), torch.as_tensor(count, device=self.device).double()])
+        self._local_loss = sums
+        return sums
+
+    @property
+    def nominal_tokens_per_rank(self) -> int:
+        """Predictions per rank and step if every token were trained."""
+        shape = self.batches.shape
+        return shape.micro_batch_size * shape.grad_accum * self.cfg.train.seq_len
 
     def _phase(self, phase: str, step: int) -> None:
         if self.watchdog is not None:
             self.watchdog.enter(phase, step)
 
     def apply_gradients(self, step: int, lr: float, local_loss: Optional[torch.Tensor] = None) -> DeviceDecision:
-        """Decide, then step or skip, all on the device (for FSDP2); returns the decision unread."""
+        """Decide, then step or skip, all on the device (for FSDP2); returns the decision unread.
+        local_loss: what forward_backward returned (default: its last result)."""
         decision = self.unscale_and_clip(step, local_loss)
         self._phase("step", step)
         self.backend.apply_decision(decision, lr)
@@ -334,14 +336,15 @@ class Loop:
         corrupted = self.faults.maybe_corrupt(step, grads)
         if corrupted:
             self._warn(f"step {step}: fault injected: {corrupted}")
-        return self.scaler.decide(grads, counted=self.backend.primary_copy, loss=local_loss)
+        local_loss = self._local_loss if local_loss is None else local_loss
+        return self.scaler.decide(grads, counted=self.backend.primary_copy, loss_and_tokens=local_loss,
+                                  nominal_tokens=self.nominal_tokens_per_rank * self.info.world_size)
 
-    def micro_batch_loss(self, batch) -> torch.Tensor:
-        """This rank's mean loss over one micro-batch (what backward differentiates)."""
+    def micro_batch_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
+        """This rank's summed loss over one micro-batch's trained tokens, and their count."""
         if self.loss_fn is None:
-            return next_token_loss(self.backend.model, batch, self.cfg.train.loss_chunk_tokens)
-        total, tokens = self.loss_fn(self.backend.model, batch)
-        return total / tokens
+            return loss_sum_and_count(self.backend.model, batch, self.cfg.train.loss_chunk_tokens)
+        return self.loss_fn(self.backend.model, batch)
 
     def evaluate(self, step: int = 0) -> float:
         """Mean loss over the fixed held-out sequences (harness.train.evaluation), after step `step`."""
@@ -351,21 +354,23 @@ class Loop:
                              self.cfg.train.loss_chunk_tokens)
 
     def mean_loss(self, local_loss: torch.Tensor) -> float:
-        """The mean over ranks of this step's loss, read now (a collective and a sync: for tests
-        and tools that drive steps one by one; fit() reads it with the step's other values)."""
-        return host_read(self._agree_at_step_end(local_loss))[0] / self.info.world_size
+        """This step's loss (the mean over the global batch's trained tokens), read now (a
+        collective and a sync: for tests and tools that drive steps one by one; fit() reads it
+        with the step's other values)."""
+        loss_sum, tokens = host_read(self._agree_at_step_end(local_loss))[:2]
+        return loss_sum / max(tokens, 1.0)
 
     def _agree_at_step_end(self, local_loss: torch.Tensor) -> torch.Tensor:
         """One all-reduce carries everything the ranks must agree on after a step: the summed
-        loss, whether any rank received a stop signal (signals reach ranks at different moments),
-        and whether any rank is still writing a background checkpoint. Issued every step, read
-        with the step's other values (fills from host values need no read)."""
-        values = torch.zeros(3, dtype=torch.float64, device=self.device)
-        values[0] = local_loss.detach()
+        loss and trained tokens, whether any rank received a stop signal (signals reach ranks at
+        different moments), and whether any rank is still writing a background checkpoint. Issued
+        every step, read with the step's other values (fills from host values need no read)."""
+        values = torch.zeros(4, dtype=torch.float64, device=self.device)
+        values[:2] = local_loss.detach()
         if self.stop is not None and self.stop.received:
-            values[1] = 1.0
-        if self.checkpointer.writing:
             values[2] = 1.0
+        if self.checkpointer.writing:
+            values[3] = 1.0
         dist.all_reduce(values)
         return values
 

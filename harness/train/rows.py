@@ -26,6 +26,9 @@ class StepAgreement:
     """No rank is still writing a background checkpoint: the one in flight can be committed."""
 
 
+AGREEMENT_WIDTH = 4
+
+
 @dataclass
 class PendingStep:
     """A step the host has issued but not yet read: its values stay on the device until then."""
@@ -34,7 +37,7 @@ class PendingStep:
     lr: float
     decision: DeviceDecision
     agreement: torch.Tensor
-    """All-reduced (loss sum, stop flag, still-writing flag), fp64."""
+    """All-reduced (loss sum, trained tokens, stop flag, still-writing flag), fp64."""
     host_fields: dict
     """Metrics known on the host when the step was issued (tokens, memory peaks, counters)."""
 
@@ -43,7 +46,7 @@ class PendingStep:
 
     @property
     def packed_width(self) -> int:
-        return 3 + self.decision.packed_width
+        return AGREEMENT_WIDTH + self.decision.packed_width
 
 
 def pack_pending(pending: list[PendingStep]) -> torch.Tensor:
@@ -69,7 +72,7 @@ class Tally:
             self.steady_time += row["step_time_s"]
 
 
-def read_rows(pending: list[PendingStep], values: list[float], window_s: float, *, world_size: int,
+def read_rows(pending: list[PendingStep], values: list[float], window_s: float, *,
               tokens_per_step: int, mfu: Callable[[float], Optional[float]], skipped_batches: int,
               diagnosis: OverflowDiagnosis) -> list[tuple[dict, StepDecision, StepAgreement]]:
     """Metrics rows of the steps read together (`values` is pack_pending(pending), read), each
@@ -80,17 +83,18 @@ def read_rows(pending: list[PendingStep], values: list[float], window_s: float, 
     rows, offset = [], 0
     for item in pending:
         width = item.packed_width
-        loss_sum, stopping, writing, *decided = values[offset:offset + width]
+        loss_sum, trained, stopping, writing, *decided = values[offset:offset + width]
         offset += width
         decision = item.decision.unpack(decided)
         row = {
             "step": item.step,
-            "loss": loss_sum / world_size,
+            "loss": loss_sum / max(trained, 1.0),
             "lr": item.lr,
             "grad_norm": decision.grad_norm,
             "loss_scale": decision.loss_scale,
             "skipped": decision.skipped,
             "tokens": item.host_fields["tokens"],
+            "trained_tokens": int(trained),
             "tokens_per_s": tokens_per_s,
             "mfu": mfu(tokens_per_s),
             **{k: v for k, v in item.host_fields.items() if k != "tokens"},

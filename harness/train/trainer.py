@@ -72,6 +72,7 @@ class Trainer:
         joined = False
         try:
             info = dist.rank_info_from_env()
+            cfg.data.tokenizer = cfg.tokenizer_ref()  # a Config built in Python, not by load_config
             validate_for_world(cfg, info.world_size)
             if torch.distributed.is_initialized():
                 device = dist.device_for(info, torch.distributed.get_backend())

@@ -52,9 +52,9 @@ def _rank_scenarios(run_root: str) -> dict:
         local_loss = trainer.forward_backward(step, loss_scale=None)
         unsharded.append(global_grad_norm())
         decision = trainer.apply_gradients(step, lr_at(step, cfg.train)).read()
-        loss = local_loss.detach().reshape(1).double()
-        dist.all_reduce(loss)
-        losses.append(loss.item() / info.world_size)
+        loss_and_tokens = local_loss.detach().double()
+        dist.all_reduce(loss_and_tokens)
+        losses.append((loss_and_tokens[0] / loss_and_tokens[1]).item())
         norms.append(decision.grad_norm)
     out.update(fp32_losses=losses, fp32_norms=norms, fp32_unsharded=unsharded, fp32_clipped=clipped)
 

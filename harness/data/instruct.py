@@ -1,0 +1,298 @@
+"""Instruction data: chat conversations or prompt/completion pairs -> tokenized examples whose
+trained tokens are marked, prepared once per filesystem like the text corpora (prepare.py).
+
+data.format=chat: rows hold `messages` (data.messages_field), a list of {role, content} with
+roles system/user/assistant/tool, rendered by the tokenizer's chat template (or the Jinja file
+data.chat_template). The tokens of each assistant turn, as the template renders it (its
+end-of-turn token included, so the model learns to stop), carry loss under data.train_on=assistant;
+every other token is context. Spans are found by rendering the conversation up to each assistant
+turn (with the generation prompt) and through it: the difference is the turn, whatever the
+template's markup, so no {% generation %} marks are needed.
+
+data.format=prompt_completion: rows hold `prompt` and `completion` (data.prompt_field,
+data.completion_field): strings (the prompt tokenized as the tokenizer does, the completion
+after it, then EOS), or lists of messages (rendered as a conversation).
+
+On disk (a folder per cache key): tokens.bin, trained.bin (one byte per token), ends.bin (int64:
+where each example ends) and index.json with what was truncated or dropped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator, Optional
+
+import numpy as np
+
+from harness.config import DataConfig
+from harness.data.prepare import cache_dir, token_dtype
+from harness.data.sources import Source, find_source
+from harness.errors import HarnessError, first_line
+from harness.runtime.locks import file_lock
+from harness.runtime.process import process_alive
+
+INSTRUCTION_FORMATS = ("chat", "prompt_completion")
+ROLES = ("system", "user", "assistant", "tool")
+VERSION = 1
+_CHUNK_EXAMPLES = 1024
+
+
+@dataclass
+class Examples:
+    """Prepared examples, memory-mapped: example i is tokens[starts[i]:ends[i]]."""
+
+    tokens: np.ndarray
+    trained: np.ndarray
+    ends: np.ndarray
+    index: dict
+    folder: Path
+
+    def __len__(self) -> int:
+        return len(self.ends)
+
+    @property
+    def starts(self) -> np.ndarray:
+        return np.concatenate([[0], self.ends[:-1]]).astype(np.int64)
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(np.concatenate([[0], self.ends])).astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------------
+# One row -> (token ids, trained flags)
+
+
+def load_chat_template(tokenizer: Any, template_file: str, tokenizer_ref: str) -> None:
+    """data.chat_template replaces the tokenizer's template; without either, chat cannot render."""
+    if template_file:
+        path = Path(os.path.expanduser(template_file))
+        if not path.is_file():
+            raise HarnessError(f"data.chat_template {template_file!r} does not exist; point it at a Jinja file")
+        tokenizer.chat_template = path.read_text()
+    if not getattr(tokenizer, "chat_template", None):
+        raise HarnessError(f"data.tokenizer {tokenizer_ref!r} has no chat template; set data.chat_template to a "
+                           "Jinja file (the template of the model you fine-tune)")
+
+
+def _render(tokenizer: Any, messages: list, generation_prompt: bool) -> str:
+    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+
+
+def chat_example(tokenizer: Any, messages: Any, train_on: str, where: str,
+                 first_trained: int = 0) -> Optional[tuple[list[int], list[bool]]]:
+    """A conversation's tokens and which carry loss (the assistant turns from message
+    `first_trained` on); None when it has no assistant turn to train on (train_on=assistant).
+    Bad rows are one-line errors naming `where`."""
+    if not isinstance(messages, list) or not messages:
+        raise HarnessError(f"{where}: messages must be a non-empty list of {{role, content}}, got "
+                           f"{type(messages).__name__}")
+    for message in messages:
+        if not isinstance(message, dict) or "role" not in message:
+            raise HarnessError(f"{where}: each message must be a {{role, content}} object, got {str(message)[:60]!r}")
+        if message["role"] not in ROLES:
+            raise HarnessError(f"{where}: unknown role {message['role']!r}; roles are {', '.join(ROLES)}")
+    turns = [i for i, message in enumerate(messages) if message["role"] == "assistant" and i >= first_trained]
+    if train_on == "assistant" and not turns:
+        return None
+    text = _render(tokenizer, messages, generation_prompt=False)
+    spans = []
+    for i in turns:
+        before = _render(tokenizer, messages[:i], generation_prompt=True)
+        through = _render(tokenizer, messages[:i + 1], generation_prompt=False)
+        if not (text.startswith(through) and through.startswith(before)) or len(through) == len(before):
+            raise HarnessError(f"{where}: the chat template renders no assistant span for turn {i + 1} (rendering the "
+                               "conversation up to a turn is not a prefix of rendering all of it); use a template "
+                               "that renders each turn after the ones before it (data.chat_template)")
+        spans.append((len(before), len(through)))
+    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
+    if train_on == "all":
+        return ids, [True] * len(ids)
+    trained = [any(start <= begin < end for start, end in spans) for begin, _ in offsets]
+    return ids, trained
+
+
+def prompt_completion_example(tokenizer: Any, prompt: Any, completion: Any, train_on: str,
+                              where: str) -> tuple[list[int], list[bool]]:
+    """Strings: the prompt as the tokenizer encodes text (its BOS, if any), the completion and EOS.
+    Lists of messages: the conversation prompt + completion, trained on the completion's turns."""
+    if isinstance(prompt, list) and isinstance(completion, list):
+        if not getattr(tokenizer, "chat_template", None):
+            raise HarnessError(f"{where}: prompt and completion are messages but the tokenizer has no chat template; "
+                               "set data.chat_template to a Jinja file")
+        example = chat_example(tokenizer, prompt + completion, train_on, where, first_trained=len(prompt))
+        if example is None:
+            raise HarnessError(f"{where}: the completion has no assistant message")
+        return example
+    if not isinstance(prompt, str) or not isinstance(completion, str):
+        raise HarnessError(f"{where}: prompt and completion must both be strings (or both lists of messages), got "
+                           f"{type(prompt).__name__} and {type(completion).__name__}")
+    prompt_ids = tokenizer(prompt)["input_ids"]
+    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    if tokenizer.eos_token_id is not None:
+        completion_ids = completion_ids + [tokenizer.eos_token_id]
+    trained = [train_on == "all"] * len(prompt_ids) + [True] * len(completion_ids)
+    return prompt_ids + completion_ids, trained
+
+
+# --------------------------------------------------------------------------------------------
+# Reading rows
+
+
+def instruction_source(cfg: DataConfig) -> Source:
+    """data.path as rows (JSONL, JSON, parquet or a hub dataset); plain text is refused."""
+    fmt = "auto"
+    source = find_source(cfg, cfg.path, fmt, cfg.text_field)
+    if source.builder == "text":
+        raise HarnessError(f"data.format={cfg.format} reads rows (JSONL, JSON, parquet or a hub dataset), but data.path "
+                           f"{cfg.path!r} is plain text; use data.format=text, or point data.path at rows of "
+                           f"{'messages' if cfg.format == 'chat' else 'prompt/completion'}")
+    return source
+
+
+def _rows(source: Source) -> Iterator[tuple[str, dict]]:
+    """(where, row) in the source's order, streamed (no file held whole)."""
+    import datasets
+
+    try:
+        if source.is_local:
+            rows = datasets.load_dataset(source.builder, data_files=list(source.files), split="train", streaming=True)
+        else:
+            kwargs = {"name": source.hub_name} if source.hub_name else {}
+            rows = datasets.load_dataset(source.builder, split=source.split, streaming=True, **kwargs)
+        for i, row in enumerate(rows):
+            yield f"row {i + 1} of data.path {source.path!r}", row
+    except HarnessError:
+        raise
+    except Exception as exc:  # datasets/pyarrow raise many types for unreadable files
+        raise HarnessError(f"data.path {source.path!r} could not be read ({first_line(exc)}); check the file "
+                           "(a corrupt parquet/json file?) or point data.path elsewhere") from None
+
+
+def _example(cfg: DataConfig, tokenizer: Any, where: str, row: dict) -> Optional[tuple[list[int], list[bool]]]:
+    if cfg.format == "chat":
+        if cfg.messages_field not in row:
+            raise HarnessError(f"{where} has no {cfg.messages_field!r} (columns: {', '.join(row)}); data.format=chat "
+                               "reads a list of {role, content} messages per row (data.messages_field)")
+        return chat_example(tokenizer, row[cfg.messages_field], cfg.train_on, where)
+    for name in (cfg.prompt_field, cfg.completion_field):
+        if name not in row:
+            raise HarnessError(f"{where} has no {name!r} (columns: {', '.join(row)}); data.format=prompt_completion "
+                               "reads data.prompt_field and data.completion_field")
+    return prompt_completion_example(tokenizer, row[cfg.prompt_field], row[cfg.completion_field], cfg.train_on, where)
+
+
+# --------------------------------------------------------------------------------------------
+# Preparing (cached, crash-safe, shared like prepare.py's corpora)
+
+
+def examples_key(cfg: DataConfig, source: Source, tokenizer: Any, seq_len: int) -> str:
+    fields = [cfg.format, cfg.messages_field, cfg.prompt_field, cfg.completion_field, cfg.train_on, cfg.overlong]
+    blob = json.dumps([VERSION, source.identity(), tokenizer.name_or_path, len(tokenizer),
+                       getattr(tokenizer, "chat_template", None), fields, seq_len], default=str)
+    return "examples-" + hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+def prepare_examples(cfg: DataConfig, tokenizer: Any, seq_len: int, log=print) -> Examples:
+    """The prepared examples of data.path: from the cache, or built now under the key's lock."""
+    source = instruction_source(cfg)
+    root = cache_dir(cfg)
+    key = examples_key(cfg, source, tokenizer, seq_len)
+    folder = root / key
+    if not (folder / "index.json").exists():
+        with file_lock(root / f"{key}.lock", wait_s=cfg.wait_timeout_s,
+                       on_wait=lambda holder: log(f"data: waiting for {holder or 'another process'} to prepare "
+                                                  f"{cfg.path} ({folder})")):
+            if not (folder / "index.json").exists():
+                _build(cfg, source, tokenizer, seq_len, root, key, log)
+    return open_examples(folder)
+
+
+def _build(cfg: DataConfig, source: Source, tokenizer: Any, seq_len: int, root: Path, key: str, log) -> None:
+    host = socket.gethostname()
+    for stale in root.glob(f"{key}.tmp-{host}-*"):
+        pid = stale.name.rpartition("-")[2]
+        if pid.isdigit() and not process_alive(int(pid)):
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = root / f"{key}.tmp-{host}-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    try:
+        index = _write(cfg, source, tokenizer, seq_len, staging, key)
+        os.rename(staging, root / key)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    log(f"data: prepared {index['examples']:,} examples of {cfg.path} ({index['tokens']:,} tokens, "
+        f"{index['trained_tokens']:,} trained); {describe_dropped(index)}")
+
+
+def describe_dropped(index: dict) -> str:
+    parts = [f"{index['truncated']:,} truncated" if index["truncated"] else "",
+             f"{index['dropped_overlong']:,} dropped as longer than train.seq_len" if index["dropped_overlong"] else "",
+             f"{index['dropped_untrained']:,} dropped with nothing to train on" if index["dropped_untrained"] else ""]
+    said = ", ".join(part for part in parts if part)
+    return said or "none truncated or dropped"
+
+
+def _write(cfg: DataConfig, source: Source, tokenizer: Any, seq_len: int, folder: Path, key: str) -> dict:
+    dtype = token_dtype(len(tokenizer))
+    counts = {"rows": 0, "truncated": 0, "dropped_overlong": 0, "dropped_untrained": 0}
+    total = trained_total = 0
+    ends: list[int] = []
+    digest = hashlib.sha256()
+    with open(folder / "tokens.bin", "wb") as tokens_file, open(folder / "trained.bin", "wb") as trained_file, \
+            open(folder / "ends.bin", "wb") as ends_file:
+        for where, row in _rows(source):
+            counts["rows"] += 1
+            example = _example(cfg, tokenizer, where, row)
+            truncated = example is not None and len(example[0]) > seq_len
+            if truncated and cfg.overlong == "drop":
+                counts["dropped_overlong"] += 1
+                continue
+            if truncated:
+                example = (example[0][:seq_len], example[1][:seq_len])
+            # The first token of an example is never a target (nothing before it in its row).
+            if example is None or not any(example[1][1:]):
+                counts["dropped_untrained"] += 1
+                continue
+            counts["truncated"] += truncated
+            ids = np.asarray(example[0], dtype=dtype)
+            flags = np.asarray(example[1], dtype=np.uint8)
+            tokens_file.write(ids.tobytes())
+            trained_file.write(flags.tobytes())
+            digest.update(ids.tobytes())
+            digest.update(flags.tobytes())
+            total += len(ids)
+            trained_total += int(flags[1:].sum())
+            ends.append(total)
+            if len(ends) >= _CHUNK_EXAMPLES:
+                ends_file.write(np.asarray(ends, dtype=np.int64).tobytes())
+                ends = []
+        ends_file.write(np.asarray(ends, dtype=np.int64).tobytes())
+    examples = counts["rows"] - counts["dropped_overlong"] - counts["dropped_untrained"]
+    if examples == 0:
+        what = "has no rows" if counts["rows"] == 0 else "left no example to train on"
+        raise HarnessError(f"data.path {cfg.path!r} {what}: of {counts['rows']:,} rows, "
+                           f"{describe_dropped({**counts, 'truncated': 0})} (no assistant turn, or none within "
+                           "train.seq_len); check data.train_on, data.overlong and train.seq_len")
+    index = {"key": key, "dtype": dtype.name, "vocab_size": len(tokenizer), "examples": examples, "tokens": total,
+             "trained_tokens": trained_total, "sha256": digest.hexdigest(), **counts}
+    (folder / "index.json").write_text(json.dumps(index, indent=1))
+    return index
+
+
+def open_examples(folder: Path) -> Examples:
+    index = json.loads((folder / "index.json").read_text())
+    dtype = np.dtype(index["dtype"])
+    tokens = np.memmap(folder / "tokens.bin", dtype=dtype, mode="r")
+    trained = np.memmap(folder / "trained.bin", dtype=np.uint8, mode="r")
+    ends = np.fromfile(folder / "ends.bin", dtype=np.int64)
+    return Examples(tokens, trained, ends, index, folder)
