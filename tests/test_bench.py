@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -75,3 +76,10 @@ def test_prepare_data_bench_quick_form(tmp_path):
     out = _run([sys.executable, "bench/prepare_data.py", "--megabytes", "2", "--workdir", str(tmp_path)], tmp_path)
     assert "| corpus | tokens | prepare-data tokens/s | tokenizer alone tokens/s |" in out
     assert "| 2 MB |" in out and "| 4 MB |" in out
+
+
+def test_export_memory_bench_quick_form_prints_its_table(tmp_path):
+    out = _run([sys.executable, "bench/export_memory.py", "--quick"], tmp_path)
+    assert "| export | peak above start, GiB | / fp32 model |" in out
+    for row in ("| fp32, one file |", "| bf16, one file |", "| fp32, 1 GiB shards |"):
+        assert row in out, row

@@ -1,78 +1,195 @@
-"""A checkpoint as a Hugging Face folder (`harness export`).
+"""A checkpoint as a Hugging Face folder (`harness export`), streamed tensor by tensor.
 
-Assembles the fp32 master weights from every rank's shard file of a harness checkpoint (any
-backend, any world size, no GPU and no process group needed) into a Hugging Face folder:
-config.json, model.safetensors and the tokenizer files. Every parameter of the model must be
-fully covered by the checkpoint, and the folder is loaded back with AutoModelForCausalLM and
-compared tensor by tensor before the command reports success: nothing is dropped silently.
+The fp32 master weights are read from every rank's shard file of a harness checkpoint (any
+backend, any world size, no GPU and no process group needed), one parameter at a time, converted
+to the export dtype and written into safetensors shards (model-0000i-of-0000n.safetensors and
+their index, as `save_pretrained` lays them out) whose headers are known before any weight is
+read: the process holds one tensor at a time, never the model, so a 70B export needs a few GB of
+memory, not 280. Beside the weights: config.json, generation_config.json and the tokenizer the run
+trained with (its chat template included). The model's expected parameters (a skeleton on the meta
+device) must be covered exactly, and the written files are read back and compared with the
+checkpoint tensor by tensor, again one at a time: nothing is dropped silently.
 """
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
+from typing import Optional
 
 import yaml
 
 from harness.errors import HarnessError
 
 DTYPES = ("fp32", "bf16", "fp16")
+DEFAULT_SHARD_GB = 5.0
+"""save_pretrained's default max_shard_size."""
+_COMPARE_ELEMENTS = 1 << 22
 
 
-def export(checkpoint: Path, out_dir: Path, dtype_name: str, verify: bool = True) -> int:
+def export(checkpoint: Path, out_dir: Path, dtype_name: str, verify: bool = True,
+           shard_gb: float = DEFAULT_SHARD_GB) -> int:
     """Writes the folder; returns the number of parameter tensors exported."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
 
     from harness.checkpoint import ShardReader, read_manifest
     from harness.checkpoint import verify as verify_checkpoint
-    from harness.data import load_tokenizer
 
     _refuse_custom_model(checkpoint)
     problem = verify_checkpoint(checkpoint)
     if problem:
         raise HarnessError(f"cannot export {checkpoint}: {problem}")
-    manifest = read_manifest(checkpoint)
-    reader = ShardReader(checkpoint, manifest)
+    reader = ShardReader(checkpoint, read_manifest(checkpoint))
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
+    config, names = _expected_parameters(checkpoint, reader)
+    shards = _plan_shards([(name, reader.shapes[name]) for name in names], dtype, shard_gb)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    _write_weights(out_dir, shards, reader, dtype)
+    config.dtype = dtype
+    config.use_cache = True  # training turned the cache off; generation wants it
+    config.save_pretrained(out_dir)
+    run_config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    _write_generation_config(out_dir, config, run_config)
+    _write_tokenizer(out_dir, run_config)
+    if verify:
+        _compare(out_dir, shards, reader, dtype)
+    return len(names)
+
+
+def _expected_parameters(checkpoint: Path, reader) -> tuple[object, list[str]]:
+    """The model's config and parameter names, from a skeleton on the meta device (no memory);
+    the checkpoint must hold exactly those."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     config = AutoConfig.from_pretrained(checkpoint / "model_config.json")
-    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    named = dict(model.named_parameters())
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    expected = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
     saved = set(reader.names())
-    missing = sorted(set(named) - saved)
+    missing = sorted(set(expected) - saved)
     if missing:
         raise HarnessError(f"{checkpoint.name} has no weights for {', '.join(missing[:3])}; refusing a partial export")
-    extra = sorted(saved - set(named))
+    extra = sorted(saved - set(expected))
     if extra:
         raise HarnessError(f"{checkpoint.name} holds {', '.join(extra[:3])}, which this model config lacks")
-    with torch.no_grad():
-        for name, param in named.items():
-            param.copy_(reader.full_tensor(name))
-    model = model.to(dtype)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out_dir)
-    run_config = yaml.safe_load((checkpoint / "config.yaml").read_text())
-    load_tokenizer(run_config["data"]["tokenizer"]).save_pretrained(out_dir)
-    if verify:
-        _compare(out_dir, named, dtype)
-    return len(named)
+    for name, shape in expected.items():
+        if tuple(reader.shapes[name]) != shape:
+            raise HarnessError(f"{checkpoint.name}: {name} is {tuple(reader.shapes[name])}, the model config says {shape}")
+    return config, list(expected)
 
 
-def _compare(out_dir: Path, expected: dict, dtype) -> None:
+def _plan_shards(tensors: list[tuple[str, tuple[int, ...]]], dtype, shard_gb: float) -> list[list[tuple]]:
+    """Tensors, in model order, cut into files of at most shard_gb (a tensor larger than that gets
+    a file of its own), as save_pretrained does."""
+    import math
+
     import torch
-    from transformers import AutoModelForCausalLM
 
-    loaded = dict(AutoModelForCausalLM.from_pretrained(out_dir, dtype=dtype).named_parameters())
-    for name, want in expected.items():
-        got = loaded.get(name)
-        if got is None or got.shape != want.shape or not torch.equal(got, want):
-            raise HarnessError(f"export check failed: {name} in {out_dir} differs from the checkpoint; report this bug")
+    limit = shard_gb * 2**30
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    shards: list[list[tuple]] = [[]]
+    size = 0
+    for name, shape in tensors:
+        nbytes = math.prod(shape) * itemsize
+        if shards[-1] and size + nbytes > limit:
+            shards.append([])
+            size = 0
+        shards[-1].append((name, dtype, tuple(shape)))
+        size += nbytes
+    return shards
+
+
+def _shard_names(count: int) -> list[str]:
+    if count == 1:
+        return ["model.safetensors"]
+    return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
+
+
+def _write_weights(out_dir: Path, shards: list[list[tuple]], reader, dtype) -> None:
+    from harness.checkpoint.staging import write_safetensors_streamed
+
+    for stale in list(out_dir.glob("model*.safetensors")) + list(out_dir.glob("model.safetensors.index.json")):
+        stale.unlink()  # a previous export's shards would be loaded beside these
+
+    def produce(name: str):
+        return reader.full_tensor(name).to(dtype)
+
+    files = _shard_names(len(shards))
+    weight_map, total = {}, 0
+    for file, layout in zip(files, shards):
+        size, _ = write_safetensors_streamed(out_dir / file, layout, produce, {"format": "pt"})
+        weight_map.update({name: file for name, _, _ in layout})
+        total += size
+    if len(files) > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def _compare(out_dir: Path, shards: list[list[tuple]], reader, dtype) -> None:
+    """Each written tensor, read back in pieces with positioned reads (a memory map would leave the
+    whole file resident), equals the checkpoint's, converted."""
+    import math
+
+    import torch
+
+    from harness.checkpoint.load import read_safetensors_range
+
+    for file, layout in zip(_shard_names(len(shards)), shards):
+        for name, _, shape in layout:
+            numel = math.prod(shape)
+            for start in range(0, numel, _COMPARE_ELEMENTS):
+                count = min(_COMPARE_ELEMENTS, numel - start)
+                want = torch.empty(count, dtype=torch.float32)
+                reader.read_into(name, start, "param", want)
+                if not torch.equal(read_safetensors_range(out_dir / file, name, dtype, start, count), want.to(dtype)):
+                    raise HarnessError(f"export check failed: {name} in {out_dir / file} differs from the checkpoint; "
+                                       "report this bug")
+
+
+def _write_generation_config(out_dir: Path, config, run_config: dict) -> None:
+    """The pretrained model's own generation_config.json (its end-of-turn tokens, sampling
+    defaults), else one derived from the model config."""
+    source = _pretrained_folder(run_config)
+    if source is not None and (source / "generation_config.json").is_file():
+        shutil.copyfile(source / "generation_config.json", out_dir / "generation_config.json")
+        return
+    from transformers import GenerationConfig
+
+    GenerationConfig.from_model_config(config).save_pretrained(out_dir)
+
+
+def _pretrained_folder(run_config: dict) -> Optional[Path]:
+    pretrained = (run_config.get("model") or {}).get("pretrained")
+    if not pretrained:
+        return None
+    from harness import assets
+
+    try:
+        return Path(assets.local_model_dir(assets.resolve_model(pretrained)))
+    except HarnessError:
+        return None  # a hub id this machine cannot reach: the derived generation config will do
+
+
+def _write_tokenizer(out_dir: Path, run_config: dict) -> None:
+    """The tokenizer the run trained with, and the chat template its data was rendered with."""
+    from harness.data import load_tokenizer
+
+    data = run_config.get("data") or {}
+    tokenizer = load_tokenizer(data.get("tokenizer") or (run_config.get("model") or {}).get("pretrained") or "")
+    template = data.get("chat_template")
+    if template:
+        path = Path(template).expanduser()
+        if not path.is_file():
+            raise HarnessError(f"the run's data.chat_template {template!r} is gone; put it back to export the template "
+                               "the model was trained with")
+        tokenizer.chat_template = path.read_text()
+    tokenizer.save_pretrained(out_dir)
 
 
 def _refuse_custom_model(checkpoint: Path) -> None:
     """A model from harness.Trainer(model=...) has no transformers config to export to."""
-    import json
-
     from harness.model.source import CUSTOM_MODEL_KEY
 
     described = checkpoint / "model_config.json"

@@ -4,6 +4,8 @@ pieces into this run's (see format.py for why any layout can read any other)."""
 from __future__ import annotations
 
 import json
+import os
+import struct
 from pathlib import Path
 from typing import Any, Optional
 
@@ -77,25 +79,40 @@ def _config_value(cfg_dict: dict, dotted: str) -> Any:
 
 
 class ShardReader:
-    """Reads any element range of any saved parameter, whichever ranks wrote it."""
+    """Reads any element range of any saved parameter, whichever ranks wrote it.
+
+    Data is read with positioned reads (pread) from offsets in the safetensors headers, not
+    through a memory map: mapped pages count in the process's resident memory once touched, so a
+    reader walking a whole checkpoint (an export, a resume) would otherwise look as large as it."""
 
     def __init__(self, path: Path, manifest: dict, only: Optional[list[str]] = None) -> None:
         """Every rank file of the checkpoint, or `only` those named."""
-        from safetensors import safe_open
-
         self.path = path
         self.files = [e["file"] for e in manifest["files"] if e["file"].endswith(".safetensors")]
         if only is not None:
             self.files = [name for name in self.files if name in only]
-        self.handles = []
+        self.fds: list[int] = []
+        self.layouts: list[dict] = []
+        """Per file: tensor key -> (absolute byte offset of its data, dtype)."""
         self.segments: dict[str, list[tuple[int, dict]]] = {}
         self.shapes: dict[str, tuple[int, ...]] = {}
         for i, name in enumerate(self.files):
-            handle = safe_open(str(path / name), framework="pt")
-            self.handles.append(handle)
-            for seg in json.loads(handle.metadata()["index"]):
+            fd = os.open(path / name, os.O_RDONLY)
+            self.fds.append(fd)
+            header, data_start = _safetensors_header(fd)
+            self.layouts.append({key: (data_start + entry["data_offsets"][0], entry["dtype"])
+                                 for key, entry in header.items() if key != "__metadata__"})
+            for seg in json.loads(header["__metadata__"]["index"]):
                 self.segments.setdefault(seg["name"], []).append((i, seg))
                 self.shapes[seg["name"]] = tuple(seg["shape"])
+
+    def close(self) -> None:
+        for fd in self.fds:
+            os.close(fd)
+        self.fds = []
+
+    def __del__(self) -> None:
+        self.close()
 
     def names(self) -> list[str]:
         return list(self.segments)
@@ -120,8 +137,7 @@ class ShardReader:
             if lo >= hi:
                 continue
             start = seg["at"] + lo - seg["offset"]
-            data = self.handles[i].get_slice(kind)[start : start + hi - lo]
-            out[lo - offset : hi - offset].copy_(data)
+            self._read(i, kind, start, out[lo - offset : hi - offset])
             covered += hi - lo
         if covered != out.numel():
             raise CheckpointError(
@@ -134,12 +150,61 @@ class ShardReader:
         self.read_into(name, 0, kind, out)
         return out.view(shape)
 
+    def _read(self, file: int, kind: str, start: int, out: torch.Tensor) -> None:
+        """Elements [start, start + len(out)) of tensor `kind` (fp32) of file `file`, into `out`:
+        directly where it is contiguous fp32 host memory, else through one host buffer."""
+        base, dtype = self.layouts[file][kind]
+        if dtype != "F32":
+            raise CheckpointError(f"{self.path / self.files[file]}: {kind} is {dtype}, not F32; was it written by harness?")
+        direct = out.device.type == "cpu" and out.dtype == torch.float32 and out.is_contiguous()
+        buffer = out if direct else torch.empty(out.numel(), dtype=torch.float32)
+        view = memoryview(buffer.detach().numpy()).cast("B")
+        done = 0
+        while done < len(view):
+            read = os.preadv(self.fds[file], [view[done:]], base + start * 4 + done)
+            if read == 0:
+                raise CheckpointError(f"{self.path / self.files[file]} ends early: the file is truncated")
+            done += read
+        if not direct:
+            out.copy_(buffer)
+
     def rng_state(self, rank: int, world_size: int, key: str) -> Optional[torch.Tensor]:
+        from safetensors import safe_open
+
         target = rank_file_name(rank, world_size)
         if target not in self.files:
             return None
-        handle = self.handles[self.files.index(target)]
-        return handle.get_tensor(key) if key in handle.keys() else None
+        with safe_open(str(self.path / target), framework="pt") as handle:
+            return handle.get_tensor(key) if key in handle.keys() else None
+
+
+def read_safetensors_range(path: Path, name: str, dtype: torch.dtype, start: int, count: int) -> torch.Tensor:
+    """Elements [start, start + count) of one tensor of a safetensors file (flattened), read with
+    positioned reads (no memory map)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        header, data_start = _safetensors_header(fd)
+        begin, end = header[name]["data_offsets"]
+        out = torch.empty(count, dtype=dtype)
+        view = memoryview(out.view(torch.uint8).numpy())
+        first = data_start + begin + start * out.element_size()
+        if first + len(view) > data_start + end:
+            raise CheckpointError(f"{path}: {name} holds {end - begin} bytes, fewer than asked for")
+        done = 0
+        while done < len(view):
+            read = os.preadv(fd, [view[done:]], first + done)
+            if read == 0:
+                raise CheckpointError(f"{path} ends early: the file is truncated")
+            done += read
+        return out
+    finally:
+        os.close(fd)
+
+
+def _safetensors_header(fd: int) -> tuple[dict, int]:
+    """A safetensors file's JSON header and the byte offset where its data starts."""
+    (length,) = struct.unpack("<Q", os.pread(fd, 8, 0))
+    return json.loads(os.pread(fd, length, 8)), 8 + length
 
 
 def check_compatible(path: Path, manifest: dict, cfg: Config, global_batch: int) -> None:

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import struct
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -88,11 +90,20 @@ class HostStaging:
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[int, str]:
     """Write `tensors` (host, contiguous) as a safetensors file and fsync it; returns its size and
     sha256, computed from the bytes as they were written."""
+    layout = [(name, tensor.dtype, tuple(tensor.shape)) for name, tensor in tensors.items()]
+    return write_safetensors_streamed(path, layout, tensors.__getitem__, metadata)
+
+
+def write_safetensors_streamed(path: Path, layout: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                               produce: Callable[[str], torch.Tensor], metadata: dict[str, str]) -> tuple[int, str]:
+    """A safetensors file whose tensors are produced one at a time, in `layout` order (name,
+    dtype, shape), and dropped once written: the header is known from the layout alone, so no
+    more than one tensor is ever held. fsynced; returns its size and sha256."""
     header: dict = {}
     offset = 0
-    for name, tensor in tensors.items():
-        nbytes = tensor.numel() * tensor.element_size()
-        header[name] = {"dtype": _DTYPES[tensor.dtype], "shape": list(tensor.shape), "data_offsets": [offset, offset + nbytes]}
+    for name, dtype, shape in layout:
+        nbytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+        header[name] = {"dtype": _DTYPES[dtype], "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
     header["__metadata__"] = metadata
     encoded = json.dumps(header, separators=(",", ":")).encode()
@@ -102,20 +113,24 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
     # Hashing runs beside the writes, on the same slices in order (one worker keeps the order;
     # hashlib and file writes both release the GIL), so a save takes max(write, hash), not both.
     with open(path, "wb") as f, ThreadPoolExecutor(max_workers=1, thread_name_prefix="checkpoint-sha256") as hasher:
-        hashed = []
         for chunk in (struct.pack("<Q", len(encoded)), encoded):
             f.write(chunk)
             digest.update(chunk)
             size += len(chunk)
-        for tensor in tensors.values():
+        for name, dtype, shape in layout:
+            tensor = produce(name)
+            if tensor.dtype != dtype or tuple(tensor.shape) != tuple(shape):
+                raise ValueError(f"{name}: produced {tensor.dtype} {tuple(tensor.shape)}, the header says {dtype} {shape}")
             data = memoryview(tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy())
+            hashed = []
             for start in range(0, len(data), _SLICE):
                 chunk = data[start:start + _SLICE]
                 hashed.append(hasher.submit(digest.update, chunk))
                 f.write(chunk)
+            for update in hashed:  # before the tensor may be freed
+                update.result()
             size += len(data)
-        for update in hashed:
-            update.result()
+            del tensor, data
         f.flush()
         os.fsync(f.fileno())
     return size, digest.hexdigest()

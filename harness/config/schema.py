@@ -81,7 +81,11 @@ class EvalConfig:
     every: int = 0
     """Evaluate the validation loss every N steps and at the last step; 0 disables evaluation."""
     sequences: int = 64
-    """Held-out sequences per evaluation (the same ones every time, whatever the world size)."""
+    """Held-out sequences per evaluation (the same ones every time, whatever the world size); instruction data: held-out examples."""
+    prompts: list[Union[str, list[dict[str, Any]]]] = field(default_factory=list)
+    """Prompts the model completes greedily at every evaluation (printed, appended to run.dir/completions.jsonl, logged to wandb as a table): strings (one user turn through the chat template, raw text without one) or lists of {role, content} messages."""
+    max_new_tokens: int = 64
+    """Tokens generated per eval.prompts completion at most (it stops earlier at an end-of-turn token)."""
 
 
 @dataclass

@@ -48,6 +48,16 @@ def _train(cfg: Config) -> None:
 
 
 def _eval(cfg: Config) -> None:
+    for i, prompt in enumerate(cfg.eval.prompts):
+        messages = prompt if isinstance(prompt, list) else []
+        _require(isinstance(prompt, str) or (messages and all(
+            isinstance(m, dict) and m.get("role") in ("system", "user", "assistant", "tool")
+            and isinstance(m.get("content"), str) for m in messages)),
+            f"eval.prompts[{i}] must be a string or a list of {{role, content}} messages with roles "
+            f"system/user/assistant/tool (got {str(prompt)[:60]!r})")
+    _require(cfg.eval.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1 (got {cfg.eval.max_new_tokens})")
+    _require(not cfg.eval.prompts or cfg.eval.every > 0,
+             "eval.prompts are completed at each evaluation: set eval.every > 0, or remove eval.prompts")
     _require(cfg.eval.every >= 0, f"eval.every must be >= 0 (0 disables evaluation; got {cfg.eval.every})")
     _require(cfg.eval.sequences >= 1, f"eval.sequences must be >= 1 (got {cfg.eval.sequences})")
     _require(

@@ -37,9 +37,12 @@ class ModelSpec:
     """One-line remarks for the user (an attention kernel the model lacks, replaced)."""
 
 
-def model_spec(cfg: ModelConfig, vocab_size: int, seq_len: Optional[int] = None) -> ModelSpec:
+def model_spec(cfg: ModelConfig, vocab_size: int, seq_len: Optional[int] = None,
+               special_tokens: Optional[dict[str, Optional[int]]] = None) -> ModelSpec:
     """Resolve model.pretrained / model.config into a transformers config (no weights are read),
-    checked against the tokenizer's vocabulary and the training sequence length."""
+    checked against the tokenizer's vocabulary and the training sequence length. From scratch,
+    the tokenizer's bos/eos/pad ids (`special_tokens`) become the model's, unless model.config
+    sets them: an exported model then names its own tokenizer's tokens."""
     from transformers import AutoConfig
 
     if cfg.pretrained:
@@ -56,6 +59,8 @@ def model_spec(cfg: ModelConfig, vocab_size: int, seq_len: Optional[int] = None)
         kwargs = dict(cfg.config)
         model_type = kwargs.pop("model_type")
         kwargs.setdefault("vocab_size", padded_vocab(vocab_size, cfg.vocab_multiple_of))
+        for key, token_id in (special_tokens or {}).items():
+            kwargs.setdefault(key, token_id)
         try:
             hf_config = AutoConfig.for_model(model_type, **kwargs)
         except ValueError as exc:
@@ -79,6 +84,11 @@ def model_spec(cfg: ModelConfig, vocab_size: int, seq_len: Optional[int] = None)
     return ModelSpec(hf_config, pretrained_dir, cfg.checkpointing_mode(), cfg.selective_ac, notes)
 
 
+def special_token_ids(tokenizer: Any) -> dict[str, Optional[int]]:
+    """A tokenizer's bos/eos/pad ids, as a model config names them."""
+    return {f"{kind}_token_id": getattr(tokenizer, f"{kind}_token_id", None) for kind in ("bos", "eos", "pad")}
+
+
 def check_tokenizer_fits(hf_config: Any, tokenizer: Any, tokenizer_ref: str, model_ref: str) -> None:
     """A pretrained model trains on its own token ids: refuse a tokenizer whose vocabulary does not
     fit the model's embedding, or that lacks the model's special tokens (its bos/eos/pad ids are
@@ -96,6 +106,18 @@ def check_tokenizer_fits(hf_config: Any, tokenizer: Any, tokenizer_ref: str, mod
                 raise HarnessError(
                     f"model.pretrained {model_ref!r} has {field}={token_id}, which is not a special token of "
                     f"data.tokenizer {tokenizer_ref!r} ({len(tokenizer):,} tokens): the tokenizer is not the model's; {own}")
+
+
+def generation_eos(pretrained: Optional[str]) -> Any:
+    """The end-of-generation token ids of a pretrained model's generation_config.json (None: none)."""
+    if not pretrained:
+        return None
+    import json
+    from pathlib import Path
+
+    folder = Path(assets.local_model_dir(assets.resolve_model(pretrained)))
+    path = folder / "generation_config.json"
+    return json.loads(path.read_text()).get("eos_token_id") if path.is_file() else None
 
 
 def attention_kernel(requested: str, hf_config: Any) -> tuple[str, tuple[str, ...]]:

@@ -99,11 +99,13 @@ class CallableModel:
 
 
 def model_source(cfg: ModelConfig, vocab_size: int, seq_len: int,
-                 build: Optional[Callable[[], nn.Module]] = None, blocks: Optional[BlocksOf] = None) -> ModelSource:
-    """The user's callable if given, else the config's transformers model."""
+                 build: Optional[Callable[[], nn.Module]] = None, blocks: Optional[BlocksOf] = None,
+                 special_tokens: Optional[dict] = None) -> ModelSource:
+    """The user's callable if given, else the config's transformers model (from scratch: with the
+    tokenizer's `special_tokens` ids)."""
     if build is not None:
         return CallableModel(build, blocks, cfg)
-    return TransformersModel(model_spec(cfg, vocab_size, seq_len))
+    return TransformersModel(model_spec(cfg, vocab_size, seq_len, special_tokens))
 
 
 def _name_blocks(model: nn.Module, blocks: Optional[BlocksOf]) -> None:

@@ -39,7 +39,7 @@ RUN_ID_FILE = "wandb_run_id"
 
 
 class NullTracker:
-    def log(self, row: dict[str, Any]) -> None:
+    def log(self, row: dict[str, Any], completions: Optional[list[dict]] = None) -> None:
         pass
 
     def finish(self, exit_code: int = 0) -> None:
@@ -48,6 +48,8 @@ class NullTracker:
 
 class WandbTracker:
     def __init__(self, cfg: Config, resumed: bool) -> None:
+        self.completions: list[list] = []
+        """Every eval.prompts completion so far: (step, prompt, completion)."""
         run_dir = Path(cfg.run.dir)
         wandb_dir = Path(os.environ.get("WANDB_DIR") or run_dir)
         mode = choose_mode(cfg.log, wandb_dir)
@@ -97,9 +99,18 @@ class WandbTracker:
             print(f"wandb: re-logged steps {missing[0]['step']}..{missing[-1]['step']} that the interrupted "
                   "attempt had not recorded", flush=True)
 
-    def log(self, row: dict[str, Any]) -> None:
-        if self.run is not None:
-            self._guarded(self.run.log, row)
+    def log(self, row: dict[str, Any], completions: Optional[list[dict]] = None) -> None:
+        """A metrics row; with eval.prompts' completions, the table of every completion so far
+        (step, prompt, completion) under `completions`, in the same record."""
+        if self.run is None:
+            return
+        if completions:
+            import wandb
+
+            self.completions.extend([row["step"], c["prompt"], c["completion"]] for c in completions)
+            row = {**row, "completions": wandb.Table(columns=["step", "prompt", "completion"],
+                                                     data=[list(r) for r in self.completions])}
+        self._guarded(self.run.log, row)
 
     def finish(self, exit_code: int = 0) -> None:
         if self.run is not None:

@@ -14,13 +14,13 @@ from torch import nn
 from harness.checkpoint import Checkpointer, choose_resume, load_checkpoint
 from harness.config import Config, dump_yaml
 from harness.data import BatchShape, PrefetchedBatches, TrainBatches, eval_batches, load_corpus, load_tokenizer
-from harness.data.instruct import INSTRUCTION_FORMATS, describe_dropped
+from harness.data.instruct import INSTRUCTION_FORMATS, describe_dropped, load_chat_template
 from harness.data.packing import instruction_rows
 from harness.data.user import user_sequences
 from harness.errors import HarnessError
 from harness.model import flops_per_token, full_numel
 from harness.model.blocks import compile_blocks
-from harness.model.build import check_tokenizer_fits
+from harness.model.build import check_tokenizer_fits, generation_eos, special_token_ids
 from harness.model.loss import enable_chunked_loss
 from harness.model.source import BlocksOf, model_source
 from harness.numerics.diagnose import ForwardProbe, OverflowDiagnosis
@@ -39,6 +39,7 @@ from harness.runtime.run_dir import Claim, claim
 from harness.train.callbacks import Callback, LossFn
 from harness.train.faults import FaultInjector
 from harness.train.loop import Loop
+from harness.train.prompts import PromptSet, prompt_set
 
 
 def load_agreed_corpus(cfg: Config, info: RankInfo):
@@ -179,7 +180,9 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
     faults = FaultInjector(cfg.faults, info.rank)
     faults.maybe_hang(0, "setup")  # the drill of a rank that never finishes setting up
     data = _data(cfg, info, parts)
-    source = model_source(cfg.model, data.vocab_size, cfg.train.seq_len, parts.model, parts.blocks)
+    from_scratch = parts.model is None and not cfg.model.pretrained
+    specials = special_token_ids(load_tokenizer(cfg.data.tokenizer)) if from_scratch else None
+    source = model_source(cfg.model, data.vocab_size, cfg.train.seq_len, parts.model, parts.blocks, specials)
     if parts.model is None and cfg.model.pretrained:
         check_tokenizer_fits(source.spec.hf_config, load_tokenizer(cfg.data.tokenizer), cfg.data.tokenizer,
                              cfg.model.pretrained)
@@ -271,4 +274,14 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
         rollbacks=rollbacks,
         loss_fn=parts.loss,
         callbacks=tuple(parts.callbacks),
+        prompts=_prompts(cfg) if cfg.eval.prompts else None,
     )
+
+
+def _prompts(cfg: Config) -> PromptSet:
+    """eval.prompts with the run's tokenizer and chat template; generation stops where the
+    pretrained model's generation config says (its end-of-turn tokens), as `generate` would."""
+    tokenizer = load_tokenizer(cfg.data.tokenizer)
+    if cfg.data.chat_template:
+        load_chat_template(tokenizer, cfg.data.chat_template, cfg.data.tokenizer)
+    return prompt_set(cfg.eval.prompts, tokenizer, cfg.eval.max_new_tokens, generation_eos(cfg.model.pretrained))

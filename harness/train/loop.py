@@ -47,6 +47,7 @@ from harness.runtime.watchdog import Watchdog
 from harness.train.callbacks import Callback, LossFn
 from harness.train.evaluation import held_out_loss
 from harness.train.faults import FaultInjector
+from harness.train.prompts import PromptSet, complete_and_record
 from harness.train.rollback import roll_back
 from harness.train.rows import PendingStep, StepAgreement, Tally, pack_pending, read_rows
 from harness.train.schedule import eval_due, reads_after, save_due
@@ -93,6 +94,8 @@ class Loop:
     """harness.Trainer(callbacks=...): told of every metrics row and every evaluation."""
     run_dir_claim: Optional[Claim] = None
     """Rank 0's hold on run.dir (harness.runtime.run_dir), kept for the life of the trainer."""
+    prompts: Optional[PromptSet] = None
+    """eval.prompts, tokenized: completed at every evaluation."""
     _local_loss: Optional[torch.Tensor] = None
     """The last forward_backward's (loss sum, trained tokens) on this rank."""
 
@@ -182,6 +185,7 @@ class Loop:
         step the run continues after."""
         cfg = self.cfg
         spikes = []
+        completions = None
         for row, decision, _ in read:
             step = row["step"]
             if decision.spike:
@@ -192,8 +196,10 @@ class Loop:
                 tally.eval_loss = row["eval_loss"] = self.evaluate(step)
                 for callback in self.callbacks:
                     callback.on_eval(step, row["eval_loss"])
+                completions = self.complete_prompts(step)
             self.metrics.write(row)
-            self.tracker.log(row)
+            self.tracker.log(row, completions=completions)
+            completions = None
             for callback in self.callbacks:
                 callback.on_step_end(row)
             progress.update(row)
@@ -352,6 +358,14 @@ class Loop:
         self.faults.maybe_hang(step, "eval")
         return held_out_loss(self.backend.model, self.eval_data, self.device, self.loss_fn,
                              self.cfg.train.loss_chunk_tokens)
+
+    def complete_prompts(self, step: int) -> Optional[list[dict]]:
+        """eval.prompts completed by the model as it is now; rank 0 shows and records them."""
+        if self.prompts is None:
+            return None
+        self._phase("eval", step)
+        return complete_and_record(self.backend.model, self.prompts, self.device, step,
+                                   Path(self.cfg.run.dir) if self.info.is_main else None)
 
     def mean_loss(self, local_loss: torch.Tensor) -> float:
         """This step's loss (the mean over the global batch's trained tokens), read now (a

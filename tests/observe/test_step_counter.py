@@ -73,8 +73,9 @@ def test_fsdp2_collectives_per_step(counted):
         assert set(ops) == {"all_gather_into_tensor", "reduce_scatter_tensor", "all_reduce"}
         assert ops["all_gather_into_tensor"]["count"] == gathers
         assert ops["reduce_scatter_tensor"]["count"] == units
-        # ONE all-reduce for the decision (flag and norm together), ONE for the step-end agreement.
-        assert ops["all_reduce"] == {"count": 2, "bytes": 2 * 8 + 3 * 8, "groups": {"2": {"count": 2, "bytes": 2 * 8 + 3 * 8}}}
+        # ONE all-reduce for the decision (norm and flag, loss sum, trained tokens), ONE for the
+        # step-end agreement (loss sum, trained tokens, stop, still writing): fp64 each.
+        assert ops["all_reduce"] == {"count": 2, "bytes": 3 * 8 + 4 * 8, "groups": {"2": {"count": 2, "bytes": 3 * 8 + 4 * 8}}}
     once, every = counted["fsdp2_accum"][1]["collectives"], counted["fsdp2_accum_every"][1]["collectives"]
     assert once["all_gather_into_tensor"]["count"] == every["all_gather_into_tensor"]["count"] == 2 * gathers
     assert once["reduce_scatter_tensor"]["count"] == units

@@ -81,8 +81,10 @@ def test_host_memory_is_reported_per_row_and_per_rank_in_the_summary(first_steps
 def pretrained_folder(tmp_path_factory):
     """An fp32 Hugging Face folder (untied Llama, GPT-2 vocabulary) written by transformers."""
     folder = tmp_path_factory.mktemp("pretrained") / "llama"
+    # GPT-2's end-of-text as bos/eos, as a harness run from scratch with that tokenizer writes them.
     config = dict(model_type="llama", num_hidden_layers=2, hidden_size=32, intermediate_size=64,
-                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=64)
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=64,
+                  bos_token_id=50256, eos_token_id=50256)
     model = build_model(ModelConfig(config=config), vocab_size=GPT2_VOCAB, seed=11)
     # Values no bf16 can hold, so a master cloned from the bf16 module would show.
     with torch.no_grad():

@@ -113,3 +113,92 @@ def test_the_held_out_loss_is_the_independent_mean_over_assistant_tokens(runs):
     assert tokens > 50
     for key, got in ranks[0].items():
         assert got == pytest.approx(want, rel=1e-5), key
+
+
+# --------------------------------------------------------------------------------------------
+# Whole jobs, as a user starts them
+
+
+TINY_SFT = """
+# A 2-layer Llama from scratch with SmolLM2's tokenizer, on the chat data: the resume drill.
+train: {steps: 6, micro_batch_size: 2, grad_accum: 1, seq_len: 128, lr: 1.0e-3, warmup_steps: 0}
+precision: fp32
+model:
+  config: {model_type: llama, hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2,
+           num_attention_heads: 2, num_key_value_heads: 2, max_position_embeddings: 256}
+data: {path: bundled:shakespeare-chat, format: chat, tokenizer: bundled:smollm2-135m}
+eval: {every: 0}
+log: {every: 1, progress: "off"}
+"""
+
+
+def _job(run_dir: Path, config: str, *overrides: str, timeout: float = 900):
+    import subprocess
+
+    result = subprocess.run(["launch/local.sh", "2", config, f"run.dir={run_dir}", *overrides], cwd=ROOT,
+                            capture_output=True, text=True, timeout=timeout)
+    return result
+
+
+def _rows(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_killed_sft_run_resumes_with_the_same_losses(tmp_path):
+    config = tmp_path / "tiny-sft.yaml"
+    config.write_text(TINY_SFT)
+    cache = f"data.cache_dir={tmp_path / 'cache'}"
+    whole = _job(tmp_path / "whole", str(config), cache)
+    assert whole.returncode == 0, whole.stderr[-3000:]
+    killed = _job(tmp_path / "drill", str(config), cache, "checkpoint.every=3", "faults.kill_at_step=3")
+    assert killed.returncode != 0
+    resumed = _job(tmp_path / "drill", str(config), cache, "checkpoint.every=3", "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    want = {row["step"]: row for row in _rows(tmp_path / "whole")}
+    got = {row["step"]: row for row in _rows(tmp_path / "drill")}
+    assert sorted(got) == list(range(1, 7))
+    for step in range(1, 7):
+        assert got[step]["loss"] == pytest.approx(want[step]["loss"], rel=1e-6), step
+        assert got[step]["trained_tokens"] == want[step]["trained_tokens"]
+        assert 0 < got[step]["packing_efficiency"] <= 1
+    # Rows carry tokens that do not count: the trained ones are far fewer than the rows' tokens.
+    assert all(row["trained_tokens"] < row["tokens"] // row["step"] for row in want.values())
+
+
+def test_smollm2_fine_tune_learns_exports_and_generates_what_it_showed(tmp_path):
+    run_dir = tmp_path / "run"
+    result = _job(run_dir, SFT, "precision=fp32", "train.steps=8", "eval.every=4", "eval.sequences=8",
+                  "eval.max_new_tokens=12", "log.progress=off", f"data.cache_dir={tmp_path / 'cache'}")
+    assert result.returncode == 0, result.stderr[-3000:]
+    evals = [row["eval_loss"] for row in _rows(run_dir) if row.get("eval_loss") is not None]
+    assert len(evals) == 2 and evals[1] < evals[0]
+    assert "completions after step 8:" in result.stdout
+    shown = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in shown] == [4, 4, 8, 8]
+
+    # checkpoint.every is unset: the final step was saved all the same.
+    checkpoint = run_dir / "checkpoints" / "step-00000008"
+    out = tmp_path / "export"
+    import subprocess
+    import sys
+
+    exported = subprocess.run([sys.executable, "-m", "harness", "export", str(checkpoint), str(out)], cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert "read back and compared" in exported.stdout
+    assert {"generation_config.json", "tokenizer.json", "config.json", "model.safetensors"} <= {
+        p.name for p in out.iterdir()}
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    model = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
+    assert tokenizer.chat_template  # the model's own template came with it
+    from harness.config import load_config
+
+    prompt = load_config(SFT).eval.prompts[0]
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    generated = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    text = tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert text == shown[2]["completion"]
