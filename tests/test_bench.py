@@ -83,3 +83,10 @@ def test_export_memory_bench_quick_form_prints_its_table(tmp_path):
     assert "| export | peak above start, GiB | / fp32 model |" in out
     for row in ("| fp32, one file |", "| bf16, one file |", "| fp32, 1 GiB shards |"):
         assert row in out, row
+
+
+def test_prepare_memory_bench_quick_form_prints_every_layout(tmp_path):
+    out = _run([sys.executable, "bench/prepare_memory.py", "--quick"], tmp_path)
+    assert "| layout | tokens | peak PSS, whole tree | peak PSS, largest worker |" in out
+    for row in ("| 70 KB files |", "| 5 MB files |", "| one file |", "| JSONL, 5 MB rows |"):
+        assert row in out, row

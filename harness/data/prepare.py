@@ -260,7 +260,9 @@ def _init_worker(tokenizer_spec: str, eos: Optional[int], dtype: str) -> None:
         from tokenizers import Tokenizer
 
         backend = Tokenizer.from_str(tokenizer_spec)
-        _worker_tokenizer = lambda texts: [e.ids for e in backend.encode_batch(texts, add_special_tokens=False)]  # noqa: E731
+        # One piece at a time, without offsets: only one piece's Encoding is alive at once.
+        encode = getattr(backend, "encode_batch_fast", backend.encode_batch)
+        _worker_tokenizer = lambda texts: [encode([text], add_special_tokens=False)[0].ids for text in texts]  # noqa: E731
     else:
         from transformers import AutoTokenizer
 

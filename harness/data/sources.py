@@ -6,10 +6,12 @@ stream: a whole text file (as `datasets`' text builder with sample_by=document r
 UTF-8, universal newlines), or one row's text field (json, parquet, hub; read with `datasets` in
 streaming mode, so no row group or file is held whole).
 
-A text file larger than PIECE_CHARS is handed over in pieces cut at a pre-token boundary of the
-tokenizer (pretoken_cutter), which byte-level BPE tokenizers (GPT-2's, Llama 3's, SmolLM2's) never
-merge across, so the tokens are those of the whole file and memory stays bounded however large
-the file is. (SentencePiece tokenizers without such boundaries read a text file whole.)
+A document (a text file, or a row's text) larger than PIECE_CHARS is handed over in pieces cut at
+a pre-token boundary of the tokenizer (pretoken_cutter), which byte-level BPE tokenizers (GPT-2's,
+Llama 3's, SmolLM2's) never merge across, so the tokens are those of the whole document and memory
+stays bounded however large it is: a tokenizer's Encoding of a piece (ids, token strings, offsets,
+masks) is ~500 bytes a token, ~30 MB for a piece. (SentencePiece tokenizers without such
+boundaries read a document whole.)
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from harness.config import DataConfig
 from harness.errors import HarnessError, first_line
 
 FORMATS = {".txt": "text", ".md": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
-PIECE_CHARS = 8 << 20
+PIECE_CHARS = 256 << 10
 _READ_CHARS = 1 << 20
 _CUT_WINDOW = 1 << 14
 _CUT_MARGIN = 1 << 10
@@ -161,7 +163,20 @@ def iter_pieces(source: Source, invalid_utf8: str, stats: ReadStats,
         for path in source.files:
             yield from _text_file_pieces(path, invalid_utf8, stats, cutter)
     else:
-        yield from _row_pieces(source, stats)
+        for piece in _row_pieces(source, stats):
+            yield from _cut_row(piece, cutter)
+
+
+def _cut_row(piece: Piece, cutter: Optional[Callable[[str], int]]) -> Iterator[Piece]:
+    """A row's text in pieces of about PIECE_CHARS (whole without a cutter)."""
+    text, first = piece.text, True
+    while cutter is not None and len(text) > 2 * PIECE_CHARS:
+        cut = cutter(text[:PIECE_CHARS])
+        if cut <= 0:
+            break
+        yield Piece(text[:cut], first, False)
+        text, first = text[cut:], False
+    yield Piece(text, first, True)
 
 
 def _text_file_pieces(path: str, invalid_utf8: str, stats: ReadStats,
