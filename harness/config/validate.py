@@ -124,11 +124,11 @@ def _pretrained_overrides(pretrained: str, overrides: dict) -> None:
     """With model.pretrained, model.config may tune how the checkpoint runs (attention kernel,
     rope scaling for a longer context, dropout, use_cache...), never its architecture: a changed
     width, depth or vocabulary would load weights into a model they do not belong to."""
-    for key in overrides:
-        runtime = key in RUNTIME_MODEL_KEYS or key.endswith(("dropout", "pdrop"))
-        _require(runtime, f"model.config.{key} would change what model.pretrained {pretrained!r} is (an architecture "
-                          f"key); with model.pretrained, model.config takes only keys that change how it runs "
-                          f"({', '.join(RUNTIME_MODEL_KEYS)}, *dropout): remove model.config.{key}")
+    shaping = [key for key in overrides if not (key in RUNTIME_MODEL_KEYS or key.endswith(("dropout", "pdrop")))]
+    named = ", ".join(f"model.config.{key}" for key in shaping[:4]) + (" ..." if len(shaping) > 4 else "")
+    _require(not shaping, f"{named} would change what model.pretrained {pretrained!r} is (architecture keys); with "
+                          f"model.pretrained, model.config takes only keys that change how it runs "
+                          f"({', '.join(RUNTIME_MODEL_KEYS)}, *dropout): remove them (model.config={{}} drops the block)")
 
 
 def _scaler(cfg: Config) -> None:

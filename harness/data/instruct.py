@@ -26,14 +26,14 @@ import shutil
 import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import numpy as np
 
 from harness.config import DataConfig
 from harness.data.prepare import cache_dir, token_dtype
-from harness.data.sources import Source, find_source
-from harness.errors import HarnessError, first_line
+from harness.data.sources import Source, find_source, stream_rows
+from harness.errors import HarnessError
 from harness.runtime.locks import file_lock
 from harness.runtime.process import process_alive
 
@@ -85,10 +85,35 @@ def _render(tokenizer: Any, messages: list, generation_prompt: bool) -> str:
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
 
 
-def chat_example(tokenizer: Any, messages: Any, train_on: str, where: str,
-                 first_trained: int = 0) -> Optional[tuple[list[int], list[bool]]]:
+@dataclass
+class Budget:
+    """How much of a long text needs tokenizing: tokens past train.seq_len are cut off anyway, and
+    a token covers at most `longest_token` characters, so a text is cut (at a pre-token boundary,
+    where the tokens before the cut are those of the whole text) after (seq_len + 1) x that many.
+    A megabyte-long message then costs what a long-enough one does, not its size in Encodings."""
+
+    chars: int
+    cutter: Optional[Callable[[str], int]]
+
+    def cut(self, text: str) -> str:
+        if self.cutter is None or len(text) <= self.chars:
+            return text
+        at = self.cutter(text[:self.chars])
+        return text[:at] if at > 0 else text
+
+
+def token_budget(tokenizer: Any, seq_len: int) -> Budget:
+    from harness.data.sources import pretoken_cutter
+
+    longest = max((len(token) for token in tokenizer.get_vocab()), default=1)
+    return Budget((seq_len + 1) * longest + 1024, pretoken_cutter(tokenizer))
+
+
+def chat_example(tokenizer: Any, messages: Any, train_on: str, where: str, first_trained: int = 0,
+                 budget: Optional[Budget] = None) -> Optional[tuple[list[int], list[bool]]]:
     """A conversation's tokens and which carry loss (the assistant turns from message
     `first_trained` on); None when it has no assistant turn to train on (train_on=assistant).
+    With a `budget`, only the tokens a row can hold (and one more, to tell it was cut) are made.
     Bad rows are one-line errors naming `where`."""
     if not isinstance(messages, list) or not messages:
         raise HarnessError(f"{where}: messages must be a non-empty list of {{role, content}}, got "
@@ -111,7 +136,7 @@ def chat_example(tokenizer: Any, messages: Any, train_on: str, where: str,
                                "conversation up to a turn is not a prefix of rendering all of it); use a template "
                                "that renders each turn after the ones before it (data.chat_template)")
         spans.append((len(before), len(through)))
-    encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    encoded = tokenizer(budget.cut(text) if budget else text, add_special_tokens=False, return_offsets_mapping=True)
     ids, offsets = encoded["input_ids"], encoded["offset_mapping"]
     if train_on == "all":
         return ids, [True] * len(ids)
@@ -119,23 +144,23 @@ def chat_example(tokenizer: Any, messages: Any, train_on: str, where: str,
     return ids, trained
 
 
-def prompt_completion_example(tokenizer: Any, prompt: Any, completion: Any, train_on: str,
-                              where: str) -> tuple[list[int], list[bool]]:
+def prompt_completion_example(tokenizer: Any, prompt: Any, completion: Any, train_on: str, where: str,
+                              budget: Optional[Budget] = None) -> tuple[list[int], list[bool]]:
     """Strings: the prompt as the tokenizer encodes text (its BOS, if any), the completion and EOS.
     Lists of messages: the conversation prompt + completion, trained on the completion's turns."""
     if isinstance(prompt, list) and isinstance(completion, list):
         if not getattr(tokenizer, "chat_template", None):
             raise HarnessError(f"{where}: prompt and completion are messages but the tokenizer has no chat template; "
                                "set data.chat_template to a Jinja file")
-        example = chat_example(tokenizer, prompt + completion, train_on, where, first_trained=len(prompt))
+        example = chat_example(tokenizer, prompt + completion, train_on, where, first_trained=len(prompt), budget=budget)
         if example is None:
             raise HarnessError(f"{where}: the completion has no assistant message")
         return example
     if not isinstance(prompt, str) or not isinstance(completion, str):
         raise HarnessError(f"{where}: prompt and completion must both be strings (or both lists of messages), got "
                            f"{type(prompt).__name__} and {type(completion).__name__}")
-    prompt_ids = tokenizer(prompt)["input_ids"]
-    completion_ids = tokenizer(completion, add_special_tokens=False)["input_ids"]
+    prompt_ids = tokenizer(budget.cut(prompt) if budget else prompt)["input_ids"]
+    completion_ids = tokenizer(budget.cut(completion) if budget else completion, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         completion_ids = completion_ids + [tokenizer.eos_token_id]
     trained = [train_on == "all"] * len(prompt_ids) + [True] * len(completion_ids)
@@ -158,35 +183,24 @@ def instruction_source(cfg: DataConfig) -> Source:
 
 
 def _rows(source: Source) -> Iterator[tuple[str, dict]]:
-    """(where, row) in the source's order, streamed (no file held whole)."""
-    import datasets
-
-    try:
-        if source.is_local:
-            rows = datasets.load_dataset(source.builder, data_files=list(source.files), split="train", streaming=True)
-        else:
-            kwargs = {"name": source.hub_name} if source.hub_name else {}
-            rows = datasets.load_dataset(source.builder, split=source.split, streaming=True, **kwargs)
-        for i, row in enumerate(rows):
-            yield f"row {i + 1} of data.path {source.path!r}", row
-    except HarnessError:
-        raise
-    except Exception as exc:  # datasets/pyarrow raise many types for unreadable files
-        raise HarnessError(f"data.path {source.path!r} could not be read ({first_line(exc)}); check the file "
-                           "(a corrupt parquet/json file?) or point data.path elsewhere") from None
+    """(where, row) in the source's order, streamed."""
+    for i, row in enumerate(stream_rows(source)):
+        yield f"row {i + 1} of data.path {source.path!r}", row
 
 
-def _example(cfg: DataConfig, tokenizer: Any, where: str, row: dict) -> Optional[tuple[list[int], list[bool]]]:
+def _example(cfg: DataConfig, tokenizer: Any, where: str, row: dict,
+             budget: Budget) -> Optional[tuple[list[int], list[bool]]]:
     if cfg.format == "chat":
         if cfg.messages_field not in row:
             raise HarnessError(f"{where} has no {cfg.messages_field!r} (columns: {', '.join(row)}); data.format=chat "
                                "reads a list of {role, content} messages per row (data.messages_field)")
-        return chat_example(tokenizer, row[cfg.messages_field], cfg.train_on, where)
+        return chat_example(tokenizer, row[cfg.messages_field], cfg.train_on, where, budget=budget)
     for name in (cfg.prompt_field, cfg.completion_field):
         if name not in row:
             raise HarnessError(f"{where} has no {name!r} (columns: {', '.join(row)}); data.format=prompt_completion "
                                "reads data.prompt_field and data.completion_field")
-    return prompt_completion_example(tokenizer, row[cfg.prompt_field], row[cfg.completion_field], cfg.train_on, where)
+    return prompt_completion_example(tokenizer, row[cfg.prompt_field], row[cfg.completion_field], cfg.train_on, where,
+                                     budget)
 
 
 # --------------------------------------------------------------------------------------------
@@ -250,9 +264,10 @@ def _write(cfg: DataConfig, source: Source, tokenizer: Any, seq_len: int, folder
     digest = hashlib.sha256()
     with open(folder / "tokens.bin", "wb") as tokens_file, open(folder / "trained.bin", "wb") as trained_file, \
             open(folder / "ends.bin", "wb") as ends_file:
+        budget = token_budget(tokenizer, seq_len)
         for where, row in _rows(source):
             counts["rows"] += 1
-            example = _example(cfg, tokenizer, where, row)
+            example = _example(cfg, tokenizer, where, row, budget)
             truncated = example is not None and len(example[0]) > seq_len
             if truncated and cfg.overlong == "drop":
                 counts["dropped_overlong"] += 1

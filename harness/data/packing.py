@@ -62,16 +62,27 @@ class ExampleRows:
         self.pack = pack
         self.pad_id = pad_id
         self._starts = examples.starts
-        lengths = examples.lengths[chosen]
+        lengths = examples.lengths
         if pack:
-            self.rows = [[int(chosen[i]) for i in row] for row in best_fit_decreasing(lengths, seq_len)]
+            rows = best_fit_decreasing(lengths[chosen], seq_len)
+            self._members = chosen[np.fromiter((i for row in rows for i in row), dtype=np.int64)]
+            sizes = np.fromiter((len(row) for row in rows), dtype=np.int64, count=len(rows))
         else:
-            self.rows = [[int(example)] for example in chosen]
-        self.filled = np.array([int(examples.lengths[row].sum()) for row in self.rows], dtype=np.int64)
+            self._members = np.asarray(chosen, dtype=np.int64)
+            sizes = np.ones(len(chosen), dtype=np.int64)
+        self._bounds = np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64)
+        """Row i holds examples _members[_bounds[i]:_bounds[i + 1]] (flat arrays: a million examples
+        cost 16 MB, not a list of lists per rank)."""
+        self.filled = np.add.reduceat(lengths[self._members], self._bounds[:-1]) if len(sizes) else \
+            np.zeros(0, dtype=np.int64)
         """Tokens of each row that belong to an example (the rest is padding)."""
 
     def __len__(self) -> int:
-        return len(self.rows)
+        return len(self._bounds) - 1
+
+    def examples_of(self, row: int) -> np.ndarray:
+        """The example indices row `row` holds, in order."""
+        return self._members[self._bounds[row]:self._bounds[row + 1]]
 
     def order(self, seed: int) -> GlobalOrder:
         return GlobalOrder(len(self), seed)
@@ -82,7 +93,7 @@ class ExampleRows:
 
     @property
     def examples_in_rows(self) -> int:
-        return sum(len(row) for row in self.rows)
+        return len(self._members)
 
     def describe(self) -> str:
         layout = "packed" if self.pack else "padded, one example per row"
@@ -100,7 +111,7 @@ class ExampleRows:
         positions = np.zeros((n, length), dtype=np.int64)
         for r, key in enumerate(keys):
             column = 0
-            for example in self.rows[int(key)]:
+            for example in self.examples_of(int(key)):
                 start, end = int(self._starts[example]), int(self.examples.ends[example])
                 size = end - start
                 tokens = np.asarray(self.examples.tokens[start:end], dtype=np.int64)

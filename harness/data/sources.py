@@ -236,31 +236,18 @@ def pretoken_cutter(tokenizer) -> Optional[Callable[[str], int]]:
     return cut
 
 
-def _row_pieces(source: Source, stats: ReadStats) -> Iterator[Piece]:
+def stream_rows(source: Source) -> Iterator[dict]:
+    """The rows of a json/parquet/hub source, in order, read with `datasets` in streaming mode (no
+    row group or file held whole); an unreadable file is a one-line error."""
     import datasets
 
-    field_name = source.text_field
     try:
         if source.is_local:
             rows = datasets.load_dataset(source.builder, data_files=list(source.files), split="train", streaming=True)
         else:
             kwargs = {"name": source.hub_name} if source.hub_name else {}
             rows = datasets.load_dataset(source.builder, split=source.split, streaming=True, **kwargs)
-        for i, row in enumerate(rows):
-            if i == 0 and field_name not in row:
-                raise HarnessError(
-                    f"data.text_field={field_name!r} is not a column of {source.path!r}; columns: {', '.join(row)}"
-                )
-            text = row[field_name]
-            if text is None:
-                stats.skipped_rows += 1
-                continue
-            if not isinstance(text, str):
-                raise HarnessError(
-                    f"data.text_field={field_name!r} of {source.path!r} holds {type(text).__name__}, not text; "
-                    "point data.text_field at a string column"
-                )
-            yield Piece(text, True, True)
+        yield from rows
     except HarnessError:
         raise
     except Exception as exc:  # datasets/pyarrow raise many types for unreadable files
@@ -268,4 +255,23 @@ def _row_pieces(source: Source, stats: ReadStats) -> Iterator[Piece]:
             f"data.path {source.path!r} could not be read ({first_line(exc)}); "
             "check the file (a corrupt parquet/json file?) or point data.path elsewhere"
         ) from None
+
+
+def _row_pieces(source: Source, stats: ReadStats) -> Iterator[Piece]:
+    field_name = source.text_field
+    for i, row in enumerate(stream_rows(source)):
+        if i == 0 and field_name not in row:
+            raise HarnessError(
+                f"data.text_field={field_name!r} is not a column of {source.path!r}; columns: {', '.join(row)}"
+            )
+        text = row[field_name]
+        if text is None:
+            stats.skipped_rows += 1
+            continue
+        if not isinstance(text, str):
+            raise HarnessError(
+                f"data.text_field={field_name!r} of {source.path!r} holds {type(text).__name__}, not text; "
+                "point data.text_field at a string column"
+            )
+        yield Piece(text, True, True)
     stats.bytes_read = source.total_bytes()

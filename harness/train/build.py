@@ -20,7 +20,7 @@ from harness.data.user import user_sequences
 from harness.errors import HarnessError
 from harness.model import flops_per_token, full_numel
 from harness.model.blocks import compile_blocks
-from harness.model.build import check_tokenizer_fits, generation_eos, special_token_ids
+from harness.model.build import check_tokenizer_fits, generation_eos, model_spec, special_token_ids
 from harness.model.loss import enable_chunked_loss
 from harness.model.source import BlocksOf, model_source
 from harness.numerics.diagnose import ForwardProbe, OverflowDiagnosis
@@ -179,13 +179,13 @@ def _data(cfg: Config, info: RankInfo, parts: Parts) -> _Data:
 def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: Path, parts: Parts) -> Loop:
     faults = FaultInjector(cfg.faults, info.rank)
     faults.maybe_hang(0, "setup")  # the drill of a rank that never finishes setting up
+    if parts.model is None and cfg.model.pretrained:  # before any data is tokenized (and cached) with it
+        check_tokenizer_fits(model_spec(cfg.model, 0).hf_config, load_tokenizer(cfg.data.tokenizer), cfg.data.tokenizer,
+                             cfg.model.pretrained)
     data = _data(cfg, info, parts)
     from_scratch = parts.model is None and not cfg.model.pretrained
     specials = special_token_ids(load_tokenizer(cfg.data.tokenizer)) if from_scratch else None
     source = model_source(cfg.model, data.vocab_size, cfg.train.seq_len, parts.model, parts.blocks, specials)
-    if parts.model is None and cfg.model.pretrained:
-        check_tokenizer_fits(source.spec.hf_config, load_tokenizer(cfg.data.tokenizer), cfg.data.tokenizer,
-                             cfg.model.pretrained)
     for note in source.notes:
         print0(info.rank, f"note: {note}")
     backend = build_backend(cfg, policy, device, info.world_size)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from harness.config import Config, field_docs, help_text, load_config, validate_for_world
+from harness.config import Config, ModelConfig, field_docs, help_text, load_config, validate_for_world
 from harness.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -111,7 +111,33 @@ BAD = [
     (["parallel.prefetch=-1"], "parallel.prefetch must be >= 0"),
     (["parallel.backend=deepspeed", "parallel.reduce_every_micro_batch=true"],
      "parallel.reduce_every_micro_batch is an FSDP2 switch"),
+    (["model.pretrained=bundled:smollm2-135m", "model.config={num_hidden_layers: 4}"],
+     "model.config.num_hidden_layers would change what model.pretrained 'bundled:smollm2-135m' is"),
+    (["model.pretrained=bundled:smollm2-135m"], "model.config.model_type, model.config.n_layer, model.config.n_embd, "
+                                                "model.config.n_head ... would change"),
+    (["data.format=chat", "data.sources=[{path: a.txt}]"], "data.format=chat reads one dataset"),
+    (["data.chat_template=t.jinja"], "data.chat_template applies to data.format=chat"),
+    (["data.train_on=prompts"], "data.train_on must be one of assistant, all"),
+    (["data.overlong=wrap"], "data.overlong must be one of truncate, drop"),
+    (["eval.prompts=[[{role: narrator, content: hi}]]"], "eval.prompts[0] must be a string or a list of"),
+    (["eval.every=0", "eval.prompts=[hi]"], "eval.prompts are completed at each evaluation"),
+    (["eval.max_new_tokens=0"], "eval.max_new_tokens must be >= 1"),
 ]
+
+
+def test_a_pretrained_model_brings_its_tokenizer_and_may_tune_how_it_runs():
+    assert "tokenizer" not in yaml.safe_load((ROOT / "configs/smollm2-135m-sft.yaml").read_text())["data"]
+    assert load_config(ROOT / "configs/smollm2-135m-sft.yaml").data.tokenizer == "bundled:smollm2-135m"
+    assert load_config(ROOT / "configs/tiny.yaml").data.tokenizer == "bundled:gpt2"
+    explicit = load_config(ROOT / "configs/tiny.yaml", ["model.pretrained=/m", "model.config={}", "data.tokenizer=/t"])
+    assert explicit.data.tokenizer == "/t"
+    tuned = load_config(ROOT / "configs/tiny.yaml", [
+        "model.pretrained=/m", "model.config={attn_implementation: eager, rope_scaling: {rope_type: linear, factor: 2.0}, "
+        "max_position_embeddings: 4096, attention_dropout: 0.1, use_cache: false}"])
+    assert tuned.model.config["rope_scaling"]["factor"] == 2.0
+    # A Config built in Python (no load_config) resolves the same way.
+    assert Config(model=ModelConfig(pretrained="/m")).tokenizer_ref() == "/m"
+    assert Config().tokenizer_ref() == "bundled:gpt2"
 
 
 @pytest.mark.parametrize("overrides, message", BAD, ids=[b[0][0] for b in BAD])

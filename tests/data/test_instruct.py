@@ -95,9 +95,9 @@ def test_rows_restart_positions_and_never_train_an_example_start(tmp_path, pack)
     batch = train.batch(np.arange(len(train)))
     ids, labels = batch["input_ids"].numpy(), batch["labels"].numpy()
     starts, ends = examples.starts, examples.ends
-    for r, row in enumerate(train.rows):
+    for r in range(len(train)):
         column = 0
-        for example in row:
+        for example in train.examples_of(r):
             size = ends[example] - starts[example]
             np.testing.assert_array_equal(ids[r, column:column + size], examples.tokens[starts[example]:ends[example]])
             assert labels[r, column] == IGNORE
@@ -110,7 +110,9 @@ def test_rows_restart_positions_and_never_train_an_example_start(tmp_path, pack)
         assert (labels[r, column:] == IGNORE).all()
     assert ("position_ids" in batch) == pack
     efficiency = train.packing_efficiency(np.arange(len(train)))
-    assert efficiency == pytest.approx(sum(ends[e] - starts[e] for row in train.rows for e in row) / (len(train) * 256))
+    placed = [e for r in range(len(train)) for e in train.examples_of(r)]
+    assert sorted(placed) == sorted(set(placed)) and len(placed) == 30
+    assert efficiency == pytest.approx(sum(ends[e] - starts[e] for e in placed) / (len(train) * 256))
     if pack:
         assert len(train) < 30 and efficiency > 0.5
     else:
@@ -195,3 +197,46 @@ def test_prepare_data_cli_reports_the_examples_and_exits_2_on_bad_rows(tmp_path)
     failed = subprocess.run([*cmd, f"data.path={bad}"], capture_output=True, text=True, cwd=ROOT)
     assert failed.returncode == 2 and "Traceback" not in failed.stderr
     assert failed.stderr.strip().count("\n") == 0 and "has no 'messages'" in failed.stderr
+
+
+@pytest.mark.parametrize("kind", ["json", "parquet"])
+def test_json_and_parquet_rows_prepare_the_same_examples_as_jsonl(tmp_path, kind):
+    rows = _chat_rows(9)
+    jsonl = _write_rows(tmp_path / "chat.jsonl", rows)
+    if kind == "json":
+        other = tmp_path / "chat.json"
+        other.write_text(json.dumps(rows))
+    else:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+
+        other = tmp_path / "chat.parquet"
+        pq.write_table(pa.Table.from_pylist(rows), other)
+    _, _, want = instruction_rows(_cfg(tmp_path, jsonl), seq_len=256, eval_examples=4)
+    _, _, got = instruction_rows(_cfg(tmp_path, str(other)), seq_len=256, eval_examples=4)
+    assert got.index["examples"] == 9
+    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(want.tokens))
+    np.testing.assert_array_equal(np.asarray(got.trained), np.asarray(want.trained))
+
+
+def test_a_huge_message_is_tokenized_only_as_far_as_a_row_can_hold(tmp_path, smol, monkeypatch):
+    huge = "All the world's a stage, and all the men and women merely players. " * 40_000  # 2.7 MB
+    rows = [{"messages": [{"role": "user", "content": "Recite."}, {"role": "assistant", "content": huge}]}]
+    path = _write_rows(tmp_path / "huge.jsonl", _chat_rows(3) + rows)
+    whole_ids, whole_trained = chat_example(smol, rows[0]["messages"], "assistant", "row 4")
+    lengths = []
+    real_call = type(smol).__call__
+
+    def call(self, text, *args, **kwargs):
+        lengths.append(len(text))
+        return real_call(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(type(smol), "__call__", call)
+    cfg = _cfg(tmp_path, path)
+    monkeypatch.setattr("harness.data.corpus.load_tokenizer", lambda ref: smol)  # the one counting its calls
+    _, _, examples = instruction_rows(cfg, seq_len=128, eval_examples=2)
+    assert max(lengths) < 128 * 100 < len(huge)
+    assert examples.index["truncated"] == 1
+    last = slice(int(examples.starts[-1]), int(examples.ends[-1]))
+    np.testing.assert_array_equal(np.asarray(examples.tokens[last]), whole_ids[:128])
+    np.testing.assert_array_equal(np.asarray(examples.trained[last]).astype(bool), whole_trained[:128])

@@ -98,3 +98,31 @@ def test_chunked_loss_refuses_models_that_change_logits_after_the_head():
     model = build_model(ModelConfig(config=gemma2, attn_implementation="eager"), vocab_size=100, seed=0)
     with pytest.raises(HarnessError, match="final_logit_softcapping=30.0.*train.loss_chunk_tokens=0"):
         enable_chunked_loss(model)
+
+
+def test_a_tokenizer_that_is_not_the_pretrained_models_is_refused_naming_both():
+    from harness.data.corpus import load_tokenizer
+    from harness.model.build import check_tokenizer_fits, model_spec
+
+    smol = model_spec(ModelConfig(pretrained="bundled:smollm2-135m"), 0).hf_config
+    check_tokenizer_fits(smol, load_tokenizer("bundled:smollm2-135m"), "bundled:smollm2-135m", "bundled:smollm2-135m")
+    with pytest.raises(HarnessError, match="data.tokenizer 'bundled:gpt2' has 50,257 tokens but model.pretrained "
+                                           "'bundled:smollm2-135m' embeds 49,152"):
+        check_tokenizer_fits(smol, load_tokenizer("bundled:gpt2"), "bundled:gpt2", "bundled:smollm2-135m")
+    # A vocabulary that fits, but another tokenizer's ids: Llama 3's end of text is no GPT-2 token.
+    llama3 = type(smol)(vocab_size=128256, bos_token_id=128000, eos_token_id=[128001, 128009])
+    with pytest.raises(HarnessError, match="has bos_token_id=128000, which is not a special token of data.tokenizer "
+                                           "'bundled:gpt2'"):
+        check_tokenizer_fits(llama3, load_tokenizer("bundled:gpt2"), "bundled:gpt2", "/models/llama3")
+
+
+def test_from_scratch_models_name_their_tokenizers_special_tokens():
+    from harness.data.corpus import load_tokenizer
+    from harness.model.build import model_spec, special_token_ids
+
+    config = {"model_type": "llama", "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+              "num_attention_heads": 2}
+    spec = model_spec(ModelConfig(config=config), 50257, special_tokens=special_token_ids(load_tokenizer("bundled:gpt2")))
+    assert spec.hf_config.bos_token_id == spec.hf_config.eos_token_id == 50256
+    own = model_spec(ModelConfig(config={**config, "eos_token_id": 7}), 50257, special_tokens={"eos_token_id": 50256})
+    assert own.hf_config.eos_token_id == 7

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Optional
 
 import pytest
 import torch
@@ -19,7 +20,8 @@ pytestmark = pytest.mark.spawns
 ROOT = Path(__file__).resolve().parents[2]
 SFT = str(ROOT / "configs" / "smollm2-135m-sft.yaml")
 EVAL_EXAMPLES = 8
-BACKENDS = {"fsdp2": ["parallel.backend=fsdp2"], "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"]}
+BACKENDS = {"fsdp2": ["parallel.backend=fsdp2"], "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"],
+            "fsdp2-eager": ["parallel.backend=fsdp2", "model.attn_implementation=eager"]}
 
 
 def _overrides(root: str, label: str) -> list[str]:
@@ -62,7 +64,7 @@ def _reference_loss(root: str) -> tuple[float, int]:
     model = AutoModelForCausalLM.from_pretrained(assets.resolve_model(cfg.model.pretrained), dtype=torch.float32)
     model.eval()
     total, count = 0.0, 0
-    for example in sorted(e for row in val.rows for e in row):
+    for example in sorted(e for r in range(len(val)) for e in val.examples_of(r)):
         messages = rows[example]["messages"]
         ids, trained = [], []
         rendered = ""
@@ -98,7 +100,7 @@ def runs(tmp_path_factory):
     return root, run_on_ranks(_scenarios, 2, root)
 
 
-def test_packed_and_padded_held_out_losses_are_equal_on_fsdp2_and_zero3(runs):
+def test_packed_and_padded_held_out_losses_are_equal_on_fsdp2_and_zero3_with_sdpa_and_eager(runs):
     _, ranks = runs
     for backend in BACKENDS:
         for result in ranks:
@@ -132,11 +134,12 @@ log: {every: 1, progress: "off"}
 """
 
 
-def _job(run_dir: Path, config: str, *overrides: str, timeout: float = 900):
+def _job(run_dir: Path, config: str, *overrides: str, timeout: float = 900, env: Optional[dict] = None):
+    import os
     import subprocess
 
     result = subprocess.run(["launch/local.sh", "2", config, f"run.dir={run_dir}", *overrides], cwd=ROOT,
-                            capture_output=True, text=True, timeout=timeout)
+                            capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})})
     return result
 
 
@@ -167,9 +170,16 @@ def test_a_killed_sft_run_resumes_with_the_same_losses(tmp_path):
 
 def test_smollm2_fine_tune_learns_exports_and_generates_what_it_showed(tmp_path):
     run_dir = tmp_path / "run"
+    wandb_dir = tmp_path / "wandb"
     result = _job(run_dir, SFT, "precision=fp32", "train.steps=8", "eval.every=4", "eval.sequences=8",
-                  "eval.max_new_tokens=12", "log.progress=off", f"data.cache_dir={tmp_path / 'cache'}")
+                  "eval.max_new_tokens=12", "log.progress=off", f"data.cache_dir={tmp_path / 'cache'}", "log.wandb=true",
+                  env={"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
+    from harness.observe.wandb_file import find_runs, read_run
+
+    history = read_run(find_runs(wandb_dir)[-1])["history"]
+    tables = {row["step"]: row["completions"] for row in history if "completions" in row}
+    assert sorted(tables) == [4, 8] and tables[8]["_type"] == "table-file" and tables[8]["nrows"] == 4
     evals = [row["eval_loss"] for row in _rows(run_dir) if row.get("eval_loss") is not None]
     assert len(evals) == 2 and evals[1] < evals[0]
     assert "completions after step 8:" in result.stdout
@@ -202,3 +212,18 @@ def test_smollm2_fine_tune_learns_exports_and_generates_what_it_showed(tmp_path)
     generated = model.generate(**inputs, max_new_tokens=12, do_sample=False)
     text = tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
     assert text == shown[2]["completion"]
+
+
+def test_a_tokenizer_that_is_not_the_models_stops_before_any_data_is_prepared(tmp_path):
+    import subprocess
+    import sys
+
+    cache = tmp_path / "cache"
+    result = subprocess.run([sys.executable, "-m", "harness.train", SFT, "data.tokenizer=bundled:gpt2",
+                             f"data.cache_dir={cache}", f"run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert "data.tokenizer 'bundled:gpt2' has 50,257 tokens but model.pretrained 'bundled:smollm2-135m'" in result.stderr
+    assert not cache.exists() or not any(cache.iterdir())
+    assert not (tmp_path / "run").exists()
