@@ -128,7 +128,7 @@ def _report(err, rest: Sequence[str]) -> int:
     """The launcher's last line, from the failure that came first (a killed rank before the
     ranks that then lost contact with it; a rank that reported a hang before the frozen rank the
     launcher had to kill)."""
-    rank, first = min(err.failures.items(), key=lambda kv: (kv[1].timestamp, kv[1].exitcode >= 0, kv[0]))
+    rank, first = min(err.failures.items(), key=lambda kv: (kv[1].timestamp, _precedence(kv[1].exitcode), kv[0]))
     if first.exitcode < 0:
         print(f"harness: rank {rank} (pid {first.pid}) was killed by {first.signal_name()}; the job stopped and the "
               f"other ranks were ended. {_newest_checkpoint(rest)}", file=sys.stderr, flush=True)
@@ -137,6 +137,15 @@ def _report(err, rest: Sequence[str]) -> int:
         return first.exitcode
     print(err.format_msg(), file=sys.stderr)
     return 1
+
+
+def _precedence(exitcode: int) -> int:
+    """Among failures in the same second (torchrun stamps whole seconds): a rank killed outright
+    (SIGKILL: a drill, the OOM killer) came first, then a rank that exited with an error; a rank
+    ended by SIGTERM was most likely ended by torchrun because another one had failed."""
+    if exitcode == -signal.SIGKILL:
+        return 0
+    return 1 if exitcode > 0 else 2
 
 
 def _newest_checkpoint(rest: Sequence[str]) -> str:

@@ -51,9 +51,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if args.from_accelerate_config:
         overrides.append(f"parallel.accelerate_config={args.from_accelerate_config}")
     try:
+        if args.world_size is not None and not args.check:
+            raise HarnessError(f"--world-size {args.world_size} only goes with --check: a run's ranks come from its "
+                               f"launcher (launch/local.sh {args.world_size} CONFIG, torchrun --nproc-per-node "
+                               f"{args.world_size}, srun); drop --world-size, or add --check")
         cfg = load_config(args.config, overrides)
         if args.check:
             validate_for_world(cfg, args.world_size or 1)
+            if cfg.parallel.backend == "deepspeed" and cfg.parallel.deepspeed_config:
+                _check_deepspeed_json(cfg, args.world_size or 1)
             print(f"config ok: {args.config} -> run.dir={cfg.run.dir}")
             return 0
         return _run(cfg)
@@ -65,6 +71,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+
+
+def _check_deepspeed_json(cfg, world_size: int) -> None:
+    """The JSON as harness will hand it to DeepSpeed, through DeepSpeed's own validation, before
+    any rank starts (the only part of --check that imports torch: a user's DeepSpeed JSON)."""
+    from harness.config.deepspeed_json import runtime_config
+    from harness.parallel.deepspeed.compat import check_zero_section
+    from harness.runtime.process import quiet_deepspeed_without_gpus
+
+    quiet_deepspeed_without_gpus()
+    # "auto" bucket sizes are filled from the hidden size at start-up; any positive size does here.
+    check_zero_section(runtime_config(cfg, world_size, hidden_size=1024), cfg.parallel.deepspeed_config)
 
 
 def _run(cfg) -> int:

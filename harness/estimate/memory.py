@@ -193,21 +193,20 @@ def activation_bytes(model: nn.Module, batch: torch.Tensor, checkpointing: str =
 
 
 def _meta_model(cfg: Config, compute_dtype: torch.dtype) -> nn.Module:
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """The model as training builds it (harness.model.build.model_spec: its checks too, such as
+    train.seq_len against the model's positions), on the meta device."""
+    from transformers import AutoModelForCausalLM
 
-    from harness import assets
     from harness.data import load_tokenizer
-    from harness.model.build import attention_kernel, padded_vocab
+    from harness.model.build import model_spec, special_token_ids
 
     if cfg.model.pretrained:
-        hf_config = AutoConfig.from_pretrained(assets.resolve_model(cfg.model.pretrained), **cfg.model.config)
+        spec = model_spec(cfg.model, 0, cfg.train.seq_len, locate_weights=False)
     else:
-        kwargs = dict(cfg.model.config)
-        kwargs.setdefault("vocab_size", padded_vocab(len(load_tokenizer(cfg.data.tokenizer)), cfg.model.vocab_multiple_of))
-        hf_config = AutoConfig.for_model(kwargs.pop("model_type"), **kwargs)
-    hf_config._attn_implementation = attention_kernel(cfg.model.attn_implementation, hf_config)[0]
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+        spec = model_spec(cfg.model, len(tokenizer), cfg.train.seq_len, special_token_ids(tokenizer))
     with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(hf_config, dtype=compute_dtype)
+        model = AutoModelForCausalLM.from_config(spec.hf_config, dtype=compute_dtype)
     return model.train()
 
 

@@ -13,6 +13,7 @@ reference, benchmarks and `harness estimate`. Nothing here knows about ranks or 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ContextManager, Optional, Union
 
 import torch
@@ -38,15 +39,19 @@ class ModelSpec:
 
 
 def model_spec(cfg: ModelConfig, vocab_size: int, seq_len: Optional[int] = None,
-               special_tokens: Optional[dict[str, Optional[int]]] = None) -> ModelSpec:
+               special_tokens: Optional[dict[str, Optional[int]]] = None, locate_weights: bool = True) -> ModelSpec:
     """Resolve model.pretrained / model.config into a transformers config (no weights are read),
     checked against the tokenizer's vocabulary and the training sequence length. From scratch,
     the tokenizer's bos/eos/pad ids (`special_tokens`) become the model's, unless model.config
-    sets them: an exported model then names its own tokenizer's tokens."""
+    sets them: an exported model then names its own tokenizer's tokens. locate_weights=False (an
+    estimate): the architecture only, nothing fetched beyond config.json."""
     from transformers import AutoConfig
 
     if cfg.pretrained:
         path = assets.resolve_model(cfg.pretrained)
+        if _looks_like_a_path(path) and not Path(path).expanduser().is_dir():
+            raise HarnessError(f"model.pretrained {cfg.pretrained!r} does not exist; point it at a local Hugging Face "
+                               "folder (config.json and safetensors), a hub id, or bundled:smollm2-135m")
         try:
             hf_config = AutoConfig.from_pretrained(path, **cfg.config)
         except (OSError, ValueError) as exc:
@@ -54,7 +59,7 @@ def model_spec(cfg: ModelConfig, vocab_size: int, seq_len: Optional[int] = None,
                 f"model.pretrained {cfg.pretrained!r} could not be loaded ({first_line(exc)}); "
                 "use a local Hugging Face folder or bundled:smollm2-135m"
             ) from None
-        pretrained_dir = assets.local_model_dir(path)
+        pretrained_dir = assets.local_model_dir(path) if locate_weights else None
     else:
         kwargs = dict(cfg.config)
         model_type = kwargs.pop("model_type")
@@ -82,6 +87,11 @@ def model_spec(cfg: ModelConfig, vocab_size: int, seq_len: Optional[int] = None,
             "set model.config.vocab_size or use the model's own tokenizer (data.tokenizer)"
         )
     return ModelSpec(hf_config, pretrained_dir, cfg.checkpointing_mode(), cfg.selective_ac, notes)
+
+
+def _looks_like_a_path(ref: str) -> bool:
+    """A hub id is `name` or `org/name`; anything absolute, relative or deeper is a path."""
+    return ref.startswith(("/", ".", "~")) or ref.count("/") > 1
 
 
 def special_token_ids(tokenizer: Any) -> dict[str, Optional[int]]:
@@ -113,7 +123,6 @@ def generation_eos(pretrained: Optional[str]) -> Any:
     if not pretrained:
         return None
     import json
-    from pathlib import Path
 
     folder = Path(assets.local_model_dir(assets.resolve_model(pretrained)))
     path = folder / "generation_config.json"

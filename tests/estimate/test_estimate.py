@@ -247,3 +247,15 @@ def test_cli_step_section_json_and_errors():
         bad = subprocess.run([HARNESS, "estimate", "configs/tiny.yaml", *args], cwd=ROOT, capture_output=True,
                              text=True, timeout=120)
         assert bad.returncode == 2 and message in bad.stderr and "Traceback" not in bad.stderr, (args, bad.stderr)
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.pretrained=/nowhere/llama", "model.pretrained '/nowhere/llama' does not exist; point it at a local"),
+    ("train.seq_len=100000", "train.seq_len=100000 is beyond the model's 8192 positions"),
+])
+def test_estimate_of_a_model_it_cannot_build_is_one_line(capsys, override, message):
+    from harness.cli.estimate import main
+
+    assert main([str(ROOT / "configs" / "smollm2-135m.yaml"), override, "--world-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.strip().count("\n") == 0 and "Traceback" not in err

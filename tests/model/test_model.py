@@ -63,7 +63,7 @@ def test_errors():
         build_model(ModelConfig(config=dict(model_type="no-such-model")), vocab_size=10, seed=0)
     with pytest.raises(HarnessError, match="embedding has 10 rows"):
         build_model(ModelConfig(config=dict(GPT2, vocab_size=10)), vocab_size=100, seed=0)
-    with pytest.raises(HarnessError, match="model.pretrained './nowhere' could not be loaded"):
+    with pytest.raises(HarnessError, match="model.pretrained './nowhere' does not exist; point it at a local"):
         build_model(ModelConfig(pretrained="./nowhere"), vocab_size=10, seed=0)
 
 

@@ -113,3 +113,25 @@ def test_a_bug_in_building_cpu_adam_keeps_its_traceback(monkeypatch):
     monkeypatch.setattr(deepspeed.ops.adam, "DeepSpeedCPUAdam", bug)
     with pytest.raises(TypeError, match="adamw_mode"):
         host_adamw([{"params": [torch.nn.Parameter(torch.zeros(2))]}], TrainConfig(), "auto")
+
+
+def test_a_zero_section_deepspeed_would_reject_is_one_line_naming_the_key(tmp_path, capsys):
+    import json
+    from pathlib import Path
+
+    from harness.cli.train import main
+
+    compat.check_zero_section({"zero_optimization": {"stage": 3, "reduce_bucket_size": 5}}, "ok.json")
+    with pytest.raises(HarnessError, match=r"z3.json: zero_optimization.reduce_bucket_size=0 is rejected by DeepSpeed "
+                                           r"0\.19\.8 \(Input should be greater than 0\)"):
+        compat.check_zero_section({"zero_optimization": {"stage": 3, "reduce_bucket_size": 0}}, "z3.json")
+    # transformers' own tests/deepspeed/ds_config_zero3.json does this; --check refuses it before any rank starts.
+    bad = tmp_path / "ds_config_zero3.json"
+    bad.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": 0,
+                                                     "stage3_prefetch_bucket_size": "auto"},
+                               "train_micro_batch_size_per_gpu": "auto"}))
+    tiny = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
+    assert main([tiny, "parallel.backend=deepspeed", f"parallel.deepspeed_config={bad}", "--check",
+                 "--world-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "zero_optimization.reduce_bucket_size=0 is rejected" in err and err.strip().count("\n") == 0

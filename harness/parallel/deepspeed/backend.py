@@ -40,7 +40,7 @@ from harness.numerics.optim import build_adamw, ensure_adam_state, param_groups
 from harness.numerics.precision import PrecisionPolicy
 from harness.observe.step_counter import host_read
 from harness.parallel.base import STATE_KINDS, ParallelBackend, StatePiece
-from harness.parallel.deepspeed.compat import import_deepspeed
+from harness.parallel.deepspeed.compat import check_zero_section, import_deepspeed
 from harness.parallel.deepspeed.layouts import layout_of
 
 
@@ -109,7 +109,9 @@ class DeepSpeedBackend(ParallelBackend):
 
     def _runtime_config(self, hidden_size: int) -> dict:
         # Page-locked host buffers speed up GPU<->host copies; on a CPU run they only cost memory.
-        return runtime_config(self.cfg, self.world_size, hidden_size=hidden_size, pin_memory=self.device.type == "cuda")
+        ds_config = runtime_config(self.cfg, self.world_size, hidden_size=hidden_size, pin_memory=self.device.type == "cuda")
+        check_zero_section(ds_config, self.cfg.parallel.deepspeed_config or "parallel.* (DeepSpeed)")
+        return ds_config
 
     def backward(self, loss: torch.Tensor, loss_scale: Optional[torch.Tensor], last_micro_batch: bool) -> None:
         if loss_scale is None:

@@ -197,3 +197,26 @@ class ReplacedChecks:
                 f"with its global decision (harness.parallel.deepspeed.compat); harness was tested with {tested_pin()}"
             )
         self.confirmed = True
+
+
+def check_zero_section(ds_config: dict, source: str) -> None:
+    """DeepSpeed's own validation of the zero_optimization section harness will pass it (its
+    pydantic model, which deepspeed.initialize would apply on every rank), as one line naming the
+    key: e.g. transformers' ds_config_zero3.json sets reduce_bucket_size to 0, which DeepSpeed 0.19
+    rejects."""
+    from importlib.metadata import version
+
+    import_deepspeed(on_cpu=True)  # only to validate: nothing is placed on a device
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    try:
+        DeepSpeedZeroConfig(**ds_config.get("zero_optimization", {}))
+    except Exception as exc:  # pydantic's ValidationError (DeepSpeed does not re-export its type)
+        errors = exc.errors() if callable(getattr(exc, "errors", None)) else []
+        if not errors:
+            raise HarnessError(f"{source}: DeepSpeed {version('deepspeed')} rejects zero_optimization "
+                               f"({str(exc).splitlines()[0]}); fix it in the JSON") from None
+        first = errors[0]
+        key = ".".join(str(part) for part in first.get("loc", ()))
+        raise HarnessError(f"{source}: zero_optimization.{key}={first.get('input')!r} is rejected by DeepSpeed "
+                           f"{version('deepspeed')} ({first.get('msg')}); fix it in the JSON") from None
