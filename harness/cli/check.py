@@ -1,0 +1,223 @@
+"""`harness check CONFIG [overrides] --world-size N [--nodes M] [--gpu h100|h200|a100] [--device-gb G]
+[--host-gb H] [--signal-seconds S]`: the preflight of a job, before it waits in a queue.
+
+Everything that would otherwise fail hours later inside the allocation, each as one line: the
+config for N ranks; model.pretrained, data.tokenizer, data.path and the resume folder resolve;
+the tokenizer is the model's; train.seq_len fits the model's positions; the data holds at least
+one global batch; the DeepSpeed JSON passes DeepSpeed's own validation; the estimate fits the
+GPUs' memory and (with --host-gb) each node's host memory; and the stop signal Slurm sends before
+the time limit (--signal-seconds, harness submit's) leaves time for a logging interval and a save
+at the estimated step time. Exit 0 with a summary, or 2 with every finding.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+from harness.config import load_config, validate_for_world
+from harness.errors import HarnessError
+
+SAVE_GBYTES_S_PER_NODE = 2.0
+"""Assumed write bandwidth of one node to the checkpoint filesystem (a parallel filesystem gives a
+node a few GB/s); a save is the node's ranks' fp32 masters and AdamW moments."""
+DEFAULT_SIGNAL_S = 120
+"""harness submit's --signal-seconds default (USR1 this long before the time limit)."""
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
+    from harness.estimate.step_time import GPUS
+
+    parser = argparse.ArgumentParser(prog="harness check", description=__doc__.split("\n\n")[1])
+    parser.add_argument("config", help="YAML config")
+    parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
+    parser.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) of the job")
+    parser.add_argument("--nodes", type=int, default=None, help="nodes the ranks spread over (default: 8 per node)")
+    parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU model: memory, peak FLOPs, fabric")
+    parser.add_argument("--device-gb", type=float, default=None, help="GPU memory per rank in GiB (default: the --gpu's)")
+    parser.add_argument("--host-gb", type=float, default=None, help="host memory per node in GiB, to check it too")
+    parser.add_argument("--signal-seconds", type=int, default=DEFAULT_SIGNAL_S,
+                        help="how long before the time limit the stop signal comes (harness submit's, default 120)")
+    return parser.parse_intermixed_args(argv)
+
+
+class Findings:
+    """One line per problem; a check that fails does not stop the others."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def run(self, check: Callable[[], object]) -> object:
+        try:
+            return check()
+        except HarnessError as exc:
+            self.lines.append(str(exc))
+            return None
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.world_size < 1:
+            raise HarnessError(f"--world-size must be >= 1 (got {args.world_size})")
+        cfg = load_config(args.config, args.overrides)
+        validate_for_world(cfg, args.world_size)
+        lines, summary = preflight(cfg, args)
+    except HarnessError as exc:
+        print(f"harness: check: {exc}", file=sys.stderr)
+        return exc.exit_code
+    for line in lines:
+        print(f"harness: check: {line}", file=sys.stderr)
+    if lines:
+        print(f"harness: check: {len(lines)} problem(s) in {args.config}; nothing was started", file=sys.stderr)
+        return 2
+    print(f"check ok: {args.config} on {args.world_size} rank(s): {summary}")
+    return 0
+
+
+def preflight(cfg, args: argparse.Namespace) -> tuple[list[str], str]:
+    """(findings, a one-line summary of what fits)."""
+    from harness.runtime.process import quiet_deepspeed_without_gpus
+
+    quiet_deepspeed_without_gpus()
+    found = Findings()
+    tokenizer = found.run(lambda: _tokenizer(cfg))
+    spec = found.run(lambda: _model(cfg, tokenizer))
+    found.run(lambda: _data(cfg, args.world_size))
+    found.run(lambda: _resume(cfg))
+    if cfg.parallel.backend == "deepspeed" and cfg.parallel.deepspeed_config:
+        found.run(lambda: _deepspeed_json(cfg, args.world_size))
+    summary = ""
+    if spec is not None and tokenizer is not None:
+        summary = found.run(lambda: _fits(cfg, args, found)) or ""
+    return found.lines, summary
+
+
+def _tokenizer(cfg):
+    from harness.data import load_tokenizer
+
+    return load_tokenizer(cfg.data.tokenizer)
+
+
+def _model(cfg, tokenizer):
+    """The model's config (its checks: the path or hub id, seq_len against its positions), and the
+    tokenizer against it."""
+    from harness.model.build import check_tokenizer_fits, model_spec, special_token_ids
+
+    if cfg.model.pretrained:
+        spec = model_spec(cfg.model, 0, cfg.train.seq_len, locate_weights=False)
+        if tokenizer is not None:
+            check_tokenizer_fits(spec.hf_config, tokenizer, cfg.data.tokenizer, cfg.model.pretrained)
+        return spec
+    vocab = len(tokenizer) if tokenizer is not None else 0
+    return model_spec(cfg.model, vocab, cfg.train.seq_len, special_token_ids(tokenizer) if tokenizer else None)
+
+
+def _data(cfg, world_size: int) -> None:
+    """Every source resolves, and local data holds at least one global batch (about: 4 bytes of
+    text per token; hub datasets are checked when the job prepares them)."""
+    from harness.data.instruct import INSTRUCTION_FORMATS, instruction_source
+    from harness.data.sources import find_source
+    from harness.data.stream import open_token_file
+
+    d = cfg.data
+    if d.format in INSTRUCTION_FORMATS:
+        sources = [instruction_source(d)]
+    elif d.format == "tokens":
+        if not Path(d.path).expanduser().is_file():
+            raise HarnessError(f"data.path {d.path!r} does not exist; point it at the token file (data.format=tokens)")
+        open_token_file(d.path, d.token_dtype, 2**32)
+        return
+    else:
+        paths = [(s.path, s.format, s.text_field or d.text_field) for s in d.sources] or [(d.path, d.format, d.text_field)]
+        sources = [find_source(d, path, fmt, field) for path, fmt, field in paths]
+    local = [s for s in sources if s.is_local]
+    if len(local) != len(sources):
+        return
+    global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
+    if d.format in INSTRUCTION_FORMATS:
+        return  # examples are counted when prepared (harness prepare-data); one row can be many tokens
+    tokens = sum(s.total_bytes() for s in local) / 4 * (1 - d.val_fraction)
+    needed = global_batch * (cfg.train.seq_len + 1)
+    if tokens < needed:
+        raise HarnessError(f"data.path {d.path!r} holds about {tokens:,.0f} training tokens, fewer than one global batch "
+                           f"({global_batch} x {cfg.train.seq_len + 1} = {needed:,}); add data or lower "
+                           "train.micro_batch_size / train.seq_len")
+
+
+def _resume(cfg) -> None:
+    from harness.checkpoint import verify
+
+    path = cfg.resume.path
+    if path in ("none", "auto"):
+        return
+    if not Path(path).expanduser().is_dir():
+        raise HarnessError(f"resume={path} does not exist; point it at a step-<N> checkpoint folder, or use resume=auto")
+    problem = verify(Path(path).expanduser())
+    if problem:
+        raise HarnessError(f"resume={path}: the checkpoint is damaged ({problem}); use resume=auto to take the newest "
+                           "intact one")
+
+
+def _deepspeed_json(cfg, world_size: int) -> None:
+    from harness.config.deepspeed_json import runtime_config
+    from harness.parallel.deepspeed.compat import check_zero_section
+
+    check_zero_section(runtime_config(cfg, world_size, hidden_size=1024), cfg.parallel.deepspeed_config)
+
+
+def _fits(cfg, args: argparse.Namespace, found: Findings) -> str:
+    """Device and host memory, and the stop signal's lead over a logging interval plus a save."""
+    import dataclasses
+
+    from harness.cli.estimate import DEFAULT_MFU, GPUS_PER_NODE
+    from harness.estimate.memory import estimate, meta_model
+    from harness.estimate.step import predict_step
+    from harness.estimate.step_time import GPUS, Cluster
+
+    world = args.world_size
+    nodes = args.nodes or max(1, math.ceil(world / GPUS_PER_NODE))
+    if world % nodes:
+        raise HarnessError(f"--nodes {nodes} does not divide --world-size {world}: every node runs the same number of ranks")
+    gpu = GPUS[args.gpu]
+    memory_gib = args.device_gb or gpu.memory_gib
+    cluster = Cluster(world, nodes, dataclasses.replace(gpu, memory_gib=memory_gib), gpu.intra_gbps, gpu.inter_gbps,
+                      DEFAULT_MFU, memory_gib)
+    model = meta_model(cfg)
+    result = estimate(cfg, world, model)
+    need = result["backends"][result["configured"]]
+    gib = 2**30
+    if need["device"] > memory_gib * gib:
+        found.add(f"the estimate needs {need['device'] / gib:,.1f} GiB per GPU ({result['configured']}, "
+                  f"micro_batch_size {cfg.train.micro_batch_size} x seq_len {cfg.train.seq_len}); a {gpu.name} has "
+                  f"{memory_gib:,.1f}: lower train.micro_batch_size, turn on model.activation_checkpointing, "
+                  "or shard over more GPUs (harness estimate shows the parts)")
+    per_node = world // nodes
+    host_node = per_node * max(need["host"], need.get("setup_host", 0))
+    if args.host_gb is not None and host_node > args.host_gb * gib:
+        found.add(f"the estimate needs {host_node / gib:,.0f} GiB of host memory per node ({per_node} ranks: "
+                  f"offloaded state and setup), more than --host-gb {args.host_gb:g}; offload less, or use more nodes")
+    step_s = predict_step(cfg, cluster, model, result).step_s
+    state_bytes = 3 * need["master"]  # fp32 masters and AdamW's two moments, as a checkpoint holds them
+    save_s = per_node * state_bytes / (SAVE_GBYTES_S_PER_NODE * 1e9)
+    lead_needed = cfg.log.every * step_s + save_s
+    if lead_needed > args.signal_seconds:
+        found.add(f"the stop signal comes {args.signal_seconds} s before the time limit, but the ranks act on it only "
+                  f"every log.every={cfg.log.every} steps ({cfg.log.every} x {step_s:,.1f} s estimated) and the save "
+                  f"then takes ~{save_s:,.0f} s ({per_node * state_bytes / 1e9:,.0f} GB per node at "
+                  f"{SAVE_GBYTES_S_PER_NODE:g} GB/s): {lead_needed:,.0f} s; lower log.every or submit with "
+                  f"--signal-seconds {math.ceil(lead_needed * 1.5)}")
+    return (f"{need['device'] / gib:,.1f} of {memory_gib:,.1f} GiB per {gpu.name} ({result['configured']}), "
+            f"~{step_s:,.2f} s a step, stop signal lead {args.signal_seconds} s >= {lead_needed:,.0f} s needed")
+
+
+if __name__ == "__main__":
+    from harness.runtime.process import exit_process
+
+    exit_process(main())
