@@ -53,7 +53,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                              "NCCL_*, TORCH_NCCL_*, GLOO_SOCKET_IFNAME and FI_* set where you submit are passed on too")
     parser.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
                         help="extra sbatch option, e.g. --sbatch-arg=--exclusive (repeatable)")
-    parser.add_argument("--dry-run", action="store_true", help="print the job script and the sbatch command")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the job script and the sbatch command; write and submit nothing")
+    parser.add_argument("--gpu", default="h100", help="GPU model for the preflight's memory and step-time checks "
+                                                      "(harness check --gpu)")
+    parser.add_argument("--no-check", action="store_true", help="skip the preflight (harness check) before submitting")
     return parser.parse_intermixed_args(argv)
 
 
@@ -142,6 +146,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.config, args.overrides)
         world = args.nodes * args.gpus_per_node
         validate_for_world(cfg, world)
+        if not args.no_check:
+            _preflight(cfg, args, world)
         job_name = args.job_name or f"harness-{cfg.run.name}"
         request_gpus = args.gpus == "yes" or (args.gpus == "auto" and (args.dry_run or cluster_has_gpus(args.partition)))
         env = job_environment(args, dict(os.environ))
@@ -153,7 +159,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         command = ["sbatch", "--parsable", str(script_path), str(Path(args.config).resolve()), *args.overrides]
         if args.dry_run:
             print(script, end="")
-            print(f"# written to {script_path} and submitted with: {' '.join(command)}")
+            print(f"# a submission would write {script_path} and run: {' '.join(command)} (nothing was written or "
+                  "submitted)")
             return 0
         job_id = _sbatch(command, script_path, script)
     except HarnessError as exc:
@@ -164,6 +171,24 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"run dir: {ROOT / run_dir}")
     print(f"log: {ROOT}/runs/slurm/{job_name}-{job_id}.out")
     return 0
+
+
+def _preflight(cfg, args: argparse.Namespace, world: int) -> None:
+    """harness check, before anything reaches the queue: every finding on its own line."""
+    from harness.cli.check import preflight
+    from harness.estimate.step_time import GPUS
+
+    if args.gpu not in GPUS:
+        raise HarnessError(f"--gpu {args.gpu!r} is not one of {', '.join(sorted(GPUS))}")
+    checks = argparse.Namespace(world_size=world, nodes=args.nodes, gpu=args.gpu, device_gb=None, host_gb=None,
+                                signal_seconds=args.signal_seconds)
+    findings, summary = preflight(cfg, checks)
+    for line in findings:
+        print(f"harness: check: {line}", file=sys.stderr)
+    if findings:
+        raise HarnessError(f"the preflight found {len(findings)} problem(s), listed above; nothing was submitted "
+                           "(fix them, or submit with --no-check)")
+    print(f"harness: check ok: {summary}", file=sys.stderr)
 
 
 def _config_sets_run_dir(config: str) -> bool:

@@ -171,6 +171,8 @@ def _without_network_settings() -> dict:
 
 
 def test_submit_dry_run_for_4_nodes_x_8_gpus_matches_the_checked_in_script():
+    record = ROOT / "runs" / "slurm" / "harness-demo.sbatch"
+    before = record.stat().st_mtime_ns if record.exists() else None
     result = subprocess.run([HARNESS, "submit", "configs/demo.yaml", "train.steps=1000", "--nodes", "4",
                              "--gpus-per-node", "8", "--partition", "gpu", "--time", "04:00:00", "--dry-run"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120, env=_without_network_settings())
@@ -178,6 +180,22 @@ def test_submit_dry_run_for_4_nodes_x_8_gpus_matches_the_checked_in_script():
     rendered = result.stdout.replace(str(ROOT), "<ROOT>").replace(sys.executable, "<PYTHON>")
     expected = (Path(__file__).with_name("submit-4x8.sbatch")).read_text()
     assert rendered == expected
+    assert result.stderr.startswith("harness: check ok: ")  # the preflight ran first
+    assert (record.stat().st_mtime_ns if record.exists() else None) == before  # a dry run writes nothing
+
+
+def test_submit_runs_the_preflight_first_and_queues_nothing_on_a_finding(tmp_path):
+    result = subprocess.run([HARNESS, "submit", "configs/tiny.yaml", "data.path=/nowhere/corpus.txt", "--nodes", "1",
+                             "--dry-run"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                            env=_without_network_settings())
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert lines[0] == "harness: check: data.path '/nowhere/corpus.txt' does not exist; check the path (or use bundled:shakespeare)"
+    assert lines[-1].startswith("harness: error: the preflight found 1 problem(s)") and len(lines) == 2
+    skipped = subprocess.run([HARNESS, "submit", "configs/tiny.yaml", "data.path=/nowhere/corpus.txt", "--dry-run",
+                              "--no-check"], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                             env=_without_network_settings())
+    assert skipped.returncode == 0 and "nothing was written or submitted" in skipped.stdout
 
 
 def test_submit_passes_network_settings_on_to_every_rank():
