@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from harness.config import load_config, validate_for_world
+from harness.config import load_config_for_world
 from harness.errors import HarnessError
 
 SAVE_GBYTES_S_PER_NODE = 2.0
@@ -64,10 +64,7 @@ class Findings:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        if args.world_size < 1:
-            raise HarnessError(f"--world-size must be >= 1 (got {args.world_size})")
-        cfg = load_config(args.config, args.overrides)
-        validate_for_world(cfg, args.world_size)
+        cfg = load_config_for_world(args.config, args.overrides, args.world_size)
         lines, summary = preflight(cfg, args)
     except HarnessError as exc:
         print(f"harness: check: {exc}", file=sys.stderr)

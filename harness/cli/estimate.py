@@ -9,7 +9,7 @@ import json
 import sys
 from typing import Optional, Sequence
 
-from harness.config import load_config, validate_for_world
+from harness.config import load_config_for_world
 from harness.errors import HarnessError
 from harness.estimate.memory import estimate, format_table, meta_model
 from harness.estimate.step import format_step, predict_step, step_json
@@ -69,10 +69,7 @@ def _cluster(args: argparse.Namespace) -> Cluster:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
-        if args.world_size < 1:
-            raise HarnessError(f"--world-size must be >= 1 (got {args.world_size})")
-        cfg = load_config(args.config, args.overrides)
-        validate_for_world(cfg, args.world_size)
+        cfg = load_config_for_world(args.config, args.overrides, args.world_size)
         if args.device_gb is not None and args.device_gb <= 0:
             raise HarnessError(f"--device-gb must be > 0 (got {args.device_gb})")
         cluster = _cluster(args)

@@ -9,7 +9,7 @@ accelerate.py      an `accelerate config` YAML mapped onto the config
 merge.py           what both translators share: adopting values, refusing contradictions
 """
 
-from harness.config.load import dump_yaml, field_docs, help_text, load_config
+from harness.config.load import dump_yaml, field_docs, help_text, load_config, load_config_for_world
 from harness.config.schema import (
                                    CheckpointConfig,
                                    Config,
@@ -32,5 +32,6 @@ from harness.config.validate import validate, validate_for_world
 __all__ = [
     "CheckpointConfig", "Config", "DataConfig", "DebugConfig", "EvalConfig", "FaultsConfig", "LogConfig",
     "ModelConfig", "ParallelConfig", "ResumeConfig", "RunConfig", "ScalerConfig", "SourceConfig", "SpikeConfig",
-    "TrainConfig", "dump_yaml", "field_docs", "help_text", "load_config", "validate", "validate_for_world",
+    "TrainConfig", "dump_yaml", "field_docs", "help_text", "load_config", "load_config_for_world",
+    "validate", "validate_for_world",
 ]

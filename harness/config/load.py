@@ -47,6 +47,17 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
     return cfg
 
 
+def load_config_for_world(path: str | os.PathLike, overrides: list[str], world_size: int) -> Config:
+    """load_config, then the checks that need the number of ranks (harness estimate, check, submit)."""
+    from harness.config.validate import validate_for_world
+
+    if world_size < 1:
+        raise ConfigError(f"--world-size must be >= 1 (got {world_size})")
+    cfg = load_config(path, overrides)
+    validate_for_world(cfg, world_size)
+    return cfg
+
+
 def _leaf_keys(raw: dict[str, Any], prefix: str = "") -> list[str]:
     """The dotted keys a file or the CLI set explicitly (what a DeepSpeed JSON may not contradict)."""
     keys = []
