@@ -178,8 +178,9 @@ def test_smollm2_fine_tune_learns_exports_and_generates_what_it_showed(tmp_path)
     from harness.observe.wandb_file import find_runs, read_run
 
     history = read_run(find_runs(wandb_dir)[-1])["history"]
-    tables = {row["step"]: row["completions"] for row in history if "completions" in row}
-    assert sorted(tables) == [4, 8] and tables[8]["_type"] == "table-file" and tables[8]["nrows"] == 4
+    # The run file keeps a logged table as its parts ("completions/_type", ...); the rows go to media/.
+    tables = {row["step"]: row for row in history if row.get("completions/_type") == "table-file"}
+    assert sorted(tables) == [4, 8] and tables[4]["completions/nrows"] == 2 and tables[8]["completions/nrows"] == 4
     evals = [row["eval_loss"] for row in _rows(run_dir) if row.get("eval_loss") is not None]
     assert len(evals) == 2 and evals[1] < evals[0]
     assert "completions after step 8:" in result.stdout
