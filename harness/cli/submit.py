@@ -146,8 +146,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.config, args.overrides)
         world = args.nodes * args.gpus_per_node
         validate_for_world(cfg, world)
-        if not args.no_check:
-            _preflight(cfg, args, world)
+        checked = "skipped (--no-check)" if args.no_check else _preflight(cfg, args, world)
         job_name = args.job_name or f"harness-{cfg.run.name}"
         request_gpus = args.gpus == "yes" or (args.gpus == "auto" and (args.dry_run or cluster_has_gpus(args.partition)))
         env = job_environment(args, dict(os.environ))
@@ -170,11 +169,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print(f"submitted job {job_id}: {args.nodes} node(s) x {args.gpus_per_node} rank(s), {args.launcher}")
     print(f"run dir: {ROOT / run_dir}")
     print(f"log: {ROOT}/runs/slurm/{job_name}-{job_id}.out")
+    print(f"preflight: {checked}")
     return 0
 
 
-def _preflight(cfg, args: argparse.Namespace, world: int) -> None:
-    """harness check, before anything reaches the queue: every finding on its own line."""
+def _preflight(cfg, args: argparse.Namespace, world: int) -> str:
+    """harness check, before anything reaches the queue: every finding on its own line; returns
+    what fits (said once the job is submitted)."""
     from harness.cli.check import preflight
     from harness.estimate.step_time import GPUS
 
@@ -188,7 +189,7 @@ def _preflight(cfg, args: argparse.Namespace, world: int) -> None:
     if findings:
         raise HarnessError(f"the preflight found {len(findings)} problem(s), listed above; nothing was submitted "
                            "(fix them, or submit with --no-check)")
-    print(f"harness: check ok: {summary}", file=sys.stderr)
+    return summary
 
 
 def _config_sets_run_dir(config: str) -> bool:
