@@ -80,6 +80,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def preflight(cfg, args: argparse.Namespace) -> tuple[list[str], str]:
     """(findings, a one-line summary of what fits)."""
+    from harness.parallel.preflight import check_backend_file
     from harness.runtime.process import quiet_deepspeed_without_gpus
 
     quiet_deepspeed_without_gpus()
@@ -88,8 +89,7 @@ def preflight(cfg, args: argparse.Namespace) -> tuple[list[str], str]:
     spec = found.run(lambda: _model(cfg, tokenizer))
     found.run(lambda: _data(cfg, args.world_size))
     found.run(lambda: _resume(cfg))
-    if cfg.parallel.backend == "deepspeed" and cfg.parallel.deepspeed_config:
-        found.run(lambda: _deepspeed_json(cfg, args.world_size))
+    found.run(lambda: check_backend_file(cfg, args.world_size))
     summary = ""
     if spec is not None and tokenizer is not None:
         summary = found.run(lambda: _fits(cfg, args, found)) or ""
@@ -160,13 +160,6 @@ def _resume(cfg) -> None:
     if problem:
         raise HarnessError(f"resume={path}: the checkpoint is damaged ({problem}); use resume=auto to take the newest "
                            "intact one")
-
-
-def _deepspeed_json(cfg, world_size: int) -> None:
-    from harness.config.deepspeed_json import runtime_config
-    from harness.parallel.deepspeed.compat import check_zero_section
-
-    check_zero_section(runtime_config(cfg, world_size, hidden_size=1024), cfg.parallel.deepspeed_config)
 
 
 def _fits(cfg, args: argparse.Namespace, found: Findings) -> str:

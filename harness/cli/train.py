@@ -14,6 +14,7 @@ from typing import Optional, Sequence
 
 from harness.config import help_text, load_config, validate_for_world
 from harness.errors import HarnessError
+from harness.parallel.preflight import check_backend_file
 
 USAGE = "python -m harness.train CONFIG.yaml [key.sub=value ...] [--check [--world-size N]]"
 
@@ -58,8 +59,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         cfg = load_config(args.config, overrides)
         if args.check:
             validate_for_world(cfg, args.world_size or 1)
-            if cfg.parallel.backend == "deepspeed" and cfg.parallel.deepspeed_config:
-                _check_deepspeed_json(cfg, args.world_size or 1)
+            check_backend_file(cfg, args.world_size or 1)
             print(f"config ok: {args.config} -> run.dir={cfg.run.dir}")
             return 0
         return _run(cfg)
@@ -71,18 +71,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
-
-
-def _check_deepspeed_json(cfg, world_size: int) -> None:
-    """The JSON as harness will hand it to DeepSpeed, through DeepSpeed's own validation, before
-    any rank starts (the only part of --check that imports torch: a user's DeepSpeed JSON)."""
-    from harness.config.deepspeed_json import runtime_config
-    from harness.parallel.deepspeed.compat import check_zero_section
-    from harness.runtime.process import quiet_deepspeed_without_gpus
-
-    quiet_deepspeed_without_gpus()
-    # "auto" bucket sizes are filled from the hidden size at start-up; any positive size does here.
-    check_zero_section(runtime_config(cfg, world_size, hidden_size=1024), cfg.parallel.deepspeed_config)
 
 
 def _run(cfg) -> int:

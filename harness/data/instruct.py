@@ -31,11 +31,10 @@ from typing import Any, Callable, Iterator, Optional
 import numpy as np
 
 from harness.config import DataConfig
-from harness.data.prepare import cache_dir, token_dtype
+from harness.data.prepare import cache_dir, remove_stale, token_dtype
 from harness.data.sources import Source, find_source, stream_rows
 from harness.errors import HarnessError
 from harness.runtime.locks import file_lock
-from harness.runtime.process import process_alive
 
 INSTRUCTION_FORMATS = ("chat", "prompt_completion")
 ROLES = ("system", "user", "assistant", "tool")
@@ -230,12 +229,8 @@ def prepare_examples(cfg: DataConfig, tokenizer: Any, seq_len: int, log=print) -
 
 
 def _build(cfg: DataConfig, source: Source, tokenizer: Any, seq_len: int, root: Path, key: str, log) -> None:
-    host = socket.gethostname()
-    for stale in root.glob(f"{key}.tmp-{host}-*"):
-        pid = stale.name.rpartition("-")[2]
-        if pid.isdigit() and not process_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    staging = root / f"{key}.tmp-{host}-{os.getpid()}"
+    remove_stale(root, key)  # staging folders of preparations that died on this host
+    staging = root / f"{key}.tmp-{socket.gethostname()}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:

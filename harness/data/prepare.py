@@ -86,7 +86,7 @@ def prepare(cfg: DataConfig, source: Source, tokenizer, tokenizer_path: str, nam
     with file_lock(root / f"{key}.lock", wait_s=cfg.wait_timeout_s, on_wait=waiting):
         if (folder / INDEX).exists():
             return _open(folder)
-        _remove_stale(root, key)
+        remove_stale(root, key)
         staging = root / f"{key}.tmp-{socket.gethostname()}-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir(parents=True)
@@ -108,7 +108,7 @@ def _open(folder: Path) -> Prepared:
     return Prepared(stream, index, folder)
 
 
-def _remove_stale(root: Path, key: str) -> None:
+def remove_stale(root: Path, key: str) -> None:
     """tmp folders of preparations that died on this host (their pid is gone)."""
     host = socket.gethostname()
     for tmp in root.glob(f"{key}.tmp-*"):

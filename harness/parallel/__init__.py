@@ -10,6 +10,7 @@ deepspeed/          DeepSpeed ZeRO-1/2/3 (backend, optimizer layouts, its privat
 initial_weights.py  writing the initial weights into whatever pieces a rank owns
 layouts.py          what each layout can do, as plain data (config validation reads it, no torch)
 select.py           the backend a config asks for
+preflight.py        the backend's own checks of a config's files, before any rank starts
 
 Names are handed on lazily, so config validation can read layouts.py without importing torch.
 """
@@ -18,7 +19,8 @@ import importlib
 from typing import Any
 
 _EXPORTS = {"ParallelBackend": "base", "StatePiece": "base", "build_backend": "select", "layout_name": "select",
-            "Layout": "layouts", "layout_of": "layouts"}
+            "Layout": "layouts", "layout_of": "layouts",
+            "check_backend_file": "preflight"}
 __all__ = sorted(_EXPORTS)
 
 

@@ -31,3 +31,4 @@ LAYOUTS = {
 def layout_of(parallel) -> Layout:
     """The layout a config's `parallel` section asks for."""
     return LAYOUTS["fsdp2" if parallel.backend == "fsdp2" else f"zero{parallel.zero_stage}"]
+
