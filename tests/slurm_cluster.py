@@ -111,8 +111,8 @@ TaskPlugin=task/none
 ReturnToService=2
 KillWait=60
 SchedulerParameters=defer_batch
-NodeName=node1 NodeHostname={host} NodeAddr=127.0.0.1 Port={d1} CPUs=2 State=UNKNOWN
-NodeName=node2 NodeHostname={host} NodeAddr=127.0.0.1 Port={d2} CPUs=2 State=UNKNOWN
+NodeName=node1 NodeHostname={host} NodeAddr=127.0.0.1 Port={d1} CPUs=2 RealMemory=4000 State=UNKNOWN
+NodeName=node2 NodeHostname={host} NodeAddr=127.0.0.1 Port={d2} CPUs=2 RealMemory=4000 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE OverSubscribe=FORCE:4 State=UP
 """)
 

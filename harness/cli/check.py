@@ -24,8 +24,6 @@ from harness.errors import HarnessError
 SAVE_GBYTES_S_PER_NODE = 2.0
 """Assumed write bandwidth of one node to the checkpoint filesystem (a parallel filesystem gives a
 node a few GB/s); a save is the node's ranks' fp32 masters and AdamW moments."""
-DEFAULT_SIGNAL_S = 120
-"""harness submit's --signal-seconds default (USR1 this long before the time limit)."""
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -38,9 +36,11 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--nodes", type=int, default=None, help="nodes the ranks spread over (default: 8 per node)")
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU model: memory, peak FLOPs, fabric")
     parser.add_argument("--device-gb", type=float, default=None, help="GPU memory per rank in GiB (default: the --gpu's)")
-    parser.add_argument("--host-gb", type=float, default=None, help="host memory per node in GiB, to check it too")
-    parser.add_argument("--signal-seconds", type=int, default=DEFAULT_SIGNAL_S,
-                        help="how long before the time limit the stop signal comes (harness submit's, default 120)")
+    parser.add_argument("--host-gb", type=float, default=None,
+                        help="host memory per node in GiB (default: slurm.mem, else the partition's nodes as sinfo "
+                             "reports them; unchecked when neither says)")
+    parser.add_argument("--signal-seconds", type=int, default=None,
+                        help="how long before the time limit the stop signal comes (default: slurm.signal_seconds)")
     return parser.parse_intermixed_args(argv)
 
 
@@ -190,21 +190,38 @@ def _fits(cfg, args: argparse.Namespace, found: Findings) -> str:
                   "or shard over more GPUs (harness estimate shows the parts)")
     per_node = world // nodes
     host_node = per_node * max(need["host"], need.get("setup_host", 0))
-    if args.host_gb is not None and host_node > args.host_gb * gib:
-        found.add(f"the estimate needs {host_node / gib:,.0f} GiB of host memory per node ({per_node} ranks: "
-                  f"offloaded state and setup), more than --host-gb {args.host_gb:g}; offload less, or use more nodes")
+    host_gb, host_source = _host_memory(cfg, args)
+    if host_gb is not None and host_node > host_gb * gib:
+        found.add(f"the estimate needs {host_node / gib:,.1f} GiB of host memory per node ({per_node} ranks: "
+                  f"offloaded state and setup), more than the {host_gb:,.1f} GiB of {host_source}; raise slurm.mem, "
+                  "offload less, or use more nodes")
+    signal_s = args.signal_seconds or cfg.slurm.signal_seconds
     step_s = predict_step(cfg, cluster, model, result).step_s
     state_bytes = 3 * need["master"]  # fp32 masters and AdamW's two moments, as a checkpoint holds them
     save_s = per_node * state_bytes / (SAVE_GBYTES_S_PER_NODE * 1e9)
     lead_needed = cfg.log.every * step_s + save_s
-    if lead_needed > args.signal_seconds:
-        found.add(f"the stop signal comes {args.signal_seconds} s before the time limit, but the ranks act on it only "
+    if lead_needed > signal_s:
+        found.add(f"the stop signal comes {signal_s} s before the time limit, but the ranks act on it only "
                   f"every log.every={cfg.log.every} steps ({cfg.log.every} x {step_s:,.1f} s estimated) and the save "
                   f"then takes ~{save_s:,.0f} s ({per_node * state_bytes / 1e9:,.0f} GB per node at "
                   f"{SAVE_GBYTES_S_PER_NODE:g} GB/s): {lead_needed:,.0f} s; lower log.every or submit with "
-                  f"--signal-seconds {math.ceil(lead_needed * 1.5)}")
+                  f"slurm.signal_seconds={math.ceil(lead_needed * 1.5)}")
     return (f"{need['device'] / gib:,.1f} of {memory_gib:,.1f} GiB per {gpu.name} ({result['configured']}), "
-            f"~{step_s:,.2f} s a step, stop signal lead {args.signal_seconds} s >= {lead_needed:,.0f} s needed")
+            f"{host_node / gib:,.1f} GiB host per node" + (f" of {host_gb:,.1f}" if host_gb is not None else " (host memory unknown)")
+            + f", ~{step_s:,.2f} s a step, stop signal lead {signal_s} s >= {lead_needed:,.0f} s needed")
+
+
+def _host_memory(cfg, args: argparse.Namespace) -> tuple[float | None, str]:
+    """Host GiB per node to check against, and where the number comes from."""
+    from harness.cli.site import node_memory_gib
+    from harness.config.slurm import mem_gib
+
+    if args.host_gb is not None:
+        return args.host_gb, "--host-gb"
+    if mem_gib(cfg.slurm.mem) is not None:
+        return mem_gib(cfg.slurm.mem), f"slurm.mem={cfg.slurm.mem}"
+    node = node_memory_gib(cfg.slurm.partition)
+    return node, "a node (sinfo)"
 
 
 if __name__ == "__main__":

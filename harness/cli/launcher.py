@@ -10,7 +10,7 @@ What it adds to torchrun:
 - **One last line that says what happened.** A rank that explained itself in one line (a user
   error, exit 2; an aborted run, 3; a hang or a lost peer, 4; a stop signal under Slurm, 75) needs
   no report. A rank killed by a signal is named with the signal, the newest checkpoint and how to
-  resume. Anything else (a crash) keeps torchrun's full report.
+  resume. A rank that crashed is named with its error (its traceback is above, in its output).
 """
 
 from __future__ import annotations
@@ -135,8 +135,21 @@ def _report(err, rest: Sequence[str]) -> int:
         return 128 + (-first.exitcode)
     if first.exitcode in EXPLAINED_EXIT_CODES:
         return first.exitcode
-    print(err.format_msg(), file=sys.stderr)
+    print(f"harness: rank {rank} (pid {first.pid}) failed first, exit code {first.exitcode}: {_error_of(first)}; "
+          f"the other ranks were ended. {_newest_checkpoint(rest)}", file=sys.stderr, flush=True)
     return 1
+
+
+def _error_of(failure) -> str:
+    """The error a rank recorded (its exception's type and message, written through torch's
+    error handler by harness.cli.train), on one line."""
+    message = failure.message
+    if isinstance(message, dict):
+        message = message.get("message", "")
+    text = " ".join(str(message or "").split())
+    if not text or text.startswith("To enable traceback"):
+        return "it recorded no error (its output above says why)"
+    return text if len(text) <= 300 else text[:297] + "..."
 
 
 def _precedence(exitcode: int) -> int:

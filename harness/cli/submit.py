@@ -1,8 +1,11 @@
 """`harness submit CONFIG.yaml [overrides] --nodes N --gpus-per-node G [...]`: a Slurm job in one command.
 
-Renders slurm/train.sbatch (or slurm/deepspeed.sbatch with --launcher deepspeed) with the
-requested sbatch options, submits it with sbatch (whatever cluster sbatch reaches; SLURM_CONF
-is honoured), and prints the job id and the run dir. --dry-run prints the script instead.
+Runs the preflight (harness check), renders slurm/train.sbatch (or slurm/deepspeed.sbatch with
+--launcher deepspeed) with the config's slurm: section and the flags (which win), submits it with
+sbatch (whatever cluster sbatch reaches; SLURM_CONF is honoured), and prints the job id and the
+run dir. The run dir is the config's (runs/<run.name> unless run.dir is set), so submitting the
+same config again continues the run (resume=auto); --chain N queues N jobs that each continue
+the last. --dry-run prints the script and the sbatch commands, and writes nothing.
 
 --gpus-per-node G is the number of ranks per node. GPUs are requested (--gpus-per-node=G) when
 the cluster has GPU resources (sinfo reports a gpu GRES) or with --gpus yes; on a CPU-only
@@ -14,20 +17,21 @@ from __future__ import annotations
 import argparse
 import os
 import re
-import shlex
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
+from harness.cli.jobscript import ROOT, TEMPLATES, Job, cores_per_rank, ranks_python, render
+from harness.cli.site import has_gpus
 from harness.config import load_config, validate_for_world
+from harness.config.slurm import validate_slurm
 from harness.errors import HarnessError
 
-ROOT = Path(__file__).resolve().parents[2]
-TEMPLATES = {"srun": ROOT / "slurm" / "train.sbatch", "deepspeed": ROOT / "slurm" / "deepspeed.sbatch"}
-BLOCK = re.compile(r"# --- sbatch options.*?\n(.*?)# --- end of sbatch options ---\n", re.S)
-_TIME = re.compile(r"^(\d+-)?\d{1,2}(:\d{2}){0,2}$|^\d+$")
+# Flags that set a slurm.* key (the flag wins over the config).
+SLURM_FLAGS = ("partition", "time", "account", "qos", "constraint", "mem", "cpus_per_task", "exclusive", "setup",
+               "container_image", "container_mounts", "python", "signal_seconds")
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
@@ -36,88 +40,59 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides for the job")
     parser.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
     parser.add_argument("--gpus-per-node", type=int, default=1, help="ranks per node: GPUs, or CPU ranks on CPU nodes")
-    parser.add_argument("--partition", help="Slurm partition")
-    parser.add_argument("--time", help="time limit, e.g. 04:00:00 or 2-00:00:00")
-    parser.add_argument("--account", help="Slurm account")
-    parser.add_argument("--qos", help="Slurm QOS")
+    parser.add_argument("--chain", type=int, default=1, metavar="N",
+                        help="queue N jobs, each continuing the run where the last stopped (afterany, singleton): "
+                             "runs longer than the site's time limit")
     parser.add_argument("--job-name", help="job name (default: harness-<run.name>)")
-    parser.add_argument("--cpus-per-task", type=int, help="CPU cores per rank")
     parser.add_argument("--launcher", choices=sorted(TEMPLATES), default="srun",
                         help="srun: one srun task per rank (default); deepspeed: the deepspeed launcher")
     parser.add_argument("--gpus", choices=("auto", "yes", "no"), default="auto",
                         help="request GPUs: auto asks sinfo whether the cluster has any")
-    parser.add_argument("--signal-seconds", type=int, default=120,
-                        help="ask Slurm for USR1 this long before the time limit (checkpoint + requeue)")
+    site = parser.add_argument_group("site resources (each sets the slurm.* key of the same name)")
+    site.add_argument("--partition", help="Slurm partition")
+    site.add_argument("--time", help="time limit of each job, e.g. 04:00:00 or 2-00:00:00")
+    site.add_argument("--account", help="Slurm account")
+    site.add_argument("--qos", help="Slurm QOS")
+    site.add_argument("--constraint", help="node features, e.g. h100")
+    site.add_argument("--mem", help="host memory per node, e.g. 480G (0: all of it)")
+    site.add_argument("--cpus-per-task", type=int, help="CPU cores per rank (default: node cores / ranks per node)")
+    site.add_argument("--exclusive", action="store_true", default=None, help="whole nodes for this job")
+    site.add_argument("--setup", action="append", metavar="LINE",
+                      help="a shell line run before the ranks start, e.g. --setup 'module load cuda/12.8' (repeatable)")
+    site.add_argument("--container-image", help="run the ranks in this pyxis/enroot image")
+    site.add_argument("--container-mounts", help="more container mounts, SRC:DST[:FLAGS],...")
+    site.add_argument("--python", help="the Python that runs the ranks")
+    site.add_argument("--signal-seconds", type=int,
+                      help="USR1 this long before the time limit: the ranks save and stop (default 120)")
     parser.add_argument("--env", action="append", default=[], metavar="KEY=VALUE",
                         help="an environment variable for every rank, e.g. --env NCCL_SOCKET_IFNAME=ib0 (repeatable); "
                              "NCCL_*, TORCH_NCCL_*, GLOO_SOCKET_IFNAME and FI_* set where you submit are passed on too")
     parser.add_argument("--sbatch-arg", action="append", default=[], metavar="ARG",
-                        help="extra sbatch option, e.g. --sbatch-arg=--exclusive (repeatable)")
+                        help="extra sbatch option, e.g. --sbatch-arg=--reservation=big (repeatable)")
     parser.add_argument("--dry-run", action="store_true",
-                        help="print the job script and the sbatch command; write and submit nothing")
+                        help="print the job script and the sbatch commands; write and submit nothing")
     parser.add_argument("--gpu", default="h100", help="GPU model for the preflight's memory and step-time checks "
                                                       "(harness check --gpu)")
     parser.add_argument("--no-check", action="store_true", help="skip the preflight (harness check) before submitting")
     return parser.parse_intermixed_args(argv)
 
 
-def cluster_has_gpus(partition: Optional[str]) -> bool:
-    if shutil.which("sinfo") is None:
-        return False
-    cmd = ["sinfo", "-h", "-o", "%G"] + (["-p", partition] if partition else [])
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=30)
-    return out.returncode == 0 and "gpu" in out.stdout
-
-
-def sbatch_options(args: argparse.Namespace, job_name: str, request_gpus: bool) -> list[str]:
-    options = [
-        f"--job-name={job_name}",
-        f"--nodes={args.nodes}",
-        f"--ntasks-per-node={args.gpus_per_node}",
-    ]
-    if request_gpus:
-        options.append(f"--gpus-per-node={args.gpus_per_node}")
-    if args.cpus_per_task:
-        options.append(f"--cpus-per-task={args.cpus_per_task}")
-    for flag in ("partition", "time", "account", "qos"):
-        value = getattr(args, flag)
-        if value:
-            options.append(f"--{flag}={value}")
-    # srun ranks are tasks of a job step and get the signal themselves; the deepspeed launcher's
-    # ranks on the first node are children of the job script, which passes it on.
-    target = "" if args.launcher == "srun" else "B:"
-    options += [
-        f"--signal={target}USR1@{args.signal_seconds}",
-        "--requeue",
-        "--open-mode=append",
-        f"--chdir={ROOT}",
-        f"--output={ROOT}/runs/slurm/%x-%j.out",
-        *args.sbatch_arg,
-    ]
-    return options
-
-
-def render(template: Path, options: list[str], env: dict[str, str]) -> str:
-    text = template.read_text()
-    header = "# --- sbatch options (rendered by harness submit) ---\n"
-    header += "".join(f"#SBATCH {option}\n" for option in options)
-    header += "# --- end of sbatch options ---\n"
-    header += "".join(f"export {key}={shlex.quote(value)}\n" for key, value in env.items())
-    rendered, count = BLOCK.subn(lambda _: header, text)
-    if count != 1:
-        raise HarnessError(f"{template} lost its '# --- sbatch options' block; restore it from git")
-    return rendered
+def apply_flags(slurm, args: argparse.Namespace) -> None:
+    """The flags given on the command line replace the config's slurm.* values."""
+    for name in SLURM_FLAGS:
+        value = getattr(args, name)
+        if value is None:
+            continue
+        if name == "container_mounts":
+            value = [mount for mount in value.split(",") if mount]
+        setattr(slurm, name, value)
+    validate_slurm(slurm)
 
 
 def _validate(args: argparse.Namespace) -> None:
-    if args.nodes < 1:
-        raise HarnessError(f"--nodes must be >= 1 (got {args.nodes})")
-    if args.gpus_per_node < 1:
-        raise HarnessError(f"--gpus-per-node must be >= 1 (got {args.gpus_per_node})")
-    if args.time and not _TIME.match(args.time):
-        raise HarnessError(f"--time {args.time!r} is not a Slurm time (minutes, HH:MM:SS or D-HH:MM:SS)")
-    if args.signal_seconds < 1:
-        raise HarnessError(f"--signal-seconds must be >= 1 (got {args.signal_seconds})")
+    for flag in ("nodes", "gpus_per_node", "chain"):
+        if getattr(args, flag) < 1:
+            raise HarnessError(f"--{flag.replace('_', '-')} must be >= 1 (got {getattr(args, flag)})")
     for item in args.env:
         key, sep, _ = item.partition("=")
         if not sep or not _ENV_KEY.match(key):
@@ -130,13 +105,26 @@ _PASSED_ON = ("NCCL_", "TORCH_NCCL_", "GLOO_SOCKET_IFNAME", "FI_", "UCX_")
 _ENV_KEY = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
-def job_environment(args: argparse.Namespace, environ: dict[str, str]) -> dict[str, str]:
+def job_environment(args: argparse.Namespace, environ: dict[str, str], python: str, run_dir: str) -> dict[str, str]:
     """The variables the job script exports: harness's own, the network settings of the
     submitting shell, then --env (which wins)."""
-    env = {"HARNESS_ROOT": str(ROOT), "HARNESS_PYTHON": sys.executable}
+    env = {"HARNESS_ROOT": str(ROOT), "HARNESS_PYTHON": python, "HARNESS_RUN_DIR": run_dir}
     env.update({k: v for k, v in sorted(environ.items()) if k.startswith(_PASSED_ON)})
     env.update(dict(item.split("=", 1) for item in args.env))
     return env
+
+
+def sbatch_commands(args: argparse.Namespace, script_path: Path, previous: Optional[str] = None) -> list[list[str]]:
+    """One sbatch command per job of the chain; job k > 1 waits for job k-1 to end however it
+    ended (afterany: a job stopped at its time limit has saved), and knows its place in the chain."""
+    tail = [str(script_path), str(Path(args.config).resolve()), *args.overrides]
+    commands = []
+    for link in range(1, args.chain + 1):
+        options = [f"--export=ALL,HARNESS_CHAIN_LINK={link},HARNESS_CHAIN_LENGTH={args.chain}"] if args.chain > 1 else []
+        if link > 1:
+            options.append(f"--dependency=afterany:{previous or '<job ' + str(link - 1) + '>'},singleton")
+        commands.append(["sbatch", "--parsable", *options, *tail])
+    return commands
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -144,31 +132,36 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         _validate(args)
         cfg = load_config(args.config, args.overrides)
+        apply_flags(cfg.slurm, args)
         world = args.nodes * args.gpus_per_node
         validate_for_world(cfg, world)
         checked = "skipped (--no-check)" if args.no_check else _preflight(cfg, args, world)
-        job_name = args.job_name or f"harness-{cfg.run.name}"
-        request_gpus = args.gpus == "yes" or (args.gpus == "auto" and (args.dry_run or cluster_has_gpus(args.partition)))
-        env = job_environment(args, dict(os.environ))
-        explicit_run_dir = any(o.startswith("run.dir=") for o in args.overrides) or _config_sets_run_dir(args.config)
-        if explicit_run_dir:
-            env["HARNESS_RUN_DIR"] = cfg.run.dir
-        script = render(TEMPLATES[args.launcher], sbatch_options(args, job_name, request_gpus), env)
-        script_path = ROOT / "runs" / "slurm" / f"{job_name}.sbatch"
-        command = ["sbatch", "--parsable", str(script_path), str(Path(args.config).resolve()), *args.overrides]
+        job = Job(
+            name=args.job_name or f"harness-{cfg.run.name}", nodes=args.nodes, ranks_per_node=args.gpus_per_node,
+            launcher=args.launcher,
+            request_gpus=args.gpus == "yes" or (args.gpus == "auto" and (args.dry_run or has_gpus(cfg.slurm.partition))),
+            cpus_per_task=cores_per_rank(cfg.slurm, args.gpus_per_node), run_dir=cfg.run.dir, slurm=cfg.slurm,
+            extra_sbatch=args.sbatch_arg)
+        env = job_environment(args, dict(os.environ), ranks_python(cfg.slurm, sys.executable), cfg.run.dir)
+        script = render(job, env)
+        script_path = ROOT / "runs" / "slurm" / f"{job.name}.sbatch"
         if args.dry_run:
             print(script, end="")
-            print(f"# a submission would write {script_path} and run: {' '.join(command)} (nothing was written or "
-                  "submitted)")
+            for command in sbatch_commands(args, script_path):
+                print(f"# would run: {' '.join(command)}")
+            print(f"# a submission would write {script_path} and the run would live in {ROOT / cfg.run.dir} "
+                  "(nothing was written or submitted)")
             return 0
-        job_id = _sbatch(command, script_path, script)
+        job_ids = _submit(args, script_path, script)
     except HarnessError as exc:
         print(f"harness: error: {exc}", file=sys.stderr)
         return exc.exit_code
-    run_dir = cfg.run.dir if explicit_run_dir else f"runs/{job_name}-{job_id}"
-    print(f"submitted job {job_id}: {args.nodes} node(s) x {args.gpus_per_node} rank(s), {args.launcher}")
-    print(f"run dir: {ROOT / run_dir}")
-    print(f"log: {ROOT}/runs/slurm/{job_name}-{job_id}.out")
+    print(f"submitted job {job_ids[0]}: {args.nodes} node(s) x {args.gpus_per_node} rank(s), {args.launcher}"
+          + (f"; cores per rank {job.cpus_per_task}" if job.cpus_per_task else ""))
+    for previous, job_id in zip(job_ids, job_ids[1:]):
+        print(f"chained job {job_id}: starts after job {previous} ends and continues the run")
+    print(f"run dir: {ROOT / cfg.run.dir}")
+    print(f"log: {ROOT}/runs/slurm/{job.name}-<job id>.out")
     print(f"preflight: {checked}")
     return 0
 
@@ -182,7 +175,7 @@ def _preflight(cfg, args: argparse.Namespace, world: int) -> str:
     if args.gpu not in GPUS:
         raise HarnessError(f"--gpu {args.gpu!r} is not one of {', '.join(sorted(GPUS))}")
     checks = argparse.Namespace(world_size=world, nodes=args.nodes, gpu=args.gpu, device_gb=None, host_gb=None,
-                                signal_seconds=args.signal_seconds)
+                                signal_seconds=None)
     findings, summary = preflight(cfg, checks)
     for line in findings:
         print(f"harness: check: {line}", file=sys.stderr)
@@ -192,23 +185,21 @@ def _preflight(cfg, args: argparse.Namespace, world: int) -> str:
     return summary
 
 
-def _config_sets_run_dir(config: str) -> bool:
-    import yaml
-
-    raw = yaml.safe_load(Path(config).read_text()) or {}
-    return bool((raw.get("run") or {}).get("dir"))
-
-
-def _sbatch(command: list[str], script_path: Path, script: str) -> str:
+def _submit(args: argparse.Namespace, script_path: Path, script: str) -> list[str]:
     if shutil.which("sbatch") is None:
         raise HarnessError("sbatch not found on PATH: run harness submit on a Slurm login node (or install slurm-client)")
     script_path.parent.mkdir(parents=True, exist_ok=True)
     script_path.write_text(script)  # sbatch keeps its own copy; this one is for the record
-    result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
-    if result.returncode != 0:
-        reason = " ".join(result.stderr.strip().splitlines()) or f"exit code {result.returncode}"
-        raise HarnessError(f"sbatch refused the job: {reason}")
-    return result.stdout.strip().split(";")[0]
+    job_ids: list[str] = []
+    for link in range(args.chain):
+        command = sbatch_commands(args, script_path, job_ids[-1] if job_ids else None)[link]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
+        if result.returncode != 0:
+            reason = " ".join(result.stderr.strip().splitlines()) or f"exit code {result.returncode}"
+            queued = f" (jobs {', '.join(job_ids)} are queued: scancel them or let them run)" if job_ids else ""
+            raise HarnessError(f"sbatch refused the job: {reason}{queued}")
+        job_ids.append(result.stdout.strip().split(";")[0])
+    return job_ids
 
 
 if __name__ == "__main__":

@@ -71,6 +71,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return exc.exit_code
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a crash: its traceback follows, and the launcher names this rank
+        from harness.runtime.dist import record_error_for_launcher
+
+        record_error_for_launcher(exc)
+        raise
 
 
 def _run(cfg) -> int:

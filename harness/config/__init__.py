@@ -7,6 +7,7 @@ deepspeed_json.py  a DeepSpeed JSON ("auto" values included) mapped onto the con
                    JSON the ZeRO backend hands DeepSpeed
 accelerate.py      an `accelerate config` YAML mapped onto the config
 merge.py           what both translators share: adopting values, refusing contradictions
+slurm.py           the slurm: section harness submit renders into the job script
 """
 
 from harness.config.load import dump_yaml, field_docs, help_text, load_config, load_config_for_world
@@ -27,11 +28,12 @@ from harness.config.schema import (
                                    SpikeConfig,
                                    TrainConfig,
 )
+from harness.config.slurm import SlurmConfig
 from harness.config.validate import validate, validate_for_world
 
 __all__ = [
     "CheckpointConfig", "Config", "DataConfig", "DebugConfig", "EvalConfig", "FaultsConfig", "LogConfig",
-    "ModelConfig", "ParallelConfig", "ResumeConfig", "RunConfig", "ScalerConfig", "SourceConfig", "SpikeConfig",
+    "ModelConfig", "ParallelConfig", "ResumeConfig", "RunConfig", "ScalerConfig", "SourceConfig", "SlurmConfig", "SpikeConfig",
     "TrainConfig", "dump_yaml", "field_docs", "help_text", "load_config", "load_config_for_world",
     "validate", "validate_for_world",
 ]

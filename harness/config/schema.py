@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from harness.config.slurm import SlurmConfig
+
 Precision = Literal["fp32", "bf16", "fp16"]
 NonFinite = Literal["inf", "-inf", "nan"]
 
@@ -244,6 +246,10 @@ class FaultsConfig:
     """Write the value into this module's forward output (dotted name, as in named_modules) instead of a gradient."""
     kill_at_step: int = 0
     """Every rank SIGKILLs itself right after step N (and its checkpoint, if one is due): a crash drill. 0: never."""
+    crash_at_step: int = 0
+    """Rank faults.crash_rank raises an unexpected error in the forward pass of step N: a crash drill (the launcher names the rank and its error). 0: never."""
+    crash_rank: int = 0
+    """The rank that crashes."""
     loss_spike_steps: list[int] = field(default_factory=list)
     """Steps whose loss is multiplied by faults.loss_spike_factor on every rank (gradients included): a loss-spike drill."""
     loss_spike_factor: float = 10.0
@@ -348,6 +354,8 @@ class Config:
     """Sharded checkpoints."""
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     """Where to resume from (resume=auto|none|PATH)."""
+    slurm: SlurmConfig = field(default_factory=SlurmConfig)
+    """Resources and node setup for harness submit (training ignores them)."""
 
     def tokenizer_ref(self) -> str:
         """data.tokenizer, else the pretrained model's own tokenizer, else bundled:gpt2."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from harness.config import accelerate, deepspeed_json
 from harness.config.schema import Config, DataConfig
+from harness.config.slurm import validate_slurm
 from harness.errors import ConfigError
 from harness.parallel.layouts import layout_of
 
@@ -16,7 +17,7 @@ def _require(condition: bool, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Every section's checks; raises ConfigError naming the key."""
-    for check in (_train, _eval, _data, _model, _scaler, _faults, _log, _checkpoint, _parallel):
+    for check in (_train, _eval, _data, _model, _scaler, _faults, _log, _checkpoint, _parallel, _slurm):
         check(cfg)
 
 
@@ -158,6 +159,7 @@ def _faults(cfg: Config) -> None:
             f"{len(f.nonfinite_grad_steps)} faults.nonfinite_grad_steps; give one value, or one per step",
         )
     _require(0 <= f.kill_at_step <= steps, f"faults.kill_at_step must be in 0..train.steps={steps} (got {f.kill_at_step})")
+    _require(0 <= f.crash_at_step <= steps, f"faults.crash_at_step must be in 0..train.steps={steps} (got {f.crash_at_step})")
     _require(f.nonfinite_grad_rank >= 0, f"faults.nonfinite_grad_rank must be >= 0 (got {f.nonfinite_grad_rank})")
     _require(f.loss_spike_factor > 0, f"faults.loss_spike_factor must be > 0 (got {f.loss_spike_factor:g})")
     _require(f.hang_s > 0 and f.hang_at_step >= 0, "faults.hang_s must be > 0 and faults.hang_at_step >= 0")
@@ -170,6 +172,10 @@ def _log(cfg: Config) -> None:
         f"log.peak_tflops must be > 0 or null (got {cfg.log.peak_tflops})",
     )
     _require(cfg.debug.resources_every >= 0, f"debug.resources_every must be >= 0 (got {cfg.debug.resources_every})")
+
+
+def _slurm(cfg: Config) -> None:
+    validate_slurm(cfg.slurm)
 
 
 def _checkpoint(cfg: Config) -> None:
@@ -211,6 +217,10 @@ def validate_for_world(cfg: Config, world_size: int) -> None:
     _require(
         not cfg.faults.hang_at_step or cfg.faults.hang_rank < world_size,
         f"faults.hang_rank={cfg.faults.hang_rank} but the job has {world_size} rank(s): use 0..{world_size - 1}",
+    )
+    _require(
+        not cfg.faults.crash_at_step or cfg.faults.crash_rank < world_size,
+        f"faults.crash_rank={cfg.faults.crash_rank} but the job has {world_size} rank(s): use 0..{world_size - 1}",
     )
     replicas = cfg.parallel.replicate
     _require(

@@ -225,3 +225,14 @@ def start(dist_backend: str = "auto", timeout_s: int = 600) -> tuple[RankInfo, t
     device = device_for(info, backend)
     init_process_group(info, backend, timeout_s, device)
     return info, device
+
+
+def record_error_for_launcher(exc: BaseException) -> None:
+    """Call inside `except`: under torchrun (TORCHELASTIC_ERROR_FILE set), write the rank's error
+    where torchrun reads it (torch's error handler), so the launcher's last line can name the rank
+    that failed first and its error, with the time it failed rather than the time it was reaped."""
+    if not os.environ.get("TORCHELASTIC_ERROR_FILE"):
+        return
+    from torch.distributed.elastic.multiprocessing.errors import get_error_handler
+
+    get_error_handler().record_exception(exc)

@@ -178,7 +178,7 @@ def _data(cfg: Config, info: RankInfo, parts: Parts) -> _Data:
 
 def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: Path, parts: Parts) -> Loop:
     faults = FaultInjector(cfg.faults, info.rank)
-    faults.maybe_hang(0, "setup")  # the drill of a rank that never finishes setting up
+    faults.in_phase(0, "setup")  # the drill of a rank that never finishes setting up
     if parts.model is None and cfg.model.pretrained:  # before any data is tokenized (and cached) with it
         check_tokenizer_fits(model_spec(cfg.model, 0).hf_config, load_tokenizer(cfg.data.tokenizer), cfg.data.tokenizer,
                              cfg.model.pretrained)

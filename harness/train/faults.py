@@ -34,6 +34,7 @@ class FaultInjector:
         self.spike_factor = cfg.loss_spike_factor
         self._spiked: set[int] = set()
         self.hang = (cfg.hang_at_step, cfg.hang_phase, cfg.hang_s) if cfg.hang_at_step and rank == cfg.hang_rank else None
+        self.crash_at_step = cfg.crash_at_step if rank == cfg.crash_rank else 0
         self.step = 0
 
     def attach(self, model: nn.Module) -> None:
@@ -73,6 +74,12 @@ class FaultInjector:
     def end_step(self, step: int) -> None:
         if getattr(self, "_spiked_now", None) == step:
             self._spiked.add(step)
+
+    def in_phase(self, step: int, phase: str = "forward") -> None:
+        """The drills that act inside a phase (forward, eval, setup): a crash, then a hang."""
+        if phase == "forward" and step and step == self.crash_at_step:
+            raise RuntimeError(f"faults.crash_at_step={step}: an injected crash on rank {self.rank}")
+        self.maybe_hang(step, phase)
 
     def maybe_hang(self, step: int, phase: str = "forward") -> None:
         """faults.hang_at_step: this rank stops making progress in `phase` (forward, eval, setup)."""

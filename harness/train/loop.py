@@ -306,7 +306,7 @@ class Loop:
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         for i, batch in enumerate(micro_batches):
             self._phase("forward", step)
-            self.faults.maybe_hang(step)
+            self.faults.in_phase(step)
             total, count = self.micro_batch_loss(to_device(batch, self.device, non_blocking=True))
             total = self.faults.scale_loss(step, total)
             last = i == len(micro_batches) - 1
@@ -355,7 +355,7 @@ class Loop:
     def evaluate(self, step: int = 0) -> float:
         """Mean loss over the fixed held-out sequences (harness.train.evaluation), after step `step`."""
         self._phase("eval", step)
-        self.faults.maybe_hang(step, "eval")
+        self.faults.in_phase(step, "eval")
         return held_out_loss(self.backend.model, self.eval_data, self.device, self.loss_fn,
                              self.cfg.train.loss_chunk_tokens)
 

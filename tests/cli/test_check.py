@@ -51,7 +51,7 @@ def test_each_mistake_is_one_line_and_exit_2(capsys, tmp_path, case):
         "seq_len": "train.seq_len=512 is beyond the model's 128 positions",
         "tokenizer": "data.tokenizer 'bundled:gpt2' has 50,257 tokens but model.pretrained 'bundled:smollm2-135m'",
         "memory": "the estimate needs 88.2 GiB per GPU (fsdp2, micro_batch_size 2 x seq_len 8192); a H100 SXM 80GB has 79.6",
-        "host": "GiB of host memory per node (8 ranks: offloaded state and setup), more than --host-gb 512",
+        "host": "GiB of host memory per node (8 ranks: offloaded state and setup), more than the 512.0 GiB of --host-gb",
         "lead": "the stop signal comes 120 s before the time limit, but the ranks act on it only every log.every=10",
         "deepspeed": "zero_optimization.reduce_bucket_size=0 is rejected by DeepSpeed",
         "too_little_data": "fewer than one global batch",

@@ -8,9 +8,9 @@ from types import SimpleNamespace
 from harness.cli.launcher import _report
 
 
-def _failure(exitcode: int, timestamp: int, pid: int = 100):
+def _failure(exitcode: int, timestamp: int, pid: int = 100, message=""):
     name = signal.Signals(-exitcode).name if exitcode < 0 else ""
-    return SimpleNamespace(exitcode=exitcode, timestamp=timestamp, pid=pid, signal_name=lambda: name)
+    return SimpleNamespace(exitcode=exitcode, timestamp=timestamp, pid=pid, signal_name=lambda: name, message=message)
 
 
 def _error(**failures):
@@ -22,8 +22,9 @@ def test_a_rank_that_failed_is_named_not_the_rank_torchrun_ended_in_the_same_sec
     # Rank 1 explained itself (exit 2) and torchrun then ended rank 0 with SIGTERM, stamped the same second.
     assert _report(_error(r0=_failure(-signal.SIGTERM, 100), r1=_failure(2, 100)), ["cfg.yaml"]) == 2
     assert capsys.readouterr().err == ""  # rank 1 printed its own line
-    assert _report(_error(r0=_failure(-signal.SIGTERM, 100), r1=_failure(1, 100)), ["cfg.yaml"]) == 1
-    assert "torchrun's report" in capsys.readouterr().err
+    crash = {"message": "ValueError: bad\nthing", "extraInfo": {}}
+    assert _report(_error(r0=_failure(-signal.SIGTERM, 100), r1=_failure(1, 100, pid=9, message=crash)), ["cfg.yaml"]) == 1
+    assert capsys.readouterr().err.startswith("harness: rank 1 (pid 9) failed first, exit code 1: ValueError: bad thing; ")
 
 
 def test_a_rank_killed_outright_comes_before_the_ranks_that_lost_it(capsys):

@@ -4,11 +4,13 @@ and deepspeed job scripts, two-node rendezvous, and the preemption drill (SIGTER
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -56,22 +58,29 @@ def job_log(job_name: str, job_id: str) -> str:
 
 
 @pytest.mark.spawns
-def test_srun_job_on_one_node_with_two_ranks(cluster, tmp_path):
+def test_srun_job_on_one_node_with_two_ranks_and_a_second_submission_continues_it(cluster, tmp_path):
     job_id, run_dir = submit(cluster, "configs/tiny.yaml", "train.steps=4", "log.progress=lines",
-                             "--nodes", "1", "--gpus-per-node", "2")
+                             f"run.dir={tmp_path / 'run'}", "--nodes", "1", "--gpus-per-node", "2")
     state = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
     assert state == "COMPLETED", job_log("harness-tiny", job_id)
-    assert run_dir.name == f"harness-tiny-{job_id}"
-    got = rows(run_dir)
-    assert [r["step"] for r in got] == [1, 2, 3, 4]
+    assert run_dir == tmp_path / "run"
+    assert [r["step"] for r in rows(run_dir)] == [1, 2, 3, 4]
     assert "fsdp2 over 2 rank(s)" in node_log(run_dir, 0)
+
+    # The same config submitted again, for longer: the same run dir, continued from step 4.
+    again, run_dir_again = submit(cluster, "configs/tiny.yaml", "train.steps=6", "log.progress=lines",
+                                  f"run.dir={tmp_path / 'run'}", "--nodes", "1", "--gpus-per-node", "2")
+    assert cluster.wait_for(again, {"COMPLETED"}) == "COMPLETED"
+    assert run_dir_again == run_dir
+    assert f"resuming from {run_dir}/checkpoints/step-00000004" in node_log(run_dir, 0)
+    assert [r["step"] for r in rows(run_dir)] == [1, 2, 3, 4, 5, 6]
 
 
 @pytest.mark.spawns
 @pytest.mark.parametrize("config, backend", [("configs/tiny.yaml", "fsdp2"), ("configs/tiny-zero3.yaml", "ZeRO-3")])
-def test_two_nodes_rendezvous(cluster, config, backend):
+def test_two_nodes_rendezvous(cluster, config, backend, tmp_path):
     # ZeRO under plain srun: DeepSpeed needs LOCAL_RANK, which srun does not set.
-    job_id, run_dir = submit(cluster, config, "train.steps=3", "log.per_rank=true",
+    job_id, run_dir = submit(cluster, config, "train.steps=3", "log.per_rank=true", f"run.dir={tmp_path}",
                              "--nodes", "2", "--gpus-per-node", "1", "--job-name", "harness-2nodes")
     state = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
     assert state == "COMPLETED", job_log("harness-2nodes", job_id) + "".join(
@@ -96,9 +105,9 @@ def rows_of(path: Path) -> list[dict]:
 @pytest.mark.spawns
 @pytest.mark.parametrize("nodes, ranks_per_node, hostfile", [(1, 2, "node1 slots=2\n"),
                                                               (2, 1, "node1 slots=1\nnode2 slots=1\n")])
-def test_deepspeed_launcher_job(cluster, nodes, ranks_per_node, hostfile):
+def test_deepspeed_launcher_job(cluster, nodes, ranks_per_node, hostfile, tmp_path):
     # One node: the launcher starts the ranks itself. Two: it starts them with srun.
-    job_id, run_dir = submit(cluster, "configs/tiny-zero3.yaml", "train.steps=3", "--launcher", "deepspeed",
+    job_id, run_dir = submit(cluster, "configs/tiny-zero3.yaml", "train.steps=3", f"run.dir={tmp_path}", "--launcher", "deepspeed",
                              "--nodes", str(nodes), "--gpus-per-node", str(ranks_per_node), "--job-name", "harness-ds")
     state = cluster.wait_for(job_id, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"})
     launcher_logs = "".join(p.read_text() for p in (run_dir / "logs").glob("launcher-*.log"))
@@ -113,11 +122,22 @@ DRILL = ["configs/tiny.yaml", "train.steps=40", "checkpoint.every=100", "eval.ev
          "log.wandb=true"]
 
 
+@functools.cache
+def uninterrupted_drill() -> list[dict]:
+    """The drill's 40 steps on 2 local ranks in one go: what an interrupted run must reproduce."""
+    with tempfile.TemporaryDirectory() as tmp:
+        result = subprocess.run(["launch/local.sh", "2", *DRILL[:-1], f"run.dir={tmp}/reference"], cwd=ROOT,
+                                capture_output=True, text=True, timeout=600)
+        assert result.returncode == 0, result.stderr[-2000:]
+        return rows(Path(tmp) / "reference")
+
+
 @pytest.mark.spawns
 def test_preemption_drill_saves_requeues_resumes_and_matches_an_uninterrupted_run(cluster, tmp_path):
     cluster.env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
     try:
-        job_id, run_dir = submit(cluster, *DRILL, "--nodes", "1", "--gpus-per-node", "2", "--job-name", "harness-drill")
+        job_id, run_dir = submit(cluster, *DRILL, f"run.dir={tmp_path / 'drill'}", "--nodes", "1", "--gpus-per-node", "2",
+                                 "--job-name", "harness-drill")
         deadline = time.time() + 300
         while len(rows(run_dir)) < 5:
             assert time.time() < deadline and cluster.state(job_id) in {"PENDING", "RUNNING"}, job_log(
@@ -144,16 +164,13 @@ def test_preemption_drill_saves_requeues_resumes_and_matches_an_uninterrupted_ru
     log0 = node_log(run_dir, 0)
     stopped_at = int(re.search(r"stopped by SIGTERM after step (\d+)", log0).group(1))
     assert 5 <= stopped_at < 40
-    assert f"resume=auto: resuming from runs/harness-drill-{job_id}/checkpoints/step-{stopped_at:08d}" in log0
+    assert f"resume=auto: resuming from {run_dir}/checkpoints/step-{stopped_at:08d}" in log0
     got = rows(run_dir)
     assert [r["step"] for r in got] == list(range(1, 41))
 
-    reference = tmp_path / "reference"
-    result = subprocess.run(["launch/local.sh", "2", *DRILL[:-1], f"run.dir={reference}"], cwd=ROOT,
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stderr[-2000:]
-    assert [r["loss"] for r in got] == [r["loss"] for r in rows(reference)]
-    assert [r.get("eval_loss") for r in got] == [r.get("eval_loss") for r in rows(reference)]
+    reference = uninterrupted_drill()
+    assert [r["loss"] for r in got] == [r["loss"] for r in reference]
+    assert [r.get("eval_loss") for r in got] == [r.get("eval_loss") for r in reference]
 
     # The same wandb run continues; together the attempts' run files hold every step once more
     # (wandb's service dies on the SIGTERM without writing its buffer; the resume re-logs it).
@@ -164,6 +181,115 @@ def test_preemption_drill_saves_requeues_resumes_and_matches_an_uninterrupted_ru
     for f in files:
         steps |= {row["step"] for row in read_run(f)["history"]}
     assert steps == set(range(1, 41))
+
+
+@pytest.mark.spawns
+def test_a_chain_of_two_jobs_continues_the_run_with_the_losses_of_an_uninterrupted_one(cluster, tmp_path):
+    """--chain 2: job 2 waits for job 1 (afterany), which stops on the time-limit signal (sent here
+    with scancel --signal=USR1, as Slurm sends it at time limit minus slurm.signal_seconds), saves
+    and exits 0 instead of requeueing; job 2 resumes and finishes the run."""
+    result = cluster.run([HARNESS, "submit", *DRILL[:-1], f"run.dir={tmp_path / 'run'}", "--nodes", "1",
+                          "--gpus-per-node", "2", "--job-name", "harness-chain", "--chain", "2"], cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    first = re.search(r"submitted job (\d+)", result.stdout).group(1)
+    second = re.search(r"chained job (\d+): starts after job (\d+)", result.stdout)
+    assert second and second.group(2) == first
+    run_dir = tmp_path / "run"
+    deadline = time.time() + 300
+    while len(rows(run_dir)) < 5:
+        assert time.time() < deadline and cluster.state(first) in {"PENDING", "RUNNING"}, job_log("harness-chain", first)
+        time.sleep(0.5)
+    assert cluster.state(second.group(1)) == "PENDING"
+    assert cluster.run(["scancel", "--signal=USR1", first]).returncode == 0
+    assert cluster.wait_for(first, {"COMPLETED"}, timeout=300) == "COMPLETED"
+    assert "job 2 of 2 in the chain continues the run" in job_log("harness-chain", first)
+    assert cluster.wait_for(second.group(1), {"COMPLETED"}, timeout=600) == "COMPLETED"
+    log0 = node_log(run_dir, 0)
+    stopped_at = int(re.search(r"stopped by SIGUSR1 after step (\d+)", log0).group(1))
+    assert 5 <= stopped_at < 40
+    assert f"resume=auto: resuming from {run_dir}/checkpoints/step-{stopped_at:08d}" in log0
+    got = rows(run_dir)
+    assert [r["step"] for r in got] == list(range(1, 41))
+    assert [r["loss"] for r in got] == [r["loss"] for r in uninterrupted_drill()]
+
+
+def _activate_script(tmp_path: Path) -> Path:
+    """A venv-like folder whose activate script puts a `python` on PATH that records, per rank,
+    the environment it was started with, then runs the real interpreter."""
+    bin_dir = tmp_path / "venv" / "bin"
+    bin_dir.mkdir(parents=True)
+    (bin_dir / "activate").write_text(f'export PATH="{bin_dir}:$PATH"\n')
+    python = bin_dir / "python"
+    python.write_text(f"""#!/bin/bash
+env | grep -E '^(OMP_NUM_THREADS|SETUP_MARK|SLURM_CPUS_PER_TASK|SLURM_MEM_PER_NODE)=' | sort > {tmp_path}/rank-$SLURM_PROCID
+exec {sys.executable} "$@"
+""")
+    python.chmod(0o755)
+    return bin_dir / "activate"
+
+
+@pytest.mark.spawns
+def test_setup_lines_memory_and_cores_per_rank_reach_every_rank(cluster, tmp_path):
+    activate = _activate_script(tmp_path)
+    job_id, run_dir = submit(cluster, "configs/tiny.yaml", "train.steps=2", f"run.dir={tmp_path / 'run'}",
+                             "slurm.cpus_per_task=1", "--nodes", "2", "--gpus-per-node", "1", "--job-name", "harness-site",
+                             "--setup", f"source {activate}", "--setup", "export SETUP_MARK=from-setup", "--mem", "1G")
+    assert cluster.wait_for(job_id, {"COMPLETED"}) == "COMPLETED", job_log("harness-site", job_id)
+    show = cluster.run(["scontrol", "show", "job", job_id]).stdout
+    assert "MinMemoryNode=1G" in show and "CPUs/Task=1" in show
+    for rank in (0, 1):  # one rank on each node: srun carried the setup's environment to both
+        assert (tmp_path / f"rank-{rank}").read_text().split() == [
+            "OMP_NUM_THREADS=1", "SETUP_MARK=from-setup", "SLURM_CPUS_PER_TASK=1", "SLURM_MEM_PER_NODE=1024"]
+    assert f"the ranks run {activate.parent}/python" in job_log("harness-site", job_id)
+    assert [r["step"] for r in rows(run_dir)] == [1, 2]
+
+
+@pytest.mark.spawns
+def test_a_failing_setup_line_stops_the_job_and_names_the_line(cluster, tmp_path):
+    job_id, run_dir = submit(cluster, "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", "--job-name", "harness-badsetup",
+                             "--setup", "module load cuda/99.9", "--no-check")
+    assert cluster.wait_for(job_id, {"FAILED", "COMPLETED"}) == "FAILED"
+    assert "harness: slurm.setup line failed: module load cuda/99.9" in job_log("harness-badsetup", job_id)
+    assert not (run_dir / "metrics.jsonl").exists()
+
+
+@pytest.mark.spawns
+@pytest.mark.parametrize("ranks_per_node, cores", [(1, 2), (2, 1)])
+def test_cores_per_rank_default_to_the_nodes_cores_over_its_ranks(cluster, ranks_per_node, cores):
+    result = cluster.run([HARNESS, "submit", "configs/tiny.yaml", "--gpus-per-node", str(ranks_per_node), "--dry-run"],
+                         cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert f"#SBATCH --cpus-per-task={cores}\n" in result.stdout  # the test nodes have 2 cores (sinfo)
+
+
+def test_container_lines_are_rendered_as_pyxis_documents_them(tmp_path):
+    result = subprocess.run(
+        [HARNESS, "submit", "configs/tiny.yaml", f"run.dir={tmp_path / 'run'}", "--nodes", "2", "--dry-run",
+         "--container-image", "nvcr.io#nvidia/pytorch:25.01-py3", "--container-mounts", "/scratch:/scratch,/data:/data:ro"],
+        cwd=ROOT, capture_output=True, text=True, timeout=120, env=_without_network_settings())
+    assert result.returncode == 0, result.stderr
+    (line,) = [line for line in result.stdout.splitlines() if line.startswith("HARNESS_SRUN_ARGS=")]
+    assert line == ("HARNESS_SRUN_ARGS=('--container-image=nvcr.io#nvidia/pytorch:25.01-py3' "
+                    f"--container-mounts={ROOT}:{ROOT},{tmp_path / 'run'}:{tmp_path / 'run'},/scratch:/scratch,"
+                    f"/data:/data:ro --container-workdir={ROOT})")
+    assert 'srun ${HARNESS_SRUN_ARGS[@]+"${HARNESS_SRUN_ARGS[@]}"} --kill-on-bad-exit=1' in result.stdout
+    assert "export HARNESS_PYTHON=python\n" in result.stdout  # the container's python, not this machine's
+    # The rendered srun line expands to pyxis's flags (bash, as the job runs it).
+    words = subprocess.run(["bash", "-c", line + '; printf "%s\\n" "${HARNESS_SRUN_ARGS[@]}"'], capture_output=True,
+                           text=True).stdout.splitlines()
+    assert words[0] == "--container-image=nvcr.io#nvidia/pytorch:25.01-py3" and len(words) == 3
+
+
+def test_chain_dry_run_lists_one_sbatch_per_job_each_after_the_last():
+    result = subprocess.run([HARNESS, "submit", "configs/tiny.yaml", "--chain", "3", "--time", "1-00:00:00", "--dry-run"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120, env=_without_network_settings())
+    assert result.returncode == 0, result.stderr
+    commands = [line for line in result.stdout.splitlines() if line.startswith("# would run: sbatch")]
+    assert len(commands) == 3
+    assert "--dependency" not in commands[0] and "HARNESS_CHAIN_LINK=1,HARNESS_CHAIN_LENGTH=3" in commands[0]
+    assert "--dependency=afterany:<job 1>,singleton" in commands[1]
+    assert "--dependency=afterany:<job 2>,singleton" in commands[2] and "HARNESS_CHAIN_LINK=3" in commands[2]
+    assert f"the run would live in {ROOT}/runs/tiny " in result.stdout
 
 
 def _without_network_settings() -> dict:
@@ -216,7 +342,11 @@ def test_submit_passes_network_settings_on_to_every_rank():
     [
         (["--env", "NCCL_DEBUG"], {}, "--env 'NCCL_DEBUG' is not KEY=VALUE"),
         (["--nodes", "0"], {}, "--nodes must be >= 1"),
-        (["--time", "soon"], {}, "--time 'soon' is not a Slurm time"),
+        (["--time", "soon"], {}, "slurm.time 'soon' is not a Slurm time"),
+        (["--mem", "lots"], {}, "slurm.mem 'lots' is not a Slurm memory size"),
+        (["--chain", "0"], {}, "--chain must be >= 1"),
+        (["--container-mounts", "/a:/a"], {}, "slurm.container_mounts needs slurm.container_image"),
+        (["--container-image", "img.sqsh", "--launcher", "deepspeed"], {}, "slurm.container_image needs --launcher srun"),
         (["train.stepz=3"], {}, "unknown config key train.stepz"),
         ([], {"PATH": "/nonexistent"}, "sbatch not found on PATH"),
         (["--partition", "no-such-partition"], {"SLURM_CONF": "cluster"}, "sbatch refused the job"),

@@ -45,3 +45,18 @@ def test_a_killed_rank_ends_the_job_and_resume_matches_the_uninterrupted_run(bac
     assert sorted(got) == list(range(1, 13))
     for step in range(1, 13):
         assert got[step] == pytest.approx(want[step], rel=1e-6), step
+
+
+def test_a_rank_that_crashes_is_named_with_its_error_not_the_rank_ended_after_it(tmp_path):
+    """Rank 1 raises in step 3 while rank 0 waits for it in a collective: the launcher's last line
+    names rank 1 and its error (recorded through torch's error handler), not rank 0, which the
+    launcher ended afterwards."""
+    crashed = run(tmp_path / "crash", "train.steps=6", "checkpoint.every=2", "faults.crash_at_step=3",
+                  "faults.crash_rank=1", timeout=120)
+    assert crashed.returncode == 1, crashed.output[-3000:]
+    assert crashed.last_line.startswith("harness: rank 1 (pid "), crashed.output[-3000:]
+    assert ("failed first, exit code 1: RuntimeError: faults.crash_at_step=3: an injected crash on rank 1; "
+            "the other ranks were ended.") in crashed.last_line
+    assert "step-00000002" in crashed.last_line  # where to continue from
+    assert "Traceback" in crashed.output  # the rank's own traceback stays above
+    assert no_process_left(tmp_path / "crash")
