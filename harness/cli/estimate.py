@@ -1,5 +1,5 @@
-"""`harness estimate CONFIG [overrides] --world-size N [--nodes M] [--gpu h100|h200|a100]
-[--intra-gbps X --inter-gbps Y] [--peak-tflops P] [--mfu F] [--device-gb G] [--json]`."""
+"""`harness estimate CONFIG [overrides] --world-size N [--nodes M] [--gpu h100|h200|a100|...]
+[--fabric doctor.json] [--intra-gbps X --inter-gbps Y] [--peak-tflops P] [--mfu F] [--device-gb G] [--json]`."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import argparse
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Optional, Sequence
 
 from harness.config import load_config_for_world
@@ -37,6 +38,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help="dense peak TFLOP/s of the compute dtype, for a GPU not in --gpu (its other numbers stay)")
     parser.add_argument("--intra-gbps", type=float, default=None, help="per-GPU bus bandwidth within a node, Gbit/s")
     parser.add_argument("--inter-gbps", type=float, default=None, help="per-GPU bandwidth across nodes, Gbit/s")
+    parser.add_argument("--fabric", metavar="DOCTOR_JSON", default=None,
+                        help="use the bus bandwidths harness doctor measured (its --out file); --intra-gbps / "
+                             "--inter-gbps still win")
     parser.add_argument("--mfu", type=float, default=DEFAULT_MFU,
                         help=f"assumed model FLOPs utilization of the compute (default {DEFAULT_MFU})")
     parser.add_argument("--device-gb", type=float, default=None,
@@ -62,8 +66,36 @@ def _cluster(args: argparse.Namespace) -> Cluster:
             raise HarnessError(f"--{flag.replace('_', '-')} must be > 0 Gbit/s (got {value:g})")
     if not 0 < args.mfu <= 1:
         raise HarnessError(f"--mfu must be in (0, 1] (got {args.mfu:g})")
-    return Cluster(world, nodes, gpu, args.intra_gbps or gpu.intra_gbps, args.inter_gbps or gpu.inter_gbps, args.mfu,
-                   args.device_gb or gpu.memory_gib)
+    intra, inter, source = gpu.intra_gbps, gpu.inter_gbps, f"assumed for the {gpu.name}"
+    if args.fabric:
+        intra, inter, source = measured_fabric(args.fabric, intra, inter)
+    if args.intra_gbps or args.inter_gbps:
+        source += "; flags"
+    return Cluster(world, nodes, gpu, args.intra_gbps or intra, args.inter_gbps or inter, args.mfu,
+                   args.device_gb or gpu.memory_gib, source)
+
+
+def measured_fabric(path: str, intra: float, inter: float) -> tuple[float, float, str]:
+    """(intra, inter, where they come from) from a harness doctor report; a bandwidth it did not
+    measure (inter-node, on one node) keeps the assumed one."""
+    try:
+        report = json.loads(Path(path).read_text())
+        fabric, date = report["fabric"], report.get("date", "")
+        backend, nodes = report.get("backend", "?"), report.get("nodes", "?")
+    except FileNotFoundError:
+        raise HarnessError(f"--fabric {path} does not exist; write it with harness doctor --out {path} "
+                           "(under srun or torchrun with several ranks)") from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        raise HarnessError(f"--fabric {path} is not a harness doctor report (no 'fabric' section); "
+                           "write one with harness doctor --out FILE") from None
+    measured_intra, measured_inter = fabric.get("intra_gbit_s"), fabric.get("inter_gbit_s")
+    if measured_intra is None and measured_inter is None:
+        raise HarnessError(f"--fabric {path} holds no bandwidth: harness doctor ran on one rank; run it on several "
+                           "(srun harness doctor, or harness doctor --nproc N)")
+    source = f"measured by harness doctor over {backend} on {nodes} node(s), {date[:10]}"
+    if measured_inter is None:
+        source += "; inter-node assumed (one node measured)"
+    return measured_intra or intra, measured_inter or inter, source
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "prepare-data": ("harness.cli.prepare_data", "tokenize a config's corpus into shard files in the shared cache, once"),
     "estimate": ("harness.cli.estimate", "predict per-rank memory, collectives and step time for a config on a cluster"),
     "check": ("harness.cli.check", "preflight a job before the queue: paths, tokenizer, data, memory, stop-signal lead"),
+    "doctor": ("harness.cli.doctor", "versions, GPUs, network and (several ranks) collective bandwidth -> doctor.json"),
     "submit": ("harness.cli.submit", "render and sbatch a Slurm job (N nodes x G ranks), requeued on preemption"),
 }
 

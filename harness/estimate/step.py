@@ -35,7 +35,8 @@ def format_step(result: StepTime, cluster: Cluster, cfg: Config) -> str:
         f"one optimizer step, {layout_name(cfg.parallel)}"
         + (f" x {cfg.parallel.replicate} replicas" if cfg.parallel.replicate > 1 else "")
         + f", on {cluster.world_size} x {gpu.name} in {cluster.nodes} node(s): "
-        f"intra {cluster.intra_gbps:,.0f} Gbit/s, inter {cluster.inter_gbps:,.0f} Gbit/s per GPU; assumed MFU {cluster.mfu:.0%}",
+        f"intra {_gbit(cluster.intra_gbps)} Gbit/s, inter {_gbit(cluster.inter_gbps)} Gbit/s per GPU ({cluster.fabric_source}); "
+        f"assumed MFU {cluster.mfu:.0%}",
         f"  compute     {result.flops / 1e12:,.1f} TFLOPs per rank ({result.tokens_per_rank:,} tokens) -> {_ms(result.compute_s)}",
         f"  {'collective':<24}{'group':>14}{'fabric':>8}{'calls':>7}{'buffers':>14}{'time':>12}",
     ]
@@ -52,10 +53,14 @@ def format_step(result: StepTime, cluster: Cluster, cfg: Config) -> str:
     return "\n".join(lines)
 
 
+def _gbit(value: float) -> str:
+    return f"{value:,.0f}" if value >= 10 else f"{value:.1f}"
+
+
 def step_json(step: StepTime, cluster: Cluster, cfg: Config) -> dict:
     return {
         "gpu": cluster.gpu.name, "nodes": cluster.nodes, "mfu_assumed": cluster.mfu, "memory_gib": cluster.memory_gib,
-        "intra_gbps": cluster.intra_gbps, "inter_gbps": cluster.inter_gbps,
+        "intra_gbps": cluster.intra_gbps, "inter_gbps": cluster.inter_gbps, "fabric_source": cluster.fabric_source,
         "flops": step.flops, "compute_s": step.compute_s, "comm_s": step.comm_s, "exposed_s": step.exposed_s,
         "optimizer_s": step.optimizer_s, "step_s": step.step_s,
         "tokens_per_s_per_gpu": step.tokens_per_rank / step.step_s,

@@ -67,6 +67,8 @@ class Cluster:
     inter_gbps: float
     mfu: float
     memory_gib: float
+    fabric_source: str = "assumed"
+    """Where intra_gbps and inter_gbps come from: assumed (the GPU's table entry), flags, or a harness doctor run."""
 
     @property
     def gpus_per_node(self) -> int:

@@ -220,3 +220,28 @@ def check_zero_section(ds_config: dict, source: str) -> None:
         key = ".".join(str(part) for part in first.get("loc", ()))
         raise HarnessError(f"{source}: zero_optimization.{key}={first.get('input')!r} is rejected by DeepSpeed "
                            f"{version('deepspeed')} ({first.get('msg')}); fix it in the JSON") from None
+
+
+def op_report(load: tuple[str, ...] = ()) -> dict[str, dict[str, Any]]:
+    """DeepSpeed's C++/CUDA ops for this machine's accelerator, as ds_report lists them: prebuilt
+    into the install, or JIT-compilable on first use (the toolkit and compiler are there); the
+    ops named in `load` are loaded (JIT-building them if needed: minutes) to prove they work."""
+    import deepspeed.git_version_info as installed
+    from deepspeed.ops.op_builder.all_ops import ALL_OPS
+
+    report = {}
+    for name, builder in sorted(ALL_OPS.items()):
+        if name == "deepspeed_not_implemented":
+            continue
+        entry: dict[str, Any] = {"prebuilt": bool(installed.installed_ops.get(name)),
+                                 "compatible": bool(builder.is_compatible(verbose=False))}
+        if name in load:
+            try:
+                builder.load(verbose=False)
+                entry["loads"] = True
+            except Exception as exc:  # a failed build says why in its last line
+                entry["loads"] = False
+                entry["error"] = " ".join(str(exc).split())[-200:]
+        report[name] = entry
+    return report
+
