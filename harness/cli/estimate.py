@@ -45,6 +45,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
                         help=f"assumed model FLOPs utilization of the compute (default {DEFAULT_MFU})")
     parser.add_argument("--device-gb", type=float, default=None,
                         help="GPU memory per rank in GiB: mark what fits (the step model's memory limit; default: the --gpu's)")
+    parser.add_argument("--host-gb", type=float, default=None,
+                        help="host memory per node in GiB: mark which backends fit it (offload and setup included)")
     parser.add_argument("--json", action="store_true", help="print the numbers as JSON")
     return parser.parse_intermixed_args(argv)
 
@@ -102,8 +104,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args = parse_args(argv)
     try:
         cfg = load_config_for_world(args.config, args.overrides, args.world_size)
-        if args.device_gb is not None and args.device_gb <= 0:
-            raise HarnessError(f"--device-gb must be > 0 (got {args.device_gb})")
+        for flag in ("device_gb", "host_gb"):
+            if getattr(args, flag) is not None and getattr(args, flag) <= 0:
+                raise HarnessError(f"--{flag.replace('_', '-')} must be > 0 (got {getattr(args, flag)})")
         cluster = _cluster(args)
         model = meta_model(cfg)
         result = estimate(cfg, args.world_size, model)
@@ -116,5 +119,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         result["step"] = step_json(step, cluster, cfg)
         print(json.dumps(result))
     else:
-        print(format_table(result) + "\n" + format_step(step, cluster, cfg))
+        print(format_table(result, cluster.gpus_per_node, cluster.memory_gib, cluster.gpu.name, args.host_gb)
+              + "\n" + format_step(step, cluster, cfg))
     return 0

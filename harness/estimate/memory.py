@@ -32,6 +32,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness.config import Config
+from harness.estimate.table import size, table
 from harness.model.loss import unpacked_sequences
 from harness.parallel import layout_name
 
@@ -289,38 +290,55 @@ def estimate(cfg: Config, world_size: int, model: Optional[nn.Module] = None) ->
     }
 
 
-def _size(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:,.0f} {unit}" if unit == "B" else f"{n:,.2f} {unit}"
-        n /= 1024
-    return str(n)
+LEGEND = (
+    ("master", "fp32 master weights: this rank's shard"),
+    ("gradients", "what the backend keeps between backward and the optimizer step"),
+    ("optimizer", "AdamW's two fp32 moments"),
+    ("working", "compute-dtype parameter copies: ZeRO-1/2 a full one, ZeRO-3 a partition, plus the gathered "
+                "layers in flight (FSDP2, ZeRO-3)"),
+    ("activations", "what one micro-batch saves for backward"),
+    ("on device", "the total's part on the GPU; in host mem: its part offloaded (parallel.offload)"),
+    ("setup host", "host memory per rank before step 1, with sharded init (one block in flight)"),
+    ("full-build host", "the same if every rank built the whole fp32 model first (no sharded init)"),
+    ("full-build dev", "device bytes when DeepSpeed moves the whole module to the GPU (no zero.Init)"),
+    ("host per node", "the larger of in host mem and setup host, times the node's ranks"),
+)
 
 
-def format_table(result: dict) -> str:
+def format_table(result: dict, ranks_per_node: int = 1, device_gib: Optional[float] = None,
+                 gpu_name: str = "GPU", host_gib: Optional[float] = None) -> str:
+    """The memory table, its legend, and whether each backend fits the GPU."""
     mb, seq = result["micro_batch"]
     lines = [
         f"{result['model']}, {result['parameters']:,} parameters; {result['precision']} compute; "
         f"world size {result['world_size']}"
         + (f" ({result['replicate']} replicas; fsdp2 is HSDP, zero3 is hpZ)" if result.get("replicate", 1) > 1 else "")
-        + f"; micro-batch {mb} x {seq} tokens",
-        "bytes on rank 0 (the largest shards); * = the configured backend",
+        + f"; micro-batch {mb} x {seq} tokens; offload: {result['offload']}",
+        "memory of rank 0 (it holds the largest shards); * = the configured backend",
         "",
     ]
-    header = f"{'':<17}" + "".join(f"{(b + ('*' if b == result['configured'] else '')):>15}" for b in BACKENDS)
-    lines.append(header)
-    for component in (*COMPONENTS, "total", *PLACEMENT_ROWS):
-        label = PLACEMENT_ROWS.get(component, component)
-        row = f"{label:<17}" + "".join(f"{_size(result['backends'][b][component]):>15}" for b in BACKENDS)
-        lines.append(row)
-    device_gb = result.get("device_gb")
-    if device_gb:
-        limit = device_gb * 2**30
+    backends = result["backends"]
+    header = [""] + [b + ("*" if b == result["configured"] else "") for b in BACKENDS]
+    rows = [[PLACEMENT_ROWS.get(c, c)] + [size(backends[b][c]) for b in BACKENDS]
+            for c in (*COMPONENTS, "total", *PLACEMENT_ROWS)]
+    rows.append([f"host per node ({ranks_per_node})"] + [size(host_per_node(backends[b], ranks_per_node)) for b in BACKENDS])
+    limit_gib = result.get("device_gb") or device_gib
+    if limit_gib:
+        limit = limit_gib * 2**30
         for key, label in (("device", "fits"), ("setup_device_full_build", "fits, full build")):
-            lines.append(f"{label:<17}" + "".join(f"{'yes' if result['backends'][b][key] <= limit else 'NO':>15}" for b in BACKENDS))
-    lines += ["", f"offload: {result['offload']}. setup host = host memory per rank before step 1 with sharded init "
-              "(one block in flight); full build = every rank building the fp32 model first, and DeepSpeed moving "
-              "the whole module to the device without zero.Init."]
-    if device_gb:
-        lines.append(f"fits: device bytes <= --device-gb {device_gb:g} (activations of one micro-batch included).")
+            rows.append([f"{label} ({limit_gib:,.1f} GiB)"] + ["yes" if backends[b][key] <= limit else "NO" for b in BACKENDS])
+    if host_gib:
+        rows.append([f"fits host ({host_gib:,.0f} GiB)"] + [
+            "yes" if host_per_node(backends[b], ranks_per_node) <= host_gib * 2**30 else "NO" for b in BACKENDS])
+    lines += table(header, rows)
+    lines.append("")
+    width = max(len(name) for name, _ in LEGEND)
+    lines += [f"  {name:<{width}}  {text}" for name, text in LEGEND]
+    if limit_gib:
+        lines.append(f"  {'fits':<{width}}  on device <= {limit_gib:,.1f} GiB per {gpu_name} (activations of one "
+                     "micro-batch included; the CUDA context and fragmentation are not)")
     return "\n".join(lines)
+
+
+def host_per_node(numbers: dict, ranks_per_node: int) -> float:
+    return ranks_per_node * max(numbers["host"], numbers.get("setup_host", 0))

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 from harness.config import Config
 from harness.estimate.communication import collective_plan
-from harness.estimate.step_time import Cluster, StepTime, model_flops_utilization, step_time
+from harness.estimate.step_time import Cluster, StepTime, model_flops_utilization, offload_seconds, step_time
+from harness.estimate.table import ms, size, table
 from harness.model.build import flops_per_token
 from harness.parallel import layout_name
 
@@ -19,12 +20,13 @@ def predict_step(cfg: Config, cluster: Cluster, model, memory: dict) -> StepTime
     numbers = memory["backends"][layout_name(cfg.parallel)]
     local_numel = numbers["master"] // 4
     device_bytes = numbers["device"]
-    return step_time(plan, cluster, flops_per_token(model, t.seq_len), tokens, recompute, local_numel,
-                     cfg.precision, device_bytes)
-
-
-def _ms(seconds: float) -> str:
-    return f"{seconds * 1e3:,.1f} ms"
+    result = step_time(plan, cluster, flops_per_token(model, t.seq_len), tokens, recompute, local_numel,
+                       cfg.precision, device_bytes)
+    if cfg.parallel.offload != "none":  # the host steps: no AdamW on the GPU, a round trip instead
+        result.optimizer_s = 0.0
+        result.offload_s = offload_seconds(local_numel, cluster, 2 if cfg.precision != "fp32" else 4,
+                                           cfg.parallel.offload == "params", t.grad_accum)
+    return result
 
 
 def format_step(result: StepTime, cluster: Cluster, cfg: Config) -> str:
@@ -37,19 +39,19 @@ def format_step(result: StepTime, cluster: Cluster, cfg: Config) -> str:
         + f", on {cluster.world_size} x {gpu.name} in {cluster.nodes} node(s): "
         f"intra {_gbit(cluster.intra_gbps)} Gbit/s, inter {_gbit(cluster.inter_gbps)} Gbit/s per GPU ({cluster.fabric_source}); "
         f"assumed MFU {cluster.mfu:.0%}",
-        f"  compute     {result.flops / 1e12:,.1f} TFLOPs per rank ({result.tokens_per_rank:,} tokens) -> {_ms(result.compute_s)}",
-        f"  {'collective':<24}{'group':>14}{'fabric':>8}{'calls':>7}{'buffers':>14}{'time':>12}",
+        f"  compute     {result.flops / 1e12:,.1f} TFLOPs per rank ({result.tokens_per_rank:,} tokens) -> {ms(result.compute_s)}",
     ]
-    for c in result.collectives:
-        lines.append(f"  {c.op:<24}{f'{c.group} of {c.group_size}':>14}{c.fabric:>8}{c.count:>7}"
-                     f"{c.bytes / 2**20:>11,.1f} MiB{_ms(c.seconds):>12}")
+    rows = [[c.op, f"{c.group} of {c.group_size}", c.fabric, f"{c.count:,}", size(c.bytes), ms(c.seconds)]
+            for c in result.collectives]
+    lines += table(["collective", "group", "fabric", "calls", "buffers", "time"], rows, indent="  ", left=3)
+    lines.append(f"  communication {ms(result.comm_s)}, exposed {ms(result.exposed_s)}; optimizer {ms(result.optimizer_s)}")
+    if result.offload_s:
+        lines.append(f"  offload     {ms(result.offload_s)}: gradients down and parameters up over PCIe "
+                     f"({gpu.pcie_gbytes_s:g} GB/s per GPU) and the node's CPU Adam, not overlapped")
     lines += [
-        f"  communication {_ms(result.comm_s)}, exposed {_ms(result.exposed_s)}; optimizer {_ms(result.optimizer_s)}",
-        f"  step {_ms(result.step_s)}: {result.tokens_per_rank / result.step_s:,.0f} tokens/s per GPU, MFU {mfu:.1%}",
+        f"  step {ms(result.step_s)}: {result.tokens_per_rank / result.step_s:,.0f} tokens/s per GPU, MFU {mfu:.1%}",
         f"  limit: {result.limit}",
     ]
-    if cfg.parallel.offload != "none":
-        lines.append("  (host offload traffic over PCIe and the host AdamW are not in this step time)")
     return "\n".join(lines)
 
 
@@ -62,7 +64,7 @@ def step_json(step: StepTime, cluster: Cluster, cfg: Config) -> dict:
         "gpu": cluster.gpu.name, "nodes": cluster.nodes, "mfu_assumed": cluster.mfu, "memory_gib": cluster.memory_gib,
         "intra_gbps": cluster.intra_gbps, "inter_gbps": cluster.inter_gbps, "fabric_source": cluster.fabric_source,
         "flops": step.flops, "compute_s": step.compute_s, "comm_s": step.comm_s, "exposed_s": step.exposed_s,
-        "optimizer_s": step.optimizer_s, "step_s": step.step_s,
+        "optimizer_s": step.optimizer_s, "offload_s": step.offload_s, "step_s": step.step_s,
         "tokens_per_s_per_gpu": step.tokens_per_rank / step.step_s,
         "mfu": model_flops_utilization(step, cluster, cfg.precision), "limit": step.limit,
         "collectives": [vars(c) for c in step.collectives],

@@ -32,7 +32,8 @@ GIB = 2**30
 class Gpu:
     name: str
     peak_tflops: dict
-    """Dense tensor-core peak per compute dtype (fp32: what torch runs without TF32)."""
+    """Dense tensor-core peak per compute dtype, from the vendor's datasheet (fp32: what torch runs
+    without TF32; fp8: what torchao's float8 matmuls use)."""
     memory_gib: float
     """What a process can allocate (the "80GB" of an H100 is 79.6 GiB)."""
     hbm_gbytes_s: float
@@ -40,15 +41,28 @@ class Gpu:
     """Per-GPU bus bandwidth within a node (nccl-tests busbw), in Gbit/s."""
     inter_gbps: float
     """Per-GPU bandwidth across nodes, in Gbit/s."""
+    pcie_gbytes_s: float = 50.0
+    """Host <-> GPU copies, per direction, achieved (PCIe 5 x16: ~50 GB/s of 64; PCIe 4: ~25)."""
 
 
 GPUS = {
     # NVLink 4 through NVSwitch: 450 GB/s per direction, ~360 GB/s achieved by NCCL's rings.
-    "h100": Gpu("H100 SXM 80GB", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}, 79.6, 3350, 2880, 400),
-    "h200": Gpu("H200 SXM 141GB", {"bf16": 989.0, "fp16": 989.0, "fp32": 67.0}, 139.8, 4800, 2880, 400),
+    "h100": Gpu("H100 SXM 80GB", {"bf16": 989.0, "fp16": 989.0, "fp8": 1979.0, "fp32": 67.0}, 79.6, 3350, 2880, 400),
+    "h200": Gpu("H200 SXM 141GB", {"bf16": 989.0, "fp16": 989.0, "fp8": 1979.0, "fp32": 67.0}, 139.8, 4800, 2880, 400),
     # NVLink 3: 300 GB/s per direction, ~230 GB/s achieved; 200 Gb/s HDR per GPU.
-    "a100": Gpu("A100 SXM 80GB", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, 79.2, 2039, 1840, 200),
+    "a100": Gpu("A100 SXM 80GB", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, 79.2, 2039, 1840, 200, 25.0),
+    "a100-40": Gpu("A100 SXM 40GB", {"bf16": 312.0, "fp16": 312.0, "fp32": 19.5}, 39.4, 1555, 1840, 200, 25.0),
+    # No NVLink: peer traffic crosses PCIe 4 (~20 GB/s busbw); often 100-200 Gb/s Ethernet per node.
+    "l40s": Gpu("L40S 48GB", {"bf16": 362.0, "fp16": 362.0, "fp8": 733.0, "fp32": 91.6}, 44.4, 864, 160, 100, 25.0),
+    # NVLink 5: 900 GB/s per direction, ~720 GB/s achieved; 400 Gb/s ConnectX-7 per GPU.
+    "b200": Gpu("B200 180GB", {"bf16": 2250.0, "fp16": 2250.0, "fp8": 4500.0, "fp32": 75.0}, 178.0, 7700, 5760, 400),
+    # Infinity Fabric, 7 links x 64 GB/s; RCCL rings reach ~300 GB/s. ROCm reports 191.5 GiB.
+    "mi300x": Gpu("MI300X 192GB", {"bf16": 1307.0, "fp16": 1307.0, "fp8": 2615.0, "fp32": 163.4}, 191.5, 5300, 2400,
+                  400),
 }
+CPU_ADAM_PARAMS_S_PER_NODE = 4e9
+"""Parameters a node's CPUs update per second with DeepSpeed's CPU Adam (the ZeRO-Offload paper
+measures ~0.2 s per billion parameters on a 2-socket host); torch's AdamW on the host is slower."""
 LAUNCH_S = 10e-6
 """Per collective call: the kernel launch and setup."""
 HOP_S = {"intra": 1e-6, "inter": 5e-6}
@@ -127,10 +141,22 @@ class StepTime:
     collectives: list[CollectiveTime]
     tokens_per_rank: int
     limit: str
+    offload_s: float = 0.0
+    """With parallel.offload: gradients to the host, the host's AdamW, parameters back (not overlapped)."""
 
     @property
     def step_s(self) -> float:
-        return self.compute_s + self.exposed_s + self.optimizer_s
+        return self.compute_s + self.exposed_s + self.optimizer_s + self.offload_s
+
+
+def offload_seconds(local_numel: int, cluster: Cluster, compute_bytes: int, params_too: bool, micro_batches: int) -> float:
+    """One step's host round trip: this rank's gradient shard down and its updated parameters up
+    over PCIe (compute dtype), the node's CPU Adam over every rank's shard, and with parameter
+    offload the shards brought up for each forward and backward."""
+    copies = 2 * local_numel * compute_bytes
+    if params_too:
+        copies += 2 * micro_batches * local_numel * compute_bytes
+    return copies / (cluster.gpu.pcie_gbytes_s * 1e9) + local_numel * cluster.gpus_per_node / CPU_ADAM_PARAMS_S_PER_NODE
 
 
 def _exposed(times: list[CollectiveTime], forward_s: float, backward_s: float) -> float:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -138,10 +139,19 @@ def test_cli_marks_what_fits():
     result = subprocess.run([str(Path(sys.executable).parent / "harness"), "estimate", "configs/llama-70b.yaml",
                              "--world-size", "8", "--device-gb", "80"], cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
-    lines = {line[:17].strip(): line[17:].split() for line in result.stdout.splitlines() if line[:17].strip()}
-    assert lines["fits"] == ["yes", "NO", "NO", "yes"]
-    assert lines["fits, full build"][-1] == "NO"
-    assert "setup host" in lines and "in host mem" in lines
+    table = result.stdout.split("\n\n")[1].splitlines()  # the memory table: header, then one row per line
+    rows = {re.split(r"\s{2,}", line.strip())[0]: re.split(r"\s{2,}", line.strip())[1:] for line in table[1:]}
+    assert rows["fits (80.0 GiB)"] == ["yes", "NO", "NO", "yes"]
+    assert rows["fits, full build (80.0 GiB)"][-1] == "NO"
+    assert "setup host" in rows and "in host mem" in rows and "host per node (8)" in rows
+    # Aligned: every cell of a column ends where its header does, whatever the numbers' sizes.
+    header_ends = [m.end() for m in re.finditer(r"\S+", table[0])]
+    for line in table[1:]:
+        ends = [m.end() for m in re.finditer(r"\S+(?: \S+)*", line)][1:]
+        assert ends == header_ends, line
+    legend = result.stdout.split("\n\n")[2]
+    for term in ("working", "setup host", "full-build dev", "host per node"):
+        assert re.search(rf"^  {term} +\S", legend, re.M), term
 
 
 # --------------------------------------------------------------------------------------------
@@ -259,3 +269,46 @@ def test_estimate_of_a_model_it_cannot_build_is_one_line(capsys, override, messa
     assert main([str(ROOT / "configs" / "smollm2-135m.yaml"), override, "--world-size", "2"]) == 2
     err = capsys.readouterr().err
     assert message in err and err.strip().count("\n") == 0 and "Traceback" not in err
+
+
+@pytest.mark.parametrize("gpu", ["h100", "h200", "a100", "a100-40", "l40s", "b200", "mi300x"])
+def test_every_gpu_a_user_rents_has_its_published_numbers(gpu):
+    from harness.estimate.step_time import GPUS
+
+    spec = GPUS[gpu]
+    assert {"bf16", "fp16", "fp32"} <= set(spec.peak_tflops) and spec.peak_tflops["bf16"] > spec.peak_tflops["fp32"]
+    assert 30 < spec.memory_gib < 200 and spec.hbm_gbytes_s > 500 and spec.intra_gbps > 0 and spec.pcie_gbytes_s > 0
+
+
+def test_offload_adds_its_host_round_trip_to_the_step():
+    from harness.estimate.memory import meta_model
+    from harness.estimate.step import predict_step
+    from harness.estimate.step_time import CPU_ADAM_PARAMS_S_PER_NODE, GPUS, Cluster
+
+    cfg = load_config(ROOT / "configs" / "llama-300m.yaml", ["parallel.backend=deepspeed", "parallel.zero_stage=3"])
+    offloaded = load_config(ROOT / "configs" / "llama-300m.yaml", ["parallel.backend=deepspeed", "parallel.zero_stage=3",
+                                                                     "parallel.offload=optimizer"])
+    cluster = Cluster(8, 1, GPUS["a100"], GPUS["a100"].intra_gbps, GPUS["a100"].inter_gbps, 0.4, 79.2)
+    model = meta_model(cfg)
+    on_gpu = predict_step(cfg, cluster, model, estimate(cfg, 8, model))
+    on_host = predict_step(offloaded, cluster, model, estimate(offloaded, 8, model))
+    assert on_gpu.offload_s == 0 and on_gpu.optimizer_s > 0
+    local = estimate(offloaded, 8, model)["backends"]["zero3"]["master"] // 4
+    pcie = 2 * local * 2 / 25e9  # bf16 gradients down, parameters up, at the A100's PCIe 4
+    assert on_host.optimizer_s == 0
+    assert on_host.offload_s == pytest.approx(pcie + 8 * local / CPU_ADAM_PARAMS_S_PER_NODE)
+    assert on_host.step_s == pytest.approx(on_host.compute_s + on_host.exposed_s + on_host.offload_s)
+
+
+@pytest.mark.spawns
+def test_the_collectives_table_stays_aligned_at_70b_sizes():
+    result = subprocess.run([HARNESS, "estimate", "configs/llama-70b.yaml", "--world-size", "64"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.strip().startswith("collective"))
+    block = lines[start:start + 1 + sum(1 for line in lines[start + 1:] if "_" in line.split()[0] if line.strip())]
+    header_ends = [m.end() for m in re.finditer(r"\S+", block[0])]
+    for line in block[1:]:
+        assert [m.end() for m in re.finditer(r"\S+(?: \S+)*", line)][-3:] == header_ends[-3:], line
+    assert "TiB" in result.stdout and "offload " in result.stdout  # 70B moves TiB; its params are offloaded
