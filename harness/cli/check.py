@@ -84,16 +84,20 @@ def preflight(cfg, args: argparse.Namespace) -> tuple[list[str], str]:
     from harness.runtime.process import quiet_deepspeed_without_gpus
 
     quiet_deepspeed_without_gpus()
+    # An unreachable hub is retried with a warning per try; the finding says it in one line.
+    from huggingface_hub import logging as hub_logging
+
+    hub_logging.set_verbosity_error()
     found = Findings()
     tokenizer = found.run(lambda: _tokenizer(cfg))
     spec = found.run(lambda: _model(cfg, tokenizer))
-    found.run(lambda: _data(cfg, args.world_size))
+    data_note = found.run(lambda: _data(cfg, args.world_size)) or ""
     found.run(lambda: _resume(cfg))
     found.run(lambda: check_backend_file(cfg, args.world_size))
     summary = ""
     if spec is not None and tokenizer is not None:
         summary = found.run(lambda: _fits(cfg, args, found)) or ""
-    return found.lines, summary
+    return found.lines, ", ".join(part for part in (summary, data_note) if part)
 
 
 def _tokenizer(cfg):
@@ -116,9 +120,11 @@ def _model(cfg, tokenizer):
     return model_spec(cfg.model, vocab, cfg.train.seq_len, special_token_ids(tokenizer) if tokenizer else None)
 
 
-def _data(cfg, world_size: int) -> None:
-    """Every source resolves, and local data holds at least one global batch (about: 4 bytes of
-    text per token; hub datasets are checked when the job prepares them)."""
+def _data(cfg, world_size: int) -> str:
+    """Every source resolves (a hub name through the hub, or its local cache), and the data holds
+    at least one global batch: tokens for text (about 4 bytes each), examples for instruction rows
+    (rows are counted; packed rows are estimated from their bytes). Returns what the run reads of
+    it, for the summary ("" where the size is unknown until the job prepares it)."""
     from harness.data.instruct import INSTRUCTION_FORMATS, instruction_source
     from harness.data.sources import find_source
     from harness.data.stream import open_token_file
@@ -130,22 +136,69 @@ def _data(cfg, world_size: int) -> None:
         if not Path(d.path).expanduser().is_file():
             raise HarnessError(f"data.path {d.path!r} does not exist; point it at the token file (data.format=tokens)")
         open_token_file(d.path, d.token_dtype, 2**32)
-        return
+        return ""
     else:
         paths = [(s.path, s.format, s.text_field or d.text_field) for s in d.sources] or [(d.path, d.format, d.text_field)]
         sources = [find_source(d, path, fmt, field) for path, fmt, field in paths]
+    hub_rows = [_hub_rows(s) for s in sources if not s.is_local]
     local = [s for s in sources if s.is_local]
-    if len(local) != len(sources):
-        return
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
-    if d.format in INSTRUCTION_FORMATS:
-        return  # examples are counted when prepared (harness prepare-data); one row can be many tokens
+    run_rows = cfg.train.steps * global_batch
+    if d.format in INSTRUCTION_FORMATS and not d.pack:
+        counts = [_local_rows(s) for s in local] + hub_rows
+        if None in counts:
+            return ""
+        examples = sum(counts) * (1 - d.val_fraction)
+        if examples < global_batch:
+            raise HarnessError(f"data.path {d.path!r} holds {examples:,.0f} training examples, fewer than one global "
+                               f"batch of {global_batch} unpacked rows; add data, set data.pack=true, or lower "
+                               "train.micro_batch_size")
+        return f"data {examples:,.0f} examples, {run_rows / examples:,.1f} epoch(s)"
+    if hub_rows:
+        return ""  # a hub dataset's tokens are known once the job prepares it
     tokens = sum(s.total_bytes() for s in local) / 4 * (1 - d.val_fraction)
     needed = global_batch * (cfg.train.seq_len + 1)
     if tokens < needed:
         raise HarnessError(f"data.path {d.path!r} holds about {tokens:,.0f} training tokens, fewer than one global batch "
                            f"({global_batch} x {cfg.train.seq_len + 1} = {needed:,}); add data or lower "
                            "train.micro_batch_size / train.seq_len")
+    return f"data ~{tokens:,.0f} tokens, ~{run_rows * (cfg.train.seq_len + 1) / tokens:,.1f} epoch(s)"
+
+
+def _local_rows(source) -> int | None:
+    """Rows of local JSONL or parquet files (JSON arrays are counted when prepared)."""
+    rows = 0
+    for name in source.files:
+        if name.endswith(".jsonl"):
+            with open(name, "rb") as handle:
+                rows += sum(1 for line in handle if line.strip())
+        elif source.builder == "parquet":
+            import pyarrow.parquet as pq
+
+            rows += pq.ParquetFile(name).metadata.num_rows
+        else:
+            return None
+    return rows
+
+
+def _hub_rows(source) -> int | None:
+    """The hub dataset's rows in its split, from its metadata (no data is downloaded); a name
+    the hub (or, offline, the local cache) does not know is a finding."""
+    import datasets
+
+    try:
+        builder = datasets.load_dataset_builder(source.builder, source.hub_name)
+    except Exception as exc:  # datasets raises many kinds for an unknown or unreachable name
+        reason = " ".join(str(exc).split())[:160]
+        raise HarnessError(f"data.path {source.path!r} is no local file and the hub (or its cache) has no such dataset "
+                           f"({reason}); check the name, log in for a gated dataset, or point data.path at local "
+                           "files") from None
+    splits = builder.info.splits or {}
+    if splits and source.split not in splits:
+        raise HarnessError(f"data.split {source.split!r} is not a split of {source.path!r} (it has "
+                           f"{', '.join(sorted(splits))}); set data.split")
+    split = splits.get(source.split) if splits else None
+    return split.num_examples if split is not None and split.num_examples else None
 
 
 def _resume(cfg) -> None:
