@@ -206,9 +206,10 @@ def format_report(report: dict) -> str:
                          f"{row['seconds'] * 1e3:>9.2f}ms{row['algbw_gbyte_s']:>12.2f}{row['busbw_gbyte_s']:>12.2f}"
                          f"{row['busbw_gbit_s']:>13.1f}")
         fab = report["fabric"]
-        inter = f"{fab['inter_gbit_s']:,.1f}" if fab["inter_gbit_s"] is not None else "not measured (one node)"
-        lines.append(f"  fabric      per GPU: intra-node {fab['intra_gbit_s']:,.1f} Gbit/s, inter-node {inter}"
-                     + (" Gbit/s" if fab["inter_gbit_s"] is not None else ""))
+        intra = (f"{fab['intra_gbit_s']:,.1f} Gbit/s" if fab["intra_gbit_s"] is not None
+                 else "not measured (one rank per node)")
+        inter = f"{fab['inter_gbit_s']:,.1f} Gbit/s" if fab["inter_gbit_s"] is not None else "not measured (one node)"
+        lines.append(f"  fabric      per GPU: intra-node {intra}, inter-node {inter}")
     else:
         lines.append("  collectives not measured: one rank (run it under srun / torchrun with several, or --nproc N)")
     return "\n".join(lines)

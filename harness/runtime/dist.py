@@ -82,7 +82,7 @@ def _from_slurm_env(env: Mapping[str, str]) -> RankInfo:
         world_size=_int_env(env, "SLURM_NTASKS"),
         local_rank=_int_env(env, "SLURM_LOCALID", 0),
         local_world_size=_local_tasks(env),
-        master_addr=env.get("MASTER_ADDR") or first_host(nodelist),
+        master_addr=env.get("MASTER_ADDR") or node_address(first_host(nodelist)),
         master_port=_int_env(env, "MASTER_PORT", port_for_job(job_id)),
         launcher="slurm",
     )
@@ -119,6 +119,18 @@ def first_host(nodelist: str) -> str:
     if not match:
         return nodelist
     return match.group(1) + (match.group(2) or "")
+
+
+def node_address(host: str) -> str:
+    """The address Slurm itself reaches a node at (its NodeAddr), which a Slurm node name need not
+    resolve to on the network; the name where scontrol cannot say."""
+    try:
+        out = subprocess.run(["scontrol", "show", "node", host, "-o"], capture_output=True, text=True, timeout=10,
+                             check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return host
+    match = re.search(r"\bNodeAddr=(\S+)", out)
+    return match.group(1) if match else host
 
 
 # --------------------------------------------------------------------------------------------

@@ -361,3 +361,21 @@ def test_submit_errors_are_one_line(cluster, args, env, message):
     assert result.returncode == 2
     assert result.stderr.startswith("harness: error: ") and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.spawns
+def test_srun_harness_doctor_measures_across_two_nodes(cluster, tmp_path):
+    out = tmp_path / "doctor.json"
+    wrap = f"srun {HARNESS} doctor --sizes 64K,1M --iterations 2 --out {out}"
+    result = cluster.run(["sbatch", "--parsable", "--nodes=2", "--ntasks-per-node=1", f"--output={tmp_path}/job.out",
+                          "--wrap", wrap], cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    job_id = result.stdout.strip().split(";")[0]
+    state = cluster.wait_for(job_id, {"COMPLETED", "FAILED"}, timeout=300)
+    assert state == "COMPLETED", (tmp_path / "job.out").read_text()[-3000:]
+    report = json.loads(out.read_text())
+    assert (report["world_size"], report["nodes"], report["ranks_per_node"]) == (2, 2, 1)
+    assert {(row["op"], row["group"], row["ranks"]) for row in report["collectives"]} == {
+        ("all_reduce", "inter", 2), ("all_gather", "inter", 2)}  # one rank per node: nothing within a node
+    assert report["fabric"]["inter_gbit_s"] > 0 and report["fabric"]["intra_gbit_s"] is None
+    assert "inter-node" in (tmp_path / "job.out").read_text()
