@@ -32,7 +32,7 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(f"module 'harness' has no attribute {name!r}")
     if _EXPORTS[name].startswith("harness.train"):
         # transformers imports DeepSpeed, which warns on a CPU-only machine unless told first.
-        from harness.runtime.process import quiet_deepspeed_without_gpus
+        from harness.runtime.process import quiet_imports_without_gpus
 
-        quiet_deepspeed_without_gpus()
+        quiet_imports_without_gpus()
     return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -81,9 +81,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def preflight(cfg, args: argparse.Namespace) -> tuple[list[str], str]:
     """(findings, a one-line summary of what fits)."""
     from harness.parallel.preflight import check_backend_file
-    from harness.runtime.process import quiet_deepspeed_without_gpus
+    from harness.runtime.process import quiet_imports_without_gpus
 
-    quiet_deepspeed_without_gpus()
+    quiet_imports_without_gpus()
     # An unreachable hub is retried with a warning per try; the finding says it in one line.
     from huggingface_hub import logging as hub_logging
 

@@ -134,9 +134,9 @@ def deepspeed_ops(load: bool) -> dict[str, Any]:
     except PackageNotFoundError:
         return {}
     from harness.parallel.deepspeed.compat import op_report
-    from harness.runtime.process import quiet_deepspeed_without_gpus
+    from harness.runtime.process import quiet_imports_without_gpus
 
-    quiet_deepspeed_without_gpus()
+    quiet_imports_without_gpus()
     try:
         return op_report(HARNESS_OPS if load else ())
     except Exception as exc:  # an install too broken to list its ops: that is the finding

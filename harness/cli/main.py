@@ -35,9 +35,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         sys.exit(2)
     import importlib
 
-    from harness.runtime.process import exit_process, quiet_deepspeed_without_gpus
+    from harness.runtime.process import exit_process, quiet_imports_without_gpus
 
-    quiet_deepspeed_without_gpus()
+    quiet_imports_without_gpus()
     module = importlib.import_module(COMMANDS[command][0])
     entry: Callable[[Sequence[str]], int] = module.main
     exit_process(entry(rest))

@@ -80,9 +80,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 def _run(cfg) -> int:
     """The run through the Python API; what the process reports and exits with."""
-    from harness.runtime.process import quiet_deepspeed_without_gpus
+    from harness.runtime.process import quiet_imports_without_gpus
 
-    quiet_deepspeed_without_gpus()  # before transformers imports DeepSpeed
+    quiet_imports_without_gpus()  # before transformers imports DeepSpeed
     from harness.observe.console import print0
     from harness.runtime.preemption import stopped_exit_code
     from harness.train.trainer import Trainer

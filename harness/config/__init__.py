@@ -8,8 +8,10 @@ deepspeed_json.py  a DeepSpeed JSON ("auto" values included) mapped onto the con
 accelerate.py      an `accelerate config` YAML mapped onto the config
 merge.py           what both translators share: adopting values, refusing contradictions
 slurm.py           the slurm: section harness submit renders into the job script
+fp8.py             the fp8: section (precision=fp8)
 """
 
+from harness.config.fp8 import FP8Config
 from harness.config.load import dump_yaml, field_docs, help_text, load_config, load_config_for_world
 from harness.config.schema import (
                                    CheckpointConfig,
@@ -32,7 +34,7 @@ from harness.config.slurm import SlurmConfig
 from harness.config.validate import validate, validate_for_world
 
 __all__ = [
-    "CheckpointConfig", "Config", "DataConfig", "DebugConfig", "EvalConfig", "FaultsConfig", "LogConfig",
+    "CheckpointConfig", "Config", "FP8Config", "DataConfig", "DebugConfig", "EvalConfig", "FaultsConfig", "LogConfig",
     "ModelConfig", "ParallelConfig", "ResumeConfig", "RunConfig", "ScalerConfig", "SourceConfig", "SlurmConfig", "SpikeConfig",
     "TrainConfig", "dump_yaml", "field_docs", "help_text", "load_config", "load_config_for_world",
     "validate", "validate_for_world",

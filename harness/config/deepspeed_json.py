@@ -93,6 +93,8 @@ def _merge_precision(data: dict[str, Any], m: Merger) -> None:
         m.adopt("fp16.enabled", True, "precision", "fp16")
         return
     if bf16:
+        if m.harness_value("precision") == "fp8":  # bf16 with FP8 matmuls: DeepSpeed's bf16 is right
+            return
         m.adopt("bf16.enabled", True, "precision", "bf16")
         return
     disabled = [name for name, flag in (("fp16", fp16), ("bf16", bf16)) if flag is False]
@@ -297,7 +299,7 @@ def runtime_config(cfg, world_size: int, hidden_size: int, pin_memory: bool = Fa
     if cfg.precision == "fp16":
         # A static scale that harness overrides before every backward and step.
         ds["fp16"] = {"enabled": True, "loss_scale": 1.0}
-    elif cfg.precision == "bf16":
+    elif cfg.precision in ("bf16", "fp8"):
         # Explicit: older DeepSpeed builds applied a non-finite bf16 update (the default changed in
         # PR #8035). harness's own check decides, and DeepSpeed's must agree (deepspeed.py).
         ds["bf16"] = {"enabled": True, "check_grad_overflow": True}

@@ -14,9 +14,10 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
+from harness.config.fp8 import FP8Config
 from harness.config.slurm import SlurmConfig
 
-Precision = Literal["fp32", "bf16", "fp16"]
+Precision = Literal["fp32", "bf16", "fp16", "fp8"]
 NonFinite = Literal["inf", "-inf", "nan"]
 
 
@@ -335,7 +336,9 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     """Held-out loss."""
     precision: Precision = "bf16"
-    """Compute dtype: fp32, bf16 or fp16 (fp16 uses dynamic loss scaling). Master weights are always fp32."""
+    """Compute dtype: fp32, bf16, fp16 (with dynamic loss scaling) or fp8 (bf16, with the transformer blocks' linear matmuls in FP8: the fp8 section). Master weights are always fp32."""
+    fp8: FP8Config = field(default_factory=FP8Config)
+    """FP8 matmuls, for precision=fp8."""
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     """Sharding backend and process group."""
     model: ModelConfig = field(default_factory=ModelConfig)

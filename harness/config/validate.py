@@ -4,6 +4,7 @@ world size. Each raises ConfigError with one line naming the key and what it acc
 from __future__ import annotations
 
 from harness.config import accelerate, deepspeed_json
+from harness.config.fp8 import validate_fp8
 from harness.config.schema import Config, DataConfig
 from harness.config.slurm import validate_slurm
 from harness.errors import ConfigError
@@ -17,7 +18,7 @@ def _require(condition: bool, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Every section's checks; raises ConfigError naming the key."""
-    for check in (_train, _eval, _data, _model, _scaler, _faults, _log, _checkpoint, _parallel, _slurm):
+    for check in (_train, _eval, _data, _model, _scaler, _faults, _log, _checkpoint, _parallel, _slurm, _fp8):
         check(cfg)
 
 
@@ -172,6 +173,10 @@ def _log(cfg: Config) -> None:
         f"log.peak_tflops must be > 0 or null (got {cfg.log.peak_tflops})",
     )
     _require(cfg.debug.resources_every >= 0, f"debug.resources_every must be >= 0 (got {cfg.debug.resources_every})")
+
+
+def _fp8(cfg: Config) -> None:
+    validate_fp8(cfg.fp8)
 
 
 def _slurm(cfg: Config) -> None:

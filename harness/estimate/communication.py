@@ -49,7 +49,7 @@ from torch import nn
 
 from harness.config import Config
 
-_COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}  # fp8: bf16 weights gathered
 REDUCE_BYTES = 4
 """Gradients are reduced in fp32 on every backend (FSDP2's reduce_dtype, DeepSpeed's
 communication_data_type)."""
@@ -174,7 +174,7 @@ def zero12_plan(model: nn.Module, cfg: Config, world_size: int) -> Plan:
     groups = _zero12_group_numels(model, world_size)
     # bf16 ZeRO-1 runs DeepSpeed's BF16_Optimizer: it all-reduces its padded flat fp32 gradient
     # groups and has no overflow flags; the others reduce the gradients themselves, unpadded.
-    bf16_optimizer = stage == 1 and cfg.precision == "bf16"
+    bf16_optimizer = stage == 1 and cfg.precision in ("bf16", "fp8")
     reduced = sum(groups) if bf16_optimizer else n_total
     # Without overlap_comm (DeepSpeed's default for stages 1 and 2) the reduction waits for backward.
     overlapped = bool(_deepspeed_setting(model, cfg, world_size, "overlap_comm"))

@@ -41,7 +41,7 @@ COMPONENTS = ("master", "gradients", "optimizer", "working", "activations")
 # Where the total lives, and the setup peaks (see format_table's footnote).
 PLACEMENT_ROWS = {"device": "on device", "host": "in host mem", "setup_host": "setup host",
                   "setup_host_full_build": "full-build host", "setup_device_full_build": "full-build dev"}
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
 
 
 @dataclass(frozen=True)
@@ -213,7 +213,8 @@ def _meta_model(cfg: Config, compute_dtype: torch.dtype) -> nn.Module:
 
 def meta_model(cfg: Config) -> nn.Module:
     """The configured model on the meta device, in its compute dtype."""
-    return _meta_model(cfg, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[cfg.precision])
+    return _meta_model(cfg, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
+                             "fp8": torch.bfloat16}[cfg.precision])
 
 
 def estimate(cfg: Config, world_size: int, model: Optional[nn.Module] = None) -> dict:

@@ -3,7 +3,10 @@ config's collective plan and memory estimate), and shown as text or JSON."""
 
 from __future__ import annotations
 
+import dataclasses
+
 from harness.config import Config
+from harness.errors import HarnessError
 from harness.estimate.communication import collective_plan
 from harness.estimate.step_time import Cluster, StepTime, model_flops_utilization, offload_seconds, step_time
 from harness.estimate.table import ms, size, table
@@ -20,7 +23,8 @@ def predict_step(cfg: Config, cluster: Cluster, model, memory: dict) -> StepTime
     numbers = memory["backends"][layout_name(cfg.parallel)]
     local_numel = numbers["master"] // 4
     device_bytes = numbers["device"]
-    result = step_time(plan, cluster, flops_per_token(model, t.seq_len), tokens, recompute, local_numel,
+    compute_cluster = fp8_cluster(cfg, cluster, model) if cfg.precision == "fp8" else cluster
+    result = step_time(plan, compute_cluster, flops_per_token(model, t.seq_len), tokens, recompute, local_numel,
                        cfg.precision, device_bytes)
     if cfg.parallel.offload != "none":  # the host steps: no AdamW on the GPU, a round trip instead
         result.optimizer_s = 0.0
@@ -53,6 +57,23 @@ def format_step(result: StepTime, cluster: Cluster, cfg: Config) -> str:
         f"  limit: {result.limit}",
     ]
     return "\n".join(lines)
+
+
+def fp8_cluster(cfg: Config, cluster: Cluster, model) -> Cluster:
+    """The cluster with an fp8 peak that blends the FP8 rate for the FLOPs of the layers
+    precision=fp8 converts (harness.numerics.fp8's rule, on this model) with the bf16 rate for the
+    rest (attention, the head, unconverted layers)."""
+    from harness.numerics.fp8 import plan_fp8
+
+    gpu = cluster.gpu
+    if "fp8" not in gpu.peak_tflops:
+        raise HarnessError(f"precision=fp8 needs FP8 tensor cores and the {gpu.name} has none; estimate on "
+                           "--gpu h100|h200|b200|l40s|mi300x, or use precision=bf16")
+    modules = dict(model.named_modules())
+    converted = sum(modules[name].in_features * modules[name].out_features for name in plan_fp8(model, cfg.fp8).converted)
+    share = min(1.0, 6 * converted / flops_per_token(model, cfg.train.seq_len))
+    peak = 1 / (share / gpu.peak_tflops["fp8"] + (1 - share) / gpu.peak_tflops["bf16"])
+    return dataclasses.replace(cluster, gpu=dataclasses.replace(gpu, peak_tflops={**gpu.peak_tflops, "fp8": peak}))
 
 
 def _gbit(value: float) -> str:

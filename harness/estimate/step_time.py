@@ -205,4 +205,5 @@ def _limit(result: StepTime, cluster: Cluster, device_bytes: Optional[float]) ->
 
 
 def model_flops_utilization(result: StepTime, cluster: Cluster, precision: str) -> float:
-    return result.flops / result.step_s / (cluster.gpu.peak_tflops[precision] * 1e12)
+    """Against the compute dtype's dense peak; fp8 against bf16's, as torchtitan reports it."""
+    return result.flops / result.step_s / (cluster.gpu.peak_tflops["bf16" if precision == "fp8" else precision] * 1e12)

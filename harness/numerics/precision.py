@@ -27,7 +27,8 @@ class PrecisionPolicy:
         return self.compute_dtype != self.master_dtype
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
+"""fp8 computes in bf16 outside the converted matmuls (harness.numerics.fp8)."""
 
 
 def precision_policy(name: str) -> PrecisionPolicy:

@@ -28,7 +28,7 @@ PEAK_TFLOPS = {
 
 class Precision(Protocol):
     name: str
-    """fp32, bf16 or fp16 (a harness.numerics.precision.PrecisionPolicy)."""
+    """fp32, bf16, fp16 or fp8 (a harness.numerics.precision.PrecisionPolicy)."""
 
 
 PER_RANK_FIELDS = ("step", "loss", "loss_scale", "skipped", "grad_norm", "mem_gb", "mem_reserved_gb", "host_mem_gb")
@@ -43,7 +43,8 @@ def device_peak_tflops(device: torch.device, policy: Precision, configured: Opti
     name = torch.cuda.get_device_name(device)
     for key, peaks in PEAK_TFLOPS.items():
         if all(part in name for part in key.split()):
-            return peaks[policy.name]
+            # fp8: MFU against the bf16 peak, as torchtitan reports it (a run that moves to FP8 shows its gain).
+            return peaks["bf16" if policy.name == "fp8" else policy.name]
     return None
 
 

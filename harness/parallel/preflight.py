@@ -12,8 +12,8 @@ def check_backend_file(cfg, world_size: int) -> None:
         return
     from harness.config.deepspeed_json import runtime_config
     from harness.parallel.deepspeed.compat import check_zero_section
-    from harness.runtime.process import quiet_deepspeed_without_gpus
+    from harness.runtime.process import quiet_imports_without_gpus
 
-    quiet_deepspeed_without_gpus()
+    quiet_imports_without_gpus()
     # "auto" bucket sizes are filled from the hidden size at start-up; any positive size does here.
     check_zero_section(runtime_config(cfg, world_size, hidden_size=1024), cfg.parallel.deepspeed_config)

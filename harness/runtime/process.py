@@ -3,15 +3,21 @@ lives, and a clean exit (no torch import here)."""
 
 from __future__ import annotations
 
+import logging
 import os
 import sys
 
 
-def quiet_deepspeed_without_gpus() -> None:
-    """transformers imports DeepSpeed when it is installed, and DeepSpeed warns on every CPU-only
-    machine that it fell back to its CPU accelerator. Name that accelerator up front instead."""
-    if "DS_ACCELERATOR" not in os.environ and not os.path.exists("/dev/nvidiactl"):
-        os.environ["DS_ACCELERATOR"] = "cpu"
+def quiet_imports_without_gpus() -> None:
+    """transformers imports DeepSpeed and torchao when they are installed. On a CPU-only machine
+    DeepSpeed warns that it fell back to its CPU accelerator (name that accelerator up front
+    instead), and torchao reports each CUDA kernel library it could not load and registers enums
+    torch now calls deprecated (its own messages, at import, whatever the run does)."""
+    if os.path.exists("/dev/nvidiactl"):
+        return
+    os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    logging.getLogger("torchao").setLevel(logging.ERROR)
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
 def exit_process(code: int) -> None:

@@ -24,6 +24,7 @@ from harness.model.build import check_tokenizer_fits, generation_eos, model_spec
 from harness.model.loss import enable_chunked_loss
 from harness.model.source import BlocksOf, model_source
 from harness.numerics.diagnose import ForwardProbe, OverflowDiagnosis
+from harness.numerics.fp8 import check_fp8_device, convert_to_fp8
 from harness.numerics.grad_scale import build_grad_scaler
 from harness.numerics.precision import check_device_supports, precision_policy
 from harness.numerics.spikes import SpikeGuard
@@ -192,6 +193,9 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
     # The skeleton holds no weights (meta, or ZeRO-3 partitions); setup allocates this rank's
     # shards and the initial weights are written into them, one block at a time.
     model = source.skeleton(backend.construction_context(source.hidden_size))
+    if cfg.precision == "fp8":  # before the backend wraps it: torchao swaps the linear modules
+        check_fp8_device(device, cfg.fp8)
+        print0(info.rank, convert_to_fp8(model, cfg.fp8).describe(cfg.fp8.recipe))
     if cfg.train.loss_chunk_tokens:
         enable_chunked_loss(model)
     if cfg.train.compile:

@@ -25,7 +25,7 @@ from harness.observe.console import RunSummary
 from harness.runtime import dist
 from harness.runtime.host_memory import setup_allocations_returned_to_os
 from harness.runtime.preemption import STOP_SIGNALS, StopRequest
-from harness.runtime.process import quiet_deepspeed_without_gpus
+from harness.runtime.process import quiet_imports_without_gpus
 from harness.runtime.watchdog import EXIT_HUNG, Watchdog, backstop_timeout_s, interval_for, store_factory
 from harness.train.build import Parts, build_loop
 from harness.train.callbacks import Callback, LossFn
@@ -66,7 +66,7 @@ class Trainer:
         """Train for train.steps (or until a stop signal, after a checkpoint); every rank returns
         the same summary. Joins the process group unless one exists, and leaves what it joined."""
         cfg = self.cfg
-        quiet_deepspeed_without_gpus()
+        quiet_imports_without_gpus()
         previous_handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
         stop = StopRequest().install()  # before anything slow: a signal during start-up counts too
         joined = False

@@ -84,7 +84,7 @@ BAD = [
     (["train.stepz=3"], "unknown config key train.stepz: did you mean train.steps?"),
     (["train.steps=abc"], "train.steps must be an integer (got str 'abc')"),
     (["train.steps=0"], "train.steps must be >= 1"),
-    (["precision=fp8"], "precision must be one of fp32, bf16, fp16 (got str 'fp8')"),
+    (["precision=fp4"], "precision must be one of fp32, bf16, fp16, fp8 (got str 'fp4')"),
     (["parallel.backend=megatron"], "parallel.backend must be one of"),
     (["train.lr=-1"], "train.lr must be >= 0"),
     (["train.min_lr=1.0"], "train.min_lr must be between 0 and train.lr"),

@@ -312,3 +312,32 @@ def test_the_collectives_table_stays_aligned_at_70b_sizes():
     for line in block[1:]:
         assert [m.end() for m in re.finditer(r"\S+(?: \S+)*", line)][-3:] == header_ends[-3:], line
     assert "TiB" in result.stdout and "offload " in result.stdout  # 70B moves TiB; its params are offloaded
+
+
+def test_fp8_runs_the_converted_layers_flops_at_the_fp8_peak_and_the_rest_at_bf16():
+    from harness.errors import HarnessError
+    from harness.estimate.memory import meta_model
+    from harness.estimate.step import fp8_cluster, predict_step
+    from harness.estimate.step_time import GPUS, Cluster
+    from harness.model.build import flops_per_token
+    from harness.numerics.fp8 import plan_fp8
+
+    cfg = load_config(ROOT / "configs" / "llama-8b.yaml", ["precision=fp8"])
+    model = meta_model(cfg)
+    h100 = GPUS["h100"]
+    cluster = Cluster(8, 1, h100, h100.intra_gbps, h100.inter_gbps, 0.4, 79.6)
+    modules = dict(model.named_modules())
+    converted = plan_fp8(model, cfg.fp8).converted
+    # Blocks 1..30; torchao's tensorwise rule keeps k_proj and v_proj (4096 -> 1024) in bf16.
+    assert len(converted) == 30 * 5 and not any(n.endswith(("k_proj", "v_proj")) for n in converted)
+    share = 6 * sum(modules[n].in_features * modules[n].out_features for n in converted) / flops_per_token(model, 8192)
+    assert 0.5 < share < 1
+    peak = fp8_cluster(cfg, cluster, model).gpu.peak_tflops["fp8"]
+    assert peak == pytest.approx(1 / (share / 1979.0 + (1 - share) / 989.0))
+    bf16 = load_config(ROOT / "configs" / "llama-8b.yaml")
+    fast = predict_step(cfg, cluster, model, estimate(cfg, 8, model))
+    slow = predict_step(bf16, cluster, meta_model(bf16), estimate(bf16, 8))
+    assert fast.compute_s == pytest.approx(slow.compute_s * 989.0 / peak)
+    a100 = Cluster(8, 1, GPUS["a100"], 1840, 200, 0.4, 79.2)
+    with pytest.raises(HarnessError, match="precision=fp8 needs FP8 tensor cores and the A100 SXM 80GB has none"):
+        fp8_cluster(cfg, a100, model)

@@ -200,4 +200,4 @@ def test_deepspeed_launcher_runs_a_2_rank_zero3_job_from_a_user_json(tmp_path):
 def test_deepspeed_launcher_config_error_is_one_line():
     result = run_cmd(["launch/deepspeed.sh", "--num_gpus", "2", "configs/tiny-ds-json.yaml", "precision=fp9"])
     assert result.returncode == 2
-    assert result.stderr.strip() == "harness: error: precision must be one of fp32, bf16, fp16 (got str 'fp9')"
+    assert result.stderr.strip() == "harness: error: precision must be one of fp32, bf16, fp16, fp8 (got str 'fp9')"

@@ -1,0 +1,34 @@
+"""The `fp8:` section: FP8 matmuls for precision=fp8 (torchao's float8 training). Everything that
+is not a converted linear layer's matmul stays bf16, and master weights and optimizer state stay
+fp32, as with precision=bf16."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Literal
+
+from harness.errors import ConfigError
+
+
+@dataclass
+class FP8Config:
+    recipe: Literal["tensorwise", "rowwise"] = "tensorwise"
+    """How FP8 scales are chosen: tensorwise (one dynamic scale per tensor: fastest) or rowwise (a scale per row: more accurate, slower)."""
+    min_features: int = 0
+    """A linear layer converts only if both its dimensions are at least this; smaller GEMMs lose to the casts. 0: torchao's own rule (both dimensions > 4096 on the layer's shapes, the size where its benchmarks show a gain); on CPU emulation every eligible size converts."""
+    skip: list[str] = field(default_factory=list)
+    """More layers to keep in bf16: regular expressions matched against module names (e.g. "mlp\\.down_proj")."""
+    emulate: bool = False
+    """Run the FP8 casts with the matmuls emulated in higher precision, for machines without FP8 tensor cores (CPU tests). Numerics follow FP8's rounding; no speed gain."""
+
+
+def validate_fp8(fp8: FP8Config) -> None:
+    """The section is read only with precision=fp8 (a bf16 run of an fp8 config just ignores it)."""
+    if fp8.min_features < 0:
+        raise ConfigError(f"fp8.min_features must be >= 0 (0: torchao's size rule; got {fp8.min_features})")
+    for pattern in fp8.skip:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            raise ConfigError(f"fp8.skip pattern {pattern!r} is not a regular expression ({exc})") from None
