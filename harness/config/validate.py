@@ -176,7 +176,7 @@ def _log(cfg: Config) -> None:
 
 
 def _fp8(cfg: Config) -> None:
-    validate_fp8(cfg.fp8)
+    validate_fp8(cfg.fp8, cfg.precision, cfg.parallel.backend)
 
 
 def _slurm(cfg: Config) -> None:

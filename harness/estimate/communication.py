@@ -135,15 +135,19 @@ def fsdp2_plan(model: nn.Module, cfg: Config, world_size: int) -> Plan:
     accum = cfg.train.grad_accum
     compute = _COMPUTE_BYTES[cfg.precision]
     units = _units(model)
+    fp8_weights = _fp8_gathered(model, cfg)
     padded = [sum(_padded(tuple(param.shape), shard) for param in unit) for unit in units]
-    blocks = padded[1:]
+    gathered = [sum(_padded(tuple(param.shape), shard) * (1 if id(param) in fp8_weights else compute) for param in unit)
+                for unit in units]
     plan = Plan(world_size)
     if shard > 1:
-        for numel in padded:
-            plan.add("all_gather_into_tensor", shard, numel * compute, "forward", accum, "shard")
+        for nbytes in gathered:
+            plan.add("all_gather_into_tensor", shard, nbytes, "forward", accum, "shard")
         if p.reshard_after_forward:
-            for numel in blocks[:-1]:  # the last block stays gathered for backward
-                plan.add("all_gather_into_tensor", shard, numel * compute, "backward", accum, "shard")
+            for nbytes in gathered[1:-1]:  # the last block stays gathered for backward
+                plan.add("all_gather_into_tensor", shard, nbytes, "backward", accum, "shard")
+    if fp8_weights:  # every FP8 weight's amax, one fp32 each, in one all-reduce after the step
+        plan.add("all_reduce", shard, 4 * len(fp8_weights), "step", 1, "shard")
     reductions = accum if p.reduce_every_micro_batch else 1
     for numel in padded:
         if shard > 1:
@@ -152,6 +156,16 @@ def fsdp2_plan(model: nn.Module, cfg: Config, world_size: int) -> Plan:
             plan.add("all_reduce", replicas, numel // shard * REDUCE_BYTES, "backward", reductions, "replicate")
     _harness(plan)
     return plan
+
+
+def _fp8_gathered(model: nn.Module, cfg: Config) -> set[int]:
+    """The weights FSDP2 gathers as FP8 (precision=fp8 with fp8.all_gather), by id."""
+    if cfg.precision != "fp8" or not cfg.fp8.all_gather:
+        return set()
+    from harness.numerics.fp8 import plan_fp8
+
+    modules = dict(model.named_modules())
+    return {id(modules[name].weight) for name in plan_fp8(model, cfg.fp8).converted}
 
 
 def _zero12_group_numels(model: nn.Module, world_size: int) -> list[int]:

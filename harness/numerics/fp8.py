@@ -28,6 +28,8 @@ from torch import nn
 from harness.config.fp8 import FP8Config
 from harness.errors import HarnessError
 
+AMAX_EPS = 1e-12
+"""torchao's floor on an amax (torchao.float8.float8_utils.EPS) before it becomes a scale."""
 FIRST_FP8_CAPABILITY = (8, 9)
 """Ada (sm_89) and Hopper (sm_90) were the first GPUs with FP8 tensor cores."""
 
@@ -116,10 +118,92 @@ def convert_to_fp8(model: nn.Module, cfg: FP8Config) -> Fp8Plan:
                            "precision=bf16, or lower fp8.min_features")
     config_class, convert = _torchao_float8()
     config = config_class.from_recipe_name(cfg.recipe)
-    config = dataclasses.replace(config, emulate=cfg.emulate)
+    config = dataclasses.replace(config, emulate=cfg.emulate, enable_fsdp_float8_all_gather=cfg.all_gather)
     chosen = set(plan.converted)
     convert(model, config=config, module_filter_fn=lambda module, fqn: fqn in chosen)
+    if cfg.all_gather:  # before FSDP2 wraps the weights
+        from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+
+        _pad_uneven_shards(WeightWithDynamicFloat8CastTensor)
     return plan
+
+
+def scale_precompute(model: nn.Module):
+    """With fp8.all_gather: a function to run after each optimizer step (and a state load) that
+    sets every FP8 weight's scale from its global amax, for all weights in one all-reduce
+    (without it each weight's all-gather reduces its own amax).
+
+    torchao's precompute_float8_dynamic_scale_for_fsdp does the same through DTensor, whose
+    all-reduce happens inside a dispatched op where debug.count_syncs cannot see it; this one
+    issues the all-reduce itself, so it is counted (and planned by harness estimate). It reaches
+    three internals, checked here once, as torchao's own precompute does: a DTensor's
+    _local_tensor (to_local() returns a view, where a scale set would not stick), FSDP2 weights
+    wrapped as torchao's WeightWithDynamicFloat8CastTensor, and their _precomputed_scale."""
+    _torchao_float8()
+    from torchao.float8.float8_linear import Float8Linear
+    from torchao.float8.fsdp_utils import WeightWithDynamicFloat8CastTensor
+
+    _pad_uneven_shards(WeightWithDynamicFloat8CastTensor)
+    linears = [m for m in model.modules() if isinstance(m, Float8Linear)]
+    locals_ = [getattr(m.weight, "_local_tensor", None) for m in linears]
+    if not linears or not all(isinstance(t, WeightWithDynamicFloat8CastTensor) and hasattr(t, "_precomputed_scale")
+                              for t in locals_):
+        raise HarnessError("fp8.all_gather: the FSDP2 weights are not DTensors holding torchao's "
+                           "WeightWithDynamicFloat8CastTensor with a _precomputed_scale (torch or torchao changed; harness "
+                           "ran on torch 2.13 and torchao 0.18); set fp8.all_gather=false")
+    mesh = linears[0].weight.device_mesh
+    group = mesh.get_group() if mesh.ndim == 1 else mesh.get_group("shard")
+    target = linears[0].config.cast_config_weight.target_dtype
+    largest = torch.finfo(target).max
+
+    stepped = False
+
+    def precompute(after_step: bool = True) -> None:
+        """Before the first step FSDP2 has not yet run its lazy init, which gives the ranks with a
+        short (padded) shard new local tensors: a scale set now would stay on some ranks only, and
+        the ranks would disagree on whether the all-gather reduces amaxes itself. So the first
+        step's gather computes its scales on every rank; from then on they are precomputed."""
+        nonlocal stepped
+        stepped = stepped or after_step
+        if not stepped:
+            return
+        import torch.distributed as dist
+
+        weights = [m.weight._local_tensor for m in linears]
+        amax = torch.stack([w.detach().abs().max() if w.numel() else w.new_zeros(()) for w in weights]).float()
+        dist.all_reduce(amax, op=dist.ReduceOp.MAX, group=group)  # one all-reduce for every weight
+        # As torchao's amax_to_scale: in float64, so eager and compiled agree.
+        scales = (largest / amax.clamp(min=AMAX_EPS).double()).float()
+        for weight, scale in zip(weights, scales):
+            weight._precomputed_scale = scale
+
+    return precompute
+
+
+def _pad_uneven_shards(weight_class) -> None:
+    """A weight whose dim 0 does not divide by the shard group leaves the last ranks a shorter
+    shard; FSDP2 all-gathers equal pieces, so each rank must hand it one padded to
+    ceil(dim0 / ranks) rows. torchao 0.18's fsdp_pre_all_gather takes FSDP2's old one-argument form,
+    which is not told the full size, and returns the short shard (pytorch/ao#3982; the fix,
+    pytorch/ao#3983, is not released): the gather then fails on its sizes. This wraps it in the
+    form that is told (mesh, outer_size, outer_stride, module, mp_policy) and pads the FP8 data
+    with zeros; a torchao that already takes that form is left alone."""
+    import inspect
+
+    original = weight_class.fsdp_pre_all_gather
+    if getattr(original, "_harness_pads", False) or len(inspect.signature(original).parameters) != 2:
+        return
+
+    def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
+        (data,), metadata = original(self, mesh)
+        rows = -(-outer_size[0] // mesh.size())
+        if data.shape[0] < rows:
+            padding = torch.zeros((rows - data.shape[0], *data.shape[1:]), dtype=torch.uint8, device=data.device)
+            data = torch.cat([data.view(torch.uint8), padding]).view(data.dtype)
+        return (data,), metadata
+
+    fsdp_pre_all_gather._harness_pads = True
+    weight_class.fsdp_pre_all_gather = fsdp_pre_all_gather
 
 
 def check_fp8_device(device: torch.device, cfg: FP8Config) -> None:

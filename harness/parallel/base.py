@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import ContextManager, Optional
+from typing import Callable, ContextManager, Optional
 
 import torch
 from torch import nn
@@ -83,6 +83,16 @@ class ParallelBackend(ABC):
         """(parameter name, this rank's piece of its gradient); pieces are disjoint across ranks,
         so sums over them add up to the full gradient. Writable in place."""
 
+
+    def on_weights_changed(self, hook: Callable[[bool], None]) -> None:
+        """Run `hook(after_step)` whenever this rank's weights may have changed: after every
+        optimizer step (applied or skipped on the device; after_step=True) and after a state load
+        (False). FP8 all-gather recomputes its weight scales there (harness.numerics.fp8)."""
+        self._weight_hooks = (*getattr(self, "_weight_hooks", ()), hook)
+
+    def weights_changed(self, after_step: bool = True) -> None:
+        for hook in getattr(self, "_weight_hooks", ()):
+            hook(after_step)
 
     def apply_decision(self, decision: DeviceDecision, lr: float) -> Optional[StepDecision]:
         """Unscale + clip and step, or skip, as the shared scaler decided. This default reads the

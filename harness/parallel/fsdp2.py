@@ -128,6 +128,7 @@ class FSDP2Backend(ParallelBackend):
         finally:
             del self.optimizer.found_inf
         self.optimizer.zero_grad(set_to_none=True)
+        self.weights_changed()
 
 
     def scale_grads(self, multiplier: float) -> None:
@@ -140,6 +141,10 @@ class FSDP2Backend(ParallelBackend):
             group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.weights_changed()
+
+    def after_state_load(self) -> None:
+        self.weights_changed(after_step=False)
 
     def skip_step(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)

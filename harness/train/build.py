@@ -24,7 +24,7 @@ from harness.model.build import check_tokenizer_fits, generation_eos, model_spec
 from harness.model.loss import enable_chunked_loss
 from harness.model.source import BlocksOf, model_source
 from harness.numerics.diagnose import ForwardProbe, OverflowDiagnosis
-from harness.numerics.fp8 import check_fp8_device, convert_to_fp8
+from harness.numerics.fp8 import check_fp8_device, convert_to_fp8, scale_precompute
 from harness.numerics.grad_scale import build_grad_scaler
 from harness.numerics.precision import check_device_supports, precision_policy
 from harness.numerics.spikes import SpikeGuard
@@ -206,6 +206,8 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
     n_params = sum(full_numels.values())
     fpt = flops_per_token(model, cfg.train.seq_len)
     backend.setup(model, cfg.train, source.hidden_size)
+    if cfg.precision == "fp8" and cfg.fp8.all_gather:
+        backend.on_weights_changed(scale_precompute(backend.module))
     resume_path = choose_resume(cfg, info)
     if resume_path is None:  # a checkpoint, weights-only ones too, overwrites every master piece
         write_initial_weights(backend, source.initial_weights(cfg.train.seed), full_numels)

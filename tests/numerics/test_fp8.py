@@ -111,17 +111,36 @@ def _scenarios(root: str) -> dict:
     hdist.init_process_group(info, "gloo", 120, device)
     linears = {}
 
-    def fit(name: str, *overrides: str) -> None:
+    def fit(name: str, *overrides: str):
         loop = build_loop(load_config(FP8, _common(f"{root}/{name}", *overrides)), info, device)
         linears[name] = sorted({type(m).__name__ for m in loop.backend.module.modules() if "Linear" in type(m).__name__})
         loop.fit()
+        return loop
 
     for label, backend in BACKENDS.items():
         fit(f"fp8-{label}", *backend)
     for label in ("fsdp2", "zero3"):
         fit(f"bf16-{label}", "precision=bf16", *BACKENDS[label])
     fit("faults", "faults.nonfinite_grad_steps=[3]", "faults.nonfinite_grad_rank=1", "log.per_rank=true")
+    fit("gather-bf16", "train.steps=10", "debug.count_syncs=true")
+    loop = fit("gather-fp8", "train.steps=10", "debug.count_syncs=true", "fp8.all_gather=true")
+    linears["scales"] = _ours_and_torchaos_scales(loop.backend.module)
     return linears
+
+
+def _ours_and_torchaos_scales(model) -> tuple[list[float], list[float]]:
+    from torchao.float8 import precompute_float8_dynamic_scale_for_fsdp
+    from torchao.float8.float8_linear import Float8Linear
+
+    from harness.numerics.fp8 import scale_precompute
+
+    weights = [m.weight._local_tensor for m in model.modules() if isinstance(m, Float8Linear)]
+    precompute_float8_dynamic_scale_for_fsdp(model)
+    theirs = [float(w._precomputed_scale) for w in weights]
+    for w in weights:
+        w._precomputed_scale = None
+    scale_precompute(model)()
+    return [float(w._precomputed_scale) for w in weights], theirs
 
 
 def _losses(path: Path) -> list[float]:
@@ -195,3 +214,51 @@ def test_fp8_on_cpu_without_emulation_is_refused_in_one_line(tmp_path):
         "harness: error: precision=fp8 on cpu has no FP8 tensor cores; set fp8.emulate=true to run the FP8 path emulated "
         "(tests), or use precision=bf16"]
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.spawns
+def test_fp8_all_gather_halves_the_converted_weights_bytes_as_the_estimate_says_and_keeps_the_losses(runs):
+    from harness.estimate.communication import collective_plan
+    from harness.estimate.memory import meta_model
+
+    root, results = runs
+    with_bf16 = _losses(root / "gather-bf16" / "metrics.jsonl")
+    with_fp8 = _losses(root / "gather-fp8" / "metrics.jsonl")
+    assert len(with_fp8) == 10 and with_fp8 == pytest.approx(with_bf16, rel=1e-3)
+    for name, overrides in (("gather-bf16", []), ("gather-fp8", ["fp8.all_gather=true"])):
+        cfg = load_config(FP8, _common(str(root / name), "train.steps=10", *overrides))
+        counted = [json.loads(line)["collectives"] for line in (root / name / "metrics.jsonl").read_text().splitlines()]
+        assert counted[-1] == collective_plan(meta_model(cfg), cfg, 2).by_op(), name
+    saved = counted[-1]["all_gather_into_tensor"]["bytes"]
+    before = json.loads((root / "gather-bf16" / "metrics.jsonl").read_text().splitlines()[-1])["collectives"]
+    converted = 2 * 36_864  # blocks 1 and 2: q, o 64x64; k, v 32x64; gate, up 128x64; down 64x128
+    assert before["all_gather_into_tensor"]["bytes"] - saved == 2 * converted  # forward + backward, 1 byte not 2
+    assert counted[-1]["all_reduce"]["count"] == before["all_reduce"]["count"] + 1  # the one amax all-reduce
+    ours, theirs = results[0]["scales"]
+    assert ours == theirs and len(ours) == 14  # the counted precompute sets torchao's own scales
+
+
+@pytest.mark.spawns
+def test_fp8_all_gather_works_when_a_weight_does_not_divide_by_the_ranks(tmp_path):
+    """3 ranks: k_proj's 32 rows split 11, 11, 10 (pytorch/ao#3982 crashes here without the padding)."""
+    from harness.estimate.communication import collective_plan
+    from harness.estimate.memory import meta_model
+
+    overrides = [f"run.dir={tmp_path}", "log.progress=off", "eval.every=0", "train.steps=4", "debug.count_syncs=true",
+                 "fp8.all_gather=true"]
+    result = subprocess.run(["launch/local.sh", "3", FP8, *overrides], cwd=ROOT, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 4 and all(r["loss"] == r["loss"] for r in rows)
+    cfg = load_config(FP8, overrides)
+    assert rows[-1]["collectives"] == collective_plan(meta_model(cfg), cfg, 3).by_op()
+
+
+def test_fp8_all_gather_is_tensorwise_and_fsdp2_only():
+    from harness.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="fp8.all_gather needs fp8.recipe=tensorwise"):
+        load_config(FP8, ["fp8.all_gather=true", "fp8.recipe=rowwise"])
+    with pytest.raises(ConfigError, match="fp8.all_gather is FSDP2's"):
+        load_config(FP8, ["fp8.all_gather=true", "parallel.backend=deepspeed", "parallel.zero_stage=3"])

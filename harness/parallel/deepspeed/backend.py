@@ -139,6 +139,7 @@ class DeepSpeedBackend(ParallelBackend):
     def after_state_load(self) -> None:
         # The compute-dtype working copies are derived from the fp32 masters just loaded.
         self.layout.refresh_working_copy()
+        self.weights_changed(after_step=False)
 
     def apply_decision(self, decision: DeviceDecision, lr: float) -> StepDecision:
         """DeepSpeed takes its orders on the host: one read per step (the decision and the next
@@ -164,6 +165,7 @@ class DeepSpeedBackend(ParallelBackend):
         if not self.engine.was_step_applied():
             raise RuntimeError("DeepSpeed skipped a step that harness's global check found finite")
         self.layout.confirm_checks_answered(self.policy.name)
+        self.weights_changed()
 
     def skip_step(self) -> None:
         if not self.layout.answers_checks:
