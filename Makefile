@@ -26,11 +26,12 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	launch/local.sh 2 configs/demo.yaml $(ARGS)
 
-# The demo in fp32, bf16 and fp16, then the precision report (runs/parity/report.html).
-PARITY_RUNS := $(foreach p,fp32 bf16 fp16,runs/parity/demo-$(p))
+# One small Llama-style model in fp32, bf16, fp16 and fp8 (emulated on CPU), then the precision
+# report (runs/parity/report.html).
+PARITY_RUNS := $(foreach p,fp32 bf16 fp16 fp8,runs/parity/parity-$(p))
 parity: $(STAMP)
-	for p in fp32 bf16 fp16; do \
-		launch/local.sh 2 configs/demo.yaml precision=$$p run.name=demo-$$p run.dir=runs/parity/demo-$$p \
+	for p in fp32 bf16 fp16 fp8; do \
+		launch/local.sh 2 configs/parity.yaml precision=$$p run.name=parity-$$p run.dir=runs/parity/parity-$$p \
 			log.wandb_group=parity log.progress=lines $(ARGS) || exit $$?; \
 	done
 	$(PY) -m harness.cli.report $(PARITY_RUNS) --out runs/parity/report.html
