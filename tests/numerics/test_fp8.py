@@ -122,6 +122,8 @@ def _scenarios(root: str) -> dict:
     for label in ("fsdp2", "zero3"):
         fit(f"bf16-{label}", "precision=bf16", *BACKENDS[label])
     fit("faults", "faults.nonfinite_grad_steps=[3]", "faults.nonfinite_grad_rank=1", "log.per_rank=true")
+    fit("diagnosed", "train.steps=3", "debug.nan_hooks=true", "faults.nonfinite_grad_steps=[2]",
+        "faults.nonfinite_forward_module=model.layers.1.mlp.up_proj")
     fit("gather-bf16", "train.steps=10", "debug.count_syncs=true")
     loop = fit("gather-fp8", "train.steps=10", "debug.count_syncs=true", "fp8.all_gather=true")
     linears["scales"] = _ours_and_torchaos_scales(loop.backend.module)
@@ -262,3 +264,11 @@ def test_fp8_all_gather_is_tensorwise_and_fsdp2_only():
         load_config(FP8, ["fp8.all_gather=true", "fp8.recipe=rowwise"])
     with pytest.raises(ConfigError, match="fp8.all_gather is FSDP2's"):
         load_config(FP8, ["fp8.all_gather=true", "parallel.backend=deepspeed", "parallel.zero_stage=3"])
+
+
+@pytest.mark.spawns
+def test_the_overflow_diagnosis_names_an_fp8_layer(runs):
+    root, _ = runs
+    rows = [json.loads(line) for line in (root / "diagnosed" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["skipped"] for r in rows] == [False, True, False]
+    assert rows[1]["nonfinite_module"] == "model.layers.1.mlp.up_proj"  # a Float8Linear
