@@ -132,6 +132,19 @@ def uninterrupted_drill() -> list[dict]:
         return rows(Path(tmp) / "reference")
 
 
+def assert_continued_after(run_dir: Path, signal_name: str) -> list[dict]:
+    """The drill's run stopped on the signal after a step, saved, resumed from that step's
+    checkpoint and ran to step 40 with the losses of an uninterrupted run; returns its rows."""
+    log0 = node_log(run_dir, 0)
+    stopped_at = int(re.search(rf"stopped by {signal_name} after step (\d+)", log0).group(1))
+    assert 5 <= stopped_at < 40
+    assert f"resume=auto: resuming from {run_dir}/checkpoints/step-{stopped_at:08d}" in log0
+    got = rows(run_dir)
+    assert [r["step"] for r in got] == list(range(1, 41))
+    assert [r["loss"] for r in got] == [r["loss"] for r in uninterrupted_drill()]
+    return got
+
+
 @pytest.mark.spawns
 def test_preemption_drill_saves_requeues_resumes_and_matches_an_uninterrupted_run(cluster, tmp_path):
     cluster.env.update(WANDB_MODE="offline", WANDB_DIR=str(tmp_path), WANDB_SILENT="true")
@@ -161,15 +174,8 @@ def test_preemption_drill_saves_requeues_resumes_and_matches_an_uninterrupted_ru
             cluster.env.pop(key, None)
     log = job_log("harness-drill", job_id)
     assert "stopped on a signal (exit 75); requeueing job" in log and "(restart 1)" in log
-    log0 = node_log(run_dir, 0)
-    stopped_at = int(re.search(r"stopped by SIGTERM after step (\d+)", log0).group(1))
-    assert 5 <= stopped_at < 40
-    assert f"resume=auto: resuming from {run_dir}/checkpoints/step-{stopped_at:08d}" in log0
-    got = rows(run_dir)
-    assert [r["step"] for r in got] == list(range(1, 41))
-
+    got = assert_continued_after(run_dir, "SIGTERM")
     reference = uninterrupted_drill()
-    assert [r["loss"] for r in got] == [r["loss"] for r in reference]
     assert [r.get("eval_loss") for r in got] == [r.get("eval_loss") for r in reference]
 
     # The same wandb run continues; together the attempts' run files hold every step once more
@@ -204,13 +210,7 @@ def test_a_chain_of_two_jobs_continues_the_run_with_the_losses_of_an_uninterrupt
     assert cluster.wait_for(first, {"COMPLETED"}, timeout=300) == "COMPLETED"
     assert "job 2 of 2 in the chain continues the run" in job_log("harness-chain", first)
     assert cluster.wait_for(second.group(1), {"COMPLETED"}, timeout=600) == "COMPLETED"
-    log0 = node_log(run_dir, 0)
-    stopped_at = int(re.search(r"stopped by SIGUSR1 after step (\d+)", log0).group(1))
-    assert 5 <= stopped_at < 40
-    assert f"resume=auto: resuming from {run_dir}/checkpoints/step-{stopped_at:08d}" in log0
-    got = rows(run_dir)
-    assert [r["step"] for r in got] == list(range(1, 41))
-    assert [r["loss"] for r in got] == [r["loss"] for r in uninterrupted_drill()]
+    assert_continued_after(run_dir, "SIGUSR1")
 
 
 def _activate_script(tmp_path: Path) -> Path:
