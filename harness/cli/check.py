@@ -220,7 +220,7 @@ def _fits(cfg, args: argparse.Namespace, found: Findings) -> str:
     import dataclasses
 
     from harness.cli.estimate import DEFAULT_MFU, GPUS_PER_NODE
-    from harness.estimate.memory import estimate, meta_model
+    from harness.estimate.memory import estimate, host_per_node, meta_model
     from harness.estimate.step import predict_step
     from harness.estimate.step_time import GPUS, Cluster
 
@@ -242,7 +242,7 @@ def _fits(cfg, args: argparse.Namespace, found: Findings) -> str:
                   f"{memory_gib:,.1f}: lower train.micro_batch_size, turn on model.activation_checkpointing, "
                   "or shard over more GPUs (harness estimate shows the parts)")
     per_node = world // nodes
-    host_node = per_node * max(need["host"], need.get("setup_host", 0))
+    host_node = host_per_node(need, per_node)
     host_gb, host_source = _host_memory(cfg, args)
     if host_gb is not None and host_node > host_gb * gib:
         found.add(f"the estimate needs {host_node / gib:,.1f} GiB of host memory per node ({per_node} ranks: "

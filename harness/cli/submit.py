@@ -114,17 +114,14 @@ def job_environment(args: argparse.Namespace, environ: dict[str, str], python: s
     return env
 
 
-def sbatch_commands(args: argparse.Namespace, script_path: Path, previous: Optional[str] = None) -> list[list[str]]:
-    """One sbatch command per job of the chain; job k > 1 waits for job k-1 to end however it
-    ended (afterany: a job stopped at its time limit has saved), and knows its place in the chain."""
-    tail = [str(script_path), str(Path(args.config).resolve()), *args.overrides]
-    commands = []
-    for link in range(1, args.chain + 1):
-        options = [f"--export=ALL,HARNESS_CHAIN_LINK={link},HARNESS_CHAIN_LENGTH={args.chain}"] if args.chain > 1 else []
-        if link > 1:
-            options.append(f"--dependency=afterany:{previous or '<job ' + str(link - 1) + '>'},singleton")
-        commands.append(["sbatch", "--parsable", *options, *tail])
-    return commands
+def sbatch_command(args: argparse.Namespace, script_path: Path, link: int, previous: str) -> list[str]:
+    """The sbatch command of job `link` (1-based) of the chain; job k > 1 waits for job k-1
+    (`previous`) to end however it ended (afterany: a job stopped at its time limit has saved), and
+    knows its place in the chain."""
+    options = [f"--export=ALL,HARNESS_CHAIN_LINK={link},HARNESS_CHAIN_LENGTH={args.chain}"] if args.chain > 1 else []
+    if link > 1:
+        options.append(f"--dependency=afterany:{previous},singleton")
+    return ["sbatch", "--parsable", *options, str(script_path), str(Path(args.config).resolve()), *args.overrides]
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -147,8 +144,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         script_path = ROOT / "runs" / "slurm" / f"{job.name}.sbatch"
         if args.dry_run:
             print(script, end="")
-            for command in sbatch_commands(args, script_path):
-                print(f"# would run: {' '.join(command)}")
+            for link in range(1, args.chain + 1):
+                print(f"# would run: {' '.join(sbatch_command(args, script_path, link, f'<job {link - 1}>'))}")
             print(f"# a submission would write {script_path} and the run would live in {ROOT / cfg.run.dir} "
                   "(nothing was written or submitted)")
             return 0
@@ -191,8 +188,8 @@ def _submit(args: argparse.Namespace, script_path: Path, script: str) -> list[st
     script_path.parent.mkdir(parents=True, exist_ok=True)
     script_path.write_text(script)  # sbatch keeps its own copy; this one is for the record
     job_ids: list[str] = []
-    for link in range(args.chain):
-        command = sbatch_commands(args, script_path, job_ids[-1] if job_ids else None)[link]
+    for link in range(1, args.chain + 1):
+        command = sbatch_command(args, script_path, link, job_ids[-1] if job_ids else "")
         result = subprocess.run(command, capture_output=True, text=True, timeout=120, cwd=ROOT)
         if result.returncode != 0:
             reason = " ".join(result.stderr.strip().splitlines()) or f"exit code {result.returncode}"

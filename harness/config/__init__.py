@@ -11,7 +11,7 @@ slurm.py           the slurm: section harness submit renders into the job script
 fp8.py             the fp8: section (precision=fp8)
 """
 
-from harness.config.fp8 import FP8Config
+from harness.config.fp8 import FP8Config, compute_precision
 from harness.config.load import dump_yaml, field_docs, help_text, load_config, load_config_for_world
 from harness.config.schema import (
                                    CheckpointConfig,
@@ -36,6 +36,6 @@ from harness.config.validate import validate, validate_for_world
 __all__ = [
     "CheckpointConfig", "Config", "FP8Config", "DataConfig", "DebugConfig", "EvalConfig", "FaultsConfig", "LogConfig",
     "ModelConfig", "ParallelConfig", "ResumeConfig", "RunConfig", "ScalerConfig", "SourceConfig", "SlurmConfig", "SpikeConfig",
-    "TrainConfig", "dump_yaml", "field_docs", "help_text", "load_config", "load_config_for_world",
+    "TrainConfig", "compute_precision", "dump_yaml", "field_docs", "help_text", "load_config", "load_config_for_world",
     "validate", "validate_for_world",
 ]

@@ -21,6 +21,7 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from harness.config.fp8 import compute_precision
 from harness.config.merge import AUTO, Merger, integer
 from harness.config.merge import get_dotted as _get
 from harness.errors import ConfigError
@@ -299,7 +300,7 @@ def runtime_config(cfg, world_size: int, hidden_size: int, pin_memory: bool = Fa
     if cfg.precision == "fp16":
         # A static scale that harness overrides before every backward and step.
         ds["fp16"] = {"enabled": True, "loss_scale": 1.0}
-    elif cfg.precision in ("bf16", "fp8"):
+    elif compute_precision(cfg.precision) == "bf16":
         # Explicit: older DeepSpeed builds applied a non-finite bf16 update (the default changed in
         # PR #8035). harness's own check decides, and DeepSpeed's must agree (deepspeed.py).
         ds["bf16"] = {"enabled": True, "check_grad_overflow": True}

@@ -25,6 +25,12 @@ class FP8Config:
     """Run the FP8 casts with the matmuls emulated in higher precision, for machines without FP8 tensor cores (CPU tests). Numerics follow FP8's rounding; no speed gain."""
 
 
+def compute_precision(precision: str) -> str:
+    """The dtype a precision computes in outside FP8 matmuls, and what every precision-keyed
+    table (bytes per element, DeepSpeed's section, MFU peaks) reads: fp8 is bf16 there."""
+    return "bf16" if precision == "fp8" else precision
+
+
 def validate_fp8(fp8: FP8Config, precision: str, backend: str) -> None:
     """The section is read only with precision=fp8 (a bf16 run of an fp8 config just ignores it)."""
     if precision == "fp8" and fp8.all_gather and fp8.recipe != "tensorwise":

@@ -47,9 +47,9 @@ from typing import Optional
 import torch
 from torch import nn
 
-from harness.config import Config
+from harness.config import Config, compute_precision
 
-_COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}  # fp8: bf16 weights gathered
+_COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 REDUCE_BYTES = 4
 """Gradients are reduced in fp32 on every backend (FSDP2's reduce_dtype, DeepSpeed's
 communication_data_type)."""
@@ -133,7 +133,7 @@ def fsdp2_plan(model: nn.Module, cfg: Config, world_size: int) -> Plan:
     p = cfg.parallel
     replicas, shard = p.replicate, world_size // p.replicate
     accum = cfg.train.grad_accum
-    compute = _COMPUTE_BYTES[cfg.precision]
+    compute = _COMPUTE_BYTES[compute_precision(cfg.precision)]
     units = _units(model)
     fp8_weights = _fp8_gathered(model, cfg)
     padded = [sum(_padded(tuple(param.shape), shard) for param in unit) for unit in units]
@@ -181,14 +181,14 @@ def _zero12_group_numels(model: nn.Module, world_size: int) -> list[int]:
 
 def zero12_plan(model: nn.Module, cfg: Config, world_size: int) -> Plan:
     stage, accum = cfg.parallel.zero_stage, cfg.train.grad_accum
-    compute = _COMPUTE_BYTES[cfg.precision]
+    compute = _COMPUTE_BYTES[compute_precision(cfg.precision)]
     n_total = sum(param.numel() for param in model.parameters())
     plan = Plan(world_size)
     reductions = 1 if stage == 1 else accum
     groups = _zero12_group_numels(model, world_size)
     # bf16 ZeRO-1 runs DeepSpeed's BF16_Optimizer: it all-reduces its padded flat fp32 gradient
     # groups and has no overflow flags; the others reduce the gradients themselves, unpadded.
-    bf16_optimizer = stage == 1 and cfg.precision in ("bf16", "fp8")
+    bf16_optimizer = stage == 1 and compute_precision(cfg.precision) == "bf16"
     reduced = sum(groups) if bf16_optimizer else n_total
     # Without overlap_comm (DeepSpeed's default for stages 1 and 2) the reduction waits for backward.
     overlapped = bool(_deepspeed_setting(model, cfg, world_size, "overlap_comm"))
@@ -272,7 +272,7 @@ def zero3_gathers(fetches: list[list[nn.Parameter]], persistent: set[int], keep_
 
 def zero3_plan(model: nn.Module, cfg: Config, world_size: int) -> Plan:
     accum = cfg.train.grad_accum
-    compute = _COMPUTE_BYTES[cfg.precision]
+    compute = _COMPUTE_BYTES[compute_precision(cfg.precision)]
     replicas = cfg.parallel.replicate
     group = world_size // replicas if replicas > 1 else world_size
 

@@ -31,7 +31,7 @@ from torch import nn
 from torch.autograd.graph import saved_tensors_hooks
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from harness.config import Config
+from harness.config import Config, compute_precision
 from harness.estimate.table import size, table
 from harness.model.loss import unpacked_sequences
 from harness.parallel import layout_name
@@ -41,7 +41,7 @@ COMPONENTS = ("master", "gradients", "optimizer", "working", "activations")
 # Where the total lives, and the setup peaks (see format_table's footnote).
 PLACEMENT_ROWS = {"device": "on device", "host": "in host mem", "setup_host": "setup host",
                   "setup_host_full_build": "full-build host", "setup_device_full_build": "full-build dev"}
-_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2}
+_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
 
 @dataclass(frozen=True)
@@ -213,15 +213,15 @@ def _meta_model(cfg: Config, compute_dtype: torch.dtype) -> nn.Module:
 
 def meta_model(cfg: Config) -> nn.Module:
     """The configured model on the meta device, in its compute dtype."""
-    return _meta_model(cfg, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16,
-                             "fp8": torch.bfloat16}[cfg.precision])
+    return _meta_model(cfg, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[
+        compute_precision(cfg.precision)])
 
 
 def estimate(cfg: Config, world_size: int, model: Optional[nn.Module] = None) -> dict:
     """{"model": ..., "backends": {backend: {component: bytes, "total": bytes}}, "configured": name}."""
     from harness.model import transformer_blocks
 
-    compute = cfg.precision
+    compute = compute_precision(cfg.precision)
     c = _BYTES[compute]
     model = model if model is not None else meta_model(cfg)
     params = [ParamInfo(name, tuple(p.shape)) for name, p in model.named_parameters()]

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from harness.config.fp8 import compute_precision
 from harness.estimate.communication import Plan
 
 GIB = 2**30
@@ -55,7 +56,7 @@ GPUS = {
     # No NVLink: peer traffic crosses PCIe 4 (~20 GB/s busbw); often 100-200 Gb/s Ethernet per node.
     "l40s": Gpu("L40S 48GB", {"bf16": 362.0, "fp16": 362.0, "fp8": 733.0, "fp32": 91.6}, 44.4, 864, 160, 100, 25.0),
     # NVLink 5: 900 GB/s per direction, ~720 GB/s achieved; 400 Gb/s ConnectX-7 per GPU.
-    "b200": Gpu("B200 180GB", {"bf16": 2250.0, "fp16": 2250.0, "fp8": 4500.0, "fp32": 75.0}, 178.0, 7700, 5760, 400),
+    "b200": Gpu("B200 180GB", {"bf16": 2250.0, "fp16": 2250.0, "fp8": 4500.0, "fp32": 80.0}, 178.0, 7700, 5760, 400),
     # Infinity Fabric, 7 links x 64 GB/s; RCCL rings reach ~300 GB/s. ROCm reports 191.5 GiB.
     "mi300x": Gpu("MI300X 192GB", {"bf16": 1307.0, "fp16": 1307.0, "fp8": 2615.0, "fp32": 163.4}, 191.5, 5300, 2400,
                   400),
@@ -206,4 +207,4 @@ def _limit(result: StepTime, cluster: Cluster, device_bytes: Optional[float]) ->
 
 def model_flops_utilization(result: StepTime, cluster: Cluster, precision: str) -> float:
     """Against the compute dtype's dense peak; fp8 against bf16's, as torchtitan reports it."""
-    return result.flops / result.step_s / (cluster.gpu.peak_tflops["bf16" if precision == "fp8" else precision] * 1e12)
+    return result.flops / result.step_s / (cluster.gpu.peak_tflops[compute_precision(precision)] * 1e12)

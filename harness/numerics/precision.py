@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 import torch
 
+from harness.config.fp8 import compute_precision
 from harness.errors import HarnessError
 
 
@@ -27,12 +28,12 @@ class PrecisionPolicy:
         return self.compute_dtype != self.master_dtype
 
 
-_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp8": torch.bfloat16}
-"""fp8 computes in bf16 outside the converted matmuls (harness.numerics.fp8)."""
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def precision_policy(name: str) -> PrecisionPolicy:
-    return PrecisionPolicy(name=name, compute_dtype=_DTYPES[name])
+    # fp8 computes in bf16 outside the converted matmuls (harness.numerics.fp8).
+    return PrecisionPolicy(name=name, compute_dtype=_DTYPES[compute_precision(name)])
 
 
 # The first compute capabilities with native arithmetic in each half type: fp16 came with

@@ -13,6 +13,7 @@ from typing import Any, Optional, Protocol
 
 import torch
 
+from harness.config.fp8 import compute_precision
 from harness.runtime import host_memory
 from harness.runtime.host_memory import process_resources, return_free_memory
 
@@ -44,7 +45,7 @@ def device_peak_tflops(device: torch.device, policy: Precision, configured: Opti
     for key, peaks in PEAK_TFLOPS.items():
         if all(part in name for part in key.split()):
             # fp8: MFU against the bf16 peak, as torchtitan reports it (a run that moves to FP8 shows its gain).
-            return peaks["bf16" if policy.name == "fp8" else policy.name]
+            return peaks[compute_precision(policy.name)]
     return None
 
 
