@@ -5,9 +5,10 @@ from __future__ import annotations
 import torch
 
 
-def reference_fp32(config: str, overrides: list[str], world_size: int = 2) -> tuple[list[float], list[float]]:
-    """Losses and pre-clip grad norms of a plain loop over the same model, global batches (as a
-    run on `world_size` ranks would see them) and hyper-parameters. No sharding, no harness loop."""
+def reference_fp32(config: str, overrides: list[str], world_size: int = 2, model=None) -> tuple[list[float], list[float]]:
+    """Losses and pre-clip grad norms of a plain loop over the same model (or `model`, e.g. a
+    peft model; its trainable parameters train), global batches (as a run on `world_size` ranks
+    would see them) and hyper-parameters. No sharding, no harness loop."""
     from harness.config import load_config
     from harness.data import BatchShape, PackedSequences, TrainBatches, load_corpus
     from harness.model import build_model, next_token_loss
@@ -16,7 +17,7 @@ def reference_fp32(config: str, overrides: list[str], world_size: int = 2) -> tu
     cfg = load_config(config, overrides)
     t = cfg.train
     corpus = load_corpus(cfg.data)
-    model = build_model(cfg.model, corpus.vocab_size, t.seed)
+    model = model if model is not None else build_model(cfg.model, corpus.vocab_size, t.seed)
     optimizer = torch.optim.AdamW(param_groups(model, t.weight_decay), lr=t.lr, betas=(t.beta1, t.beta2), eps=t.eps)
     sequences = PackedSequences(corpus.train, t.seq_len)
     order = TrainBatches(sequences, t.seed, BatchShape(t.micro_batch_size, t.grad_accum, world_size), rank=0)

@@ -207,11 +207,16 @@ def _safetensors_header(fd: int) -> tuple[dict, int]:
     return json.loads(os.pread(fd, length, 8)), 8 + length
 
 
-def check_compatible(path: Path, manifest: dict, cfg: Config, global_batch: int) -> None:
-    """Refuse resumes that cannot continue the same run."""
+def yaml_config(path: Path) -> dict:
+    """The config a checkpoint was written with, as a dict."""
     import yaml
 
-    saved_cfg = yaml.safe_load((path / "config.yaml").read_text())
+    return yaml.safe_load((path / "config.yaml").read_text())
+
+
+def check_compatible(path: Path, manifest: dict, cfg: Config, global_batch: int) -> None:
+    """Refuse resumes that cannot continue the same run."""
+    saved_cfg = yaml_config(path)
     now = cfg.to_dict()
     for key in DATA_KEYS:
         before, after = _config_value(saved_cfg, key), _config_value(now, key)
@@ -234,11 +239,22 @@ def check_compatible(path: Path, manifest: dict, cfg: Config, global_batch: int)
 
 
 def load_checkpoint(
-    path: Path, backend: ParallelBackend, cfg: Config, info: RankInfo, device: torch.device, global_batch: int
+    path: Path, backend: ParallelBackend, cfg: Config, info: RankInfo, device: torch.device, global_batch: int,
+    lora_base: Optional[dict] = None,
 ) -> Optional[TrainerState]:
     """Load `path` into the live backend state. Returns the trainer state to continue from, or
-    None with resume.weights_only (a new run that starts from these weights)."""
+    None with resume.weights_only (a new run that starts from these weights). With LoRA
+    (`lora_base`: the base this run's adapters sit on) the checkpoint must hold adapters trained
+    on the same base."""
     manifest = read_manifest(path)
+    if lora_base is not None:
+        from harness.model.lora import check_same_base
+
+        check_same_base(manifest.get("lora_base"), lora_base, path.name)
+    elif manifest.get("lora_base"):
+        raise CheckpointError(f"{path.name} holds LoRA adapters, not a whole model; resume it with its lora: section "
+                              f"(lora.r={_config_value(yaml_config(path), 'lora.r')}), or export it merged "
+                              "(harness export --merge) and start from that folder")
     weights_only = cfg.resume.weights_only
     if not weights_only:
         check_compatible(path, manifest, cfg, global_batch)

@@ -68,8 +68,11 @@ class Checkpointer:
     Until it is committed a checkpoint is only a step-<N>.tmp folder, which nothing resumes from.
     """
 
-    def __init__(self, cfg: Config, model_config_json: str, info: RankInfo, device: torch.device) -> None:
+    def __init__(self, cfg: Config, model_config_json: str, info: RankInfo, device: torch.device,
+                 lora_base: Optional[dict] = None) -> None:
         self.cfg = cfg
+        self.lora_base = lora_base
+        """With LoRA: the base the adapters belong to (harness.model.lora.base_identity), in the manifest."""
         self.root = Path(cfg.checkpoint.dir)
         self.model_config_json = model_config_json
         self.info = info
@@ -146,7 +149,7 @@ class Checkpointer:
         if problem is None and info.is_main:
             try:
                 _finish(staging, final, step, [e for e, _ in gathered], state, self.cfg, self.model_config_json,
-                        backend_name)
+                        backend_name, self.lora_base)
             except OSError as exc:
                 problem = f"rank 0 could not finish {final.name}: {exc.strerror or exc}"
         problem = _agree(problem)
@@ -180,7 +183,7 @@ def _agree(problem: Optional[str]) -> Optional[str]:
 
 
 def _finish(staging: Path, final: Path, step: int, files: list, state: TrainerState, cfg: Config,
-            model_config_json: str, backend_name: str) -> None:
+            model_config_json: str, backend_name: str, lora_base: Optional[dict]) -> None:
     (staging / "config.yaml").write_text(dump_yaml(cfg))
     (staging / "model_config.json").write_text(model_config_json)
     extras = {}
@@ -194,6 +197,7 @@ def _finish(staging: Path, final: Path, step: int, files: list, state: TrainerSt
         "precision": cfg.precision,
         "config_hash": cfg.fingerprint(),
         "trainer_state": asdict(state),
+        "lora_base": lora_base,
         "files": files + list(extras.values()),
     }
     manifest_path = staging / MANIFEST

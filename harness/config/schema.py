@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, Union
 
 from harness.config.fp8 import FP8Config
+from harness.config.lora import LoraConfig
 from harness.config.slurm import SlurmConfig
 
 Precision = Literal["fp32", "bf16", "fp16", "fp8"]
@@ -343,6 +344,8 @@ class Config:
     """Sharding backend and process group."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The causal LM."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """Low-rank adapters on the frozen pretrained model (lora.r > 0)."""
     data: DataConfig = field(default_factory=DataConfig)
     """The text corpus and tokenizer."""
     scaler: ScalerConfig = field(default_factory=ScalerConfig)

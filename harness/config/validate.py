@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from harness.config import accelerate, deepspeed_json
 from harness.config.fp8 import validate_fp8
+from harness.config.lora import validate_lora
 from harness.config.schema import Config, DataConfig
 from harness.config.slurm import validate_slurm
 from harness.errors import ConfigError
@@ -18,7 +19,7 @@ def _require(condition: bool, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Every section's checks; raises ConfigError naming the key."""
-    for check in (_train, _eval, _data, _model, _scaler, _faults, _log, _checkpoint, _parallel, _slurm, _fp8):
+    for check in (_train, _eval, _data, _model, _scaler, _faults, _log, _checkpoint, _parallel, _slurm, _fp8, _lora):
         check(cfg)
 
 
@@ -177,6 +178,10 @@ def _log(cfg: Config) -> None:
 
 def _fp8(cfg: Config) -> None:
     validate_fp8(cfg.fp8, cfg.precision, cfg.parallel.backend)
+
+
+def _lora(cfg: Config) -> None:
+    validate_lora(cfg.lora, cfg.model.pretrained, cfg.parallel.backend, cfg.parallel.zero_stage, cfg.precision)
 
 
 def _slurm(cfg: Config) -> None:

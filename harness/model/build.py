@@ -216,14 +216,17 @@ def flops_per_token(model: nn.Module, seq_len: int) -> float:
     12 * layers * hidden * seq_len for attention scores and values (PaLM appendix B).
 
     N leaves out lookup tables (input and position embeddings) since a lookup does no math; a
-    tied output head is counted, as it is a real matmul. Works on skeletons (meta parameters).
+    tied output head is counted, as it is a real matmul. A frozen weight counts 4 (no weight
+    gradient). Works on skeletons (meta parameters).
     """
     config = getattr(model, "config", None)  # a model that is not from transformers may have none
-    total = sum(full_numel(p) for p in model.parameters())
+    # A frozen weight (LoRA's base) costs forward 2N and the input gradient 2N, no weight gradient.
+    total = sum(full_numel(p) * (1.0 if p.requires_grad else 2 / 3) for p in model.parameters())
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output_weight = output.weight if output is not None else None
     lookups = sum(
-        full_numel(m.weight) for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is not output_weight
+        full_numel(m.weight) * (1.0 if m.weight.requires_grad else 2 / 3)
+        for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is not output_weight
     )
     n = total - lookups
     layers = getattr(config, "num_hidden_layers", 0)

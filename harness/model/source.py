@@ -13,16 +13,18 @@ Nothing here knows about ranks.
 
 from __future__ import annotations
 
+import contextlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, ContextManager, Optional, Protocol
 
 from torch import nn
 
-from harness.config import ModelConfig
+from harness.config import LoraConfig, ModelConfig
 from harness.errors import HarnessError
 from harness.model.blocks import apply_activation_checkpointing, transformer_blocks
 from harness.model.build import ModelSpec, build_skeleton, model_spec, on_meta_device
+from harness.model.lora import AdapterInitialWeights, add_adapters
 from harness.model.weights import InitialWeights, SeededInit, initial_weights
 
 CUSTOM_MODEL_KEY = "harness_custom_model"
@@ -42,9 +44,13 @@ class ModelSource(Protocol):
 
 @dataclass
 class TransformersModel:
-    """model.pretrained / model.config: any transformers causal LM."""
+    """model.pretrained / model.config: any transformers causal LM, with LoRA adapters when
+    lora.r > 0 (added inside the same context as the base, so they are sharded alike)."""
 
     spec: ModelSpec
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    lora_targets: tuple[str, ...] = ()
+    """The modules that got adapters (set by the first skeleton())."""
 
     @property
     def notes(self) -> tuple[str, ...]:
@@ -55,10 +61,16 @@ class TransformersModel:
         return self.spec.hf_config.hidden_size
 
     def skeleton(self, context: Optional[ContextManager] = None) -> nn.Module:
-        return build_skeleton(self.spec, context)
+        if not self.lora.enabled:
+            return build_skeleton(self.spec, context)
+        with context if context is not None else on_meta_device():
+            model = build_skeleton(self.spec, contextlib.nullcontext())
+            self.lora_targets = tuple(add_adapters(model, self.lora))
+        return model
 
     def initial_weights(self, seed: int) -> InitialWeights:
-        return initial_weights(self.spec, seed)
+        base = initial_weights(self.spec, seed)
+        return AdapterInitialWeights(base, self.skeleton(), seed) if self.lora.enabled else base
 
     def describe(self, model: nn.Module) -> str:
         return model.config.to_json_string()
@@ -100,12 +112,16 @@ class CallableModel:
 
 def model_source(cfg: ModelConfig, vocab_size: int, seq_len: int,
                  build: Optional[Callable[[], nn.Module]] = None, blocks: Optional[BlocksOf] = None,
-                 special_tokens: Optional[dict] = None) -> ModelSource:
+                 special_tokens: Optional[dict] = None, lora: Optional[LoraConfig] = None) -> ModelSource:
     """The user's callable if given, else the config's transformers model (from scratch: with the
-    tokenizer's `special_tokens` ids)."""
+    tokenizer's `special_tokens` ids; with `lora`'s adapters)."""
+    lora = lora or LoraConfig()
     if build is not None:
+        if lora.enabled:
+            raise HarnessError(f"lora.r={lora.r} adds peft adapters to the config's model.pretrained, not to a model "
+                               "given to harness.Trainer(model=...); apply peft to your model yourself, or use lora.r=0")
         return CallableModel(build, blocks, cfg)
-    return TransformersModel(model_spec(cfg, vocab_size, seq_len, special_tokens))
+    return TransformersModel(model_spec(cfg, vocab_size, seq_len, special_tokens), lora)
 
 
 def _name_blocks(model: nn.Module, blocks: Optional[BlocksOf]) -> None:

@@ -130,10 +130,16 @@ class ParallelBackend(ABC):
 
     @abstractmethod
     def state_pieces(self, with_optimizer_state: bool = True) -> list[StatePiece]:
-        """This rank's pieces of every parameter's master weight and moments (moments are created,
+        """This rank's pieces of every trainable parameter's master weight and moments (moments are created,
         zero, if no step has run yet). Writing into the views changes the live state.
         With with_optimizer_state=False the pieces hold only "param" and no optimizer state is
         created (to write the initial weights before step 1)."""
+
+    def frozen_pieces(self) -> list[StatePiece]:
+        """This rank's pieces of every frozen parameter (LoRA's base), "param" only: views into
+        the compute-dtype storage itself, which has no fp32 master. Written once with the initial
+        weights; never part of a checkpoint."""
+        return []
 
     def after_state_load(self) -> None:  # noqa: B027 (optional hook: most backends keep no derived copy)
         """Called after state_pieces() views were overwritten (e.g. refresh low-precision copies)."""

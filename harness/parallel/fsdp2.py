@@ -18,6 +18,7 @@ from torch.distributed.tensor._utils import compute_local_shape_and_global_offse
 
 from harness.config import ParallelConfig, TrainConfig
 from harness.model import materialize_on, transformer_blocks
+from harness.model.lora import freeze_in
 from harness.numerics.grad_scale import DeviceDecision
 from harness.numerics.optim import build_adamw, check_skips_on_device, ensure_adam_state, param_groups
 from harness.numerics.precision import PrecisionPolicy
@@ -42,6 +43,9 @@ class FSDP2Backend(ParallelBackend):
         # FSDP2 has one offload switch: sharded fp32 parameters, their gradients and the optimizer
         # step all live in host memory, and each unit's parameters are copied to the device for
         # its forward/backward. parallel.offload=optimizer therefore offloads the same as params.
+        # Frozen parameters (LoRA's base) have no fp32 master: they are stored, sharded, in the
+        # compute dtype, and gathered as they are.
+        freeze_in(model, self.policy.compute_dtype)
         offloaded = self.cfg.offload != "none"
         offload_policy = CPUOffloadPolicy(pin_memory=self.device.type == "cuda") if offloaded else OffloadPolicy()
         shard = dict(mesh=mesh, mp_policy=mp_policy, offload_policy=offload_policy)
@@ -159,11 +163,22 @@ class FSDP2Backend(ParallelBackend):
             ensure_adam_state(self.optimizer)
         pieces = []
         for name, p in self.model.named_parameters():
-            _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-            row_numel = math.prod(p.shape[1:])
+            if not p.requires_grad:
+                continue
             tensors = {"param": p.to_local().view(-1)}
             if with_optimizer_state:
                 state = self.optimizer.state[p]
                 tensors.update({kind: state[kind].to_local().view(-1) for kind in STATE_KINDS[1:]})
-            pieces.append(StatePiece(name, tuple(p.shape), global_offset[0] * row_numel, tensors))
+            pieces.append(_piece(name, p, tensors))
         return pieces
+
+    def frozen_pieces(self) -> list[StatePiece]:
+        self._reshard()
+        return [_piece(name, p, {"param": p.to_local().view(-1)})
+                for name, p in self.model.named_parameters() if not p.requires_grad]
+
+
+def _piece(name: str, p: torch.Tensor, tensors: dict[str, torch.Tensor]) -> StatePiece:
+    """A dim-0 shard of a DTensor parameter as a piece of its flattened full tensor."""
+    _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return StatePiece(name, tuple(p.shape), global_offset[0] * math.prod(p.shape[1:]), tensors)

@@ -15,16 +15,30 @@ from harness.model.weights import InitialWeights, fill_flat_views
 from harness.parallel.base import ParallelBackend
 
 
-def write_initial_weights(backend: ParallelBackend, source: InitialWeights, full_numels: dict[str, int]) -> None:
+def write_initial_weights(backend: ParallelBackend, source: InitialWeights, full_numels: dict[str, int],
+                          frozen_only: bool = False) -> None:
     """Fill every master piece of this rank from `source`, one unit at a time, then check across
-    ranks that each parameter's elements were written exactly once in total."""
+    ranks that each parameter's elements were written exactly once in total. `frozen_only`: the
+    frozen parameters alone (LoRA's base, which a resume reads from the base, not the checkpoint)."""
     by_name: dict[str, list] = {}
-    for piece in backend.state_pieces(with_optimizer_state=False):
+    trainable = [] if frozen_only else backend.state_pieces(with_optimizer_state=False)
+    for piece in trainable + backend.frozen_pieces():
         by_name.setdefault(piece.name, []).append(piece)
     fill_flat_views({name: [(piece.offset, piece.tensors["param"]) for piece in pieces]
                      for name, pieces in by_name.items()}, source)
+    if frozen_only:
+        full_numels = {name: numel for name, numel in full_numels.items() if name in _all_names(by_name)}
     _check_coverage(by_name, full_numels, backend)
     backend.after_state_load()
+
+
+def _all_names(by_name: dict[str, list]) -> set[str]:
+    names: list = [None] * (dist.get_world_size() if dist.is_initialized() else 1)
+    if dist.is_initialized():
+        dist.all_gather_object(names, sorted(by_name))
+    else:
+        names = [sorted(by_name)]
+    return {name for ranks in names for name in ranks}
 
 
 def _check_coverage(by_name: dict[str, list], full_numels: dict[str, int], backend: ParallelBackend) -> None:

@@ -18,7 +18,7 @@ from harness.data.instruct import INSTRUCTION_FORMATS, describe_dropped, load_ch
 from harness.data.packing import instruction_rows
 from harness.data.user import user_sequences
 from harness.errors import HarnessError
-from harness.model import flops_per_token, full_numel
+from harness.model import flops_per_token, full_numel, lora
 from harness.model.blocks import compile_blocks
 from harness.model.build import check_tokenizer_fits, generation_eos, model_spec, special_token_ids
 from harness.model.loss import enable_chunked_loss
@@ -186,7 +186,7 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
     data = _data(cfg, info, parts)
     from_scratch = parts.model is None and not cfg.model.pretrained
     specials = special_token_ids(load_tokenizer(cfg.data.tokenizer)) if from_scratch else None
-    source = model_source(cfg.model, data.vocab_size, cfg.train.seq_len, parts.model, parts.blocks, specials)
+    source = model_source(cfg.model, data.vocab_size, cfg.train.seq_len, parts.model, parts.blocks, specials, cfg.lora)
     for note in source.notes:
         print0(info.rank, f"note: {note}")
     backend = build_backend(cfg, policy, device, info.world_size)
@@ -196,6 +196,8 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
     if cfg.precision == "fp8":  # before the backend wraps it: torchao swaps the linear modules
         check_fp8_device(device, cfg.fp8)
         print0(info.rank, convert_to_fp8(model, cfg.fp8).describe(cfg.fp8.recipe))
+    if cfg.lora.enabled:
+        print0(info.rank, lora.describe(model, list(source.lora_targets), cfg.lora, policy.name, full_numel))
     if cfg.train.loss_chunk_tokens:
         enable_chunked_loss(model)
     if cfg.train.compile:
@@ -208,9 +210,12 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
     backend.setup(model, cfg.train, source.hidden_size)
     if cfg.precision == "fp8" and cfg.fp8.all_gather:
         backend.on_weights_changed(scale_precompute(backend.module))
+    lora_base = lora.base_identity(cfg.model.pretrained, source.spec.pretrained_dir) if cfg.lora.enabled else None
     resume_path = choose_resume(cfg, info)
     if resume_path is None:  # a checkpoint, weights-only ones too, overwrites every master piece
         write_initial_weights(backend, source.initial_weights(cfg.train.seed), full_numels)
+    elif cfg.lora.enabled:  # ... but holds no frozen base
+        write_initial_weights(backend, source.initial_weights(cfg.train.seed), full_numels, frozen_only=True)
     print0(
         info.rank,
         f"model: {model_name}, {n_params:,} parameters; {backend.name} over {info.world_size} rank(s), "
@@ -234,7 +239,7 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
     skipped_batches = rollbacks = 0
     if resume_path is not None:
         load_started = time.perf_counter()
-        state = load_checkpoint(resume_path, backend, cfg, info, device, shape.global_batch)
+        state = load_checkpoint(resume_path, backend, cfg, info, device, shape.global_batch, lora_base)
         print0(info.rank, f"resume: loaded {resume_path} in {time.perf_counter() - load_started:.1f}s")
         if state is None:
             print0(info.rank, f"resume: weights from {resume_path}; a new run from step 0")
@@ -270,7 +275,7 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
         model_config_json=model_config_json,
         tracker=tracker,
         diagnosis=diagnosis,
-        checkpointer=Checkpointer(cfg, model_config_json, info, device),
+        checkpointer=Checkpointer(cfg, model_config_json, info, device, lora_base),
         start_step=start_step,
         setup_host_peak_gb=setup_host_peak,
         counter=StepCounter(device) if cfg.debug.count_syncs else None,

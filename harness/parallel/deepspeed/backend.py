@@ -97,7 +97,10 @@ class DeepSpeedBackend(ParallelBackend):
         self.zero = self.engine.optimizer
         self.layout = layout_of(self.zero)
         self.name = f"deepspeed ZeRO-{self.stage}"
-        if self.stage == 3 and train_cfg.compile and self.cfg.parallel.zero3_unit == "module":
+        if self.stage == 3 and self.cfg.parallel.zero3_unit == "block" and not zero3_leaf_blocks(model, self.cfg.parallel):
+            self.notes = ("LoRA under ZeRO-3 gathers parameters per module, not per block (DeepSpeed 0.19.8 "
+                          "releases a whole-block leaf's frozen weights before its backward)",)
+        elif self.stage == 3 and train_cfg.compile and self.cfg.parallel.zero3_unit == "module":
             # Measured on an H200 (bench/RESULTS.md): 0.661 s/step compiled vs 0.372 eager for a 1B
             # model; ZeRO-3's per-module gather/release hooks split each block's graph.
             self.notes = ("train.compile with parallel.zero3_unit=module measured 1.2-1.8x slower than eager on a "
@@ -135,6 +138,19 @@ class DeepSpeedBackend(ParallelBackend):
         if with_optimizer_state:
             ensure_adam_state(self.zero.optimizer, self.layout.fp32_flats())
         return self.layout.pieces(kinds, self._names)
+
+    def frozen_pieces(self) -> list[StatePiece]:
+        """ZeRO-3 partitions a frozen parameter like any other, in the compute dtype (zero.Init's
+        dtype): this rank's partition is its ds_tensor, the last one padded."""
+        pieces = []
+        for name, p in self.module.named_parameters():
+            if p.requires_grad:
+                continue
+            partition = p.partition_numel()
+            offset = torch.distributed.get_rank(group=p.ds_process_group) * partition
+            length = max(0, min(partition, p.ds_numel - offset))
+            pieces.append(StatePiece(name, tuple(p.ds_shape), offset, {"param": p.ds_tensor.view(-1).narrow(0, 0, length)}))
+        return pieces
 
     def after_state_load(self) -> None:
         # The compute-dtype working copies are derived from the fp32 masters just loaded.
@@ -190,8 +206,13 @@ OP_BUILD_FAILURES = (ImportError, OSError, RuntimeError, subprocess.CalledProces
 
 def zero3_leaf_blocks(model: nn.Module, cfg: ParallelConfig) -> list[nn.Module]:
     """The modules ZeRO-3 gathers and releases whole (DeepSpeed leaf modules): every transformer
-    block with parallel.zero3_unit=block, none with module. harness.estimate simulates the same."""
-    return transformer_blocks(model) if cfg.zero3_unit == "block" else []
+    block with parallel.zero3_unit=block, none with module. harness.estimate simulates the same.
+    A model with frozen parameters (LoRA's base) gathers per module: with whole-block leaves
+    DeepSpeed 0.19.8 releases a block's parameters before its backward has used them (the
+    backward fails on an empty weight)."""
+    if cfg.zero3_unit != "block" or any(not p.requires_grad for p in model.parameters()):
+        return []
+    return transformer_blocks(model)
 
 
 def _flag_leaf_blocks(model: nn.Module, cfg: ParallelConfig) -> None:

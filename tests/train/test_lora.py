@@ -1,0 +1,212 @@
+"""lora.r: peft's LoRA on a frozen pretrained base, on FSDP2 and ZeRO-3 over 2 gloo ranks, against
+plain peft in one process; the one scaling decision under faults; memory that matches the method;
+checkpoints that hold the adapters and name their base; the refusals."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from harness.config import ModelConfig, load_config
+from harness.model import build_model
+from tests.distributed import run_on_ranks
+
+ROOT = Path(__file__).resolve().parents[2]
+TINY = str(ROOT / "configs" / "tiny.yaml")
+STEPS = 6
+BASE_SHAPE = dict(model_type="llama", num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
+                  num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=64, bos_token_id=50256,
+                  eos_token_id=50256)
+
+
+def write_base(folder: Path, seed: int) -> Path:
+    """A pretrained Hugging Face folder (a small Llama on GPT-2's vocabulary), written by transformers."""
+    build_model(ModelConfig(config=dict(BASE_SHAPE)), vocab_size=50257, seed=seed).save_pretrained(folder)
+    return folder
+
+
+def lora_overrides(base: Path, run_dir, *extra: str) -> list[str]:
+    return [f"model.pretrained={base}", "model.config={}", "lora.r=4", "lora.alpha=8", f"run.dir={run_dir}",
+            "log.progress=off", "log.every=1", "eval.every=0", f"train.steps={STEPS}", "train.lr=1e-2", *extra]
+
+
+ZERO3 = ("parallel.backend=deepspeed", "parallel.zero_stage=3")
+
+
+def _scenarios(root: str, base: str) -> dict:
+    from harness.runtime import dist as hdist
+    from harness.train.build import build_loop
+
+    info = hdist.rank_info_from_env()
+    device = hdist.device_for(info, "gloo")
+    hdist.init_process_group(info, "gloo", 120, device)
+    seen = {}
+
+    def fit(name: str, *overrides: str, lora: bool = True):
+        cfg_overrides = lora_overrides(Path(base), f"{root}/{name}", *overrides)
+        if not lora:
+            cfg_overrides.remove("lora.r=4")
+        loop = build_loop(load_config(TINY, cfg_overrides), info, device)
+        loop.fit()
+        seen[name] = _memory_facts(loop.backend)
+        return loop
+
+    fit("fsdp2")
+    fit("zero3", *ZERO3)
+    fit("fsdp2-bf16", "precision=bf16")
+    fit("zero3-bf16", "precision=bf16", *ZERO3)
+    fit("full-bf16", "precision=bf16", lora=False)
+    for label, backend in (("fsdp2", ()), ("zero3", ZERO3)):
+        fit(f"faults-{label}", "precision=fp16", "faults.nonfinite_grad_steps=[3]", "faults.nonfinite_grad_rank=1",
+            "log.per_rank=true", *backend)
+    return seen
+
+
+def _memory_facts(backend) -> dict:
+    """What this rank holds: the dtypes of its frozen and trainable storage, and the bytes of its
+    gradients' and optimizer state's storage."""
+    optimizer = backend.torch_optimizer
+    state_bytes = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values()
+                      if isinstance(t, torch.Tensor))
+    master_bytes = sum(p.numel() * p.element_size() for g in optimizer.param_groups for p in g["params"])
+    frozen = {str(piece.tensors["param"].dtype) for piece in backend.frozen_pieces()}
+    return {"frozen_dtypes": sorted(frozen), "optimizer_bytes": state_bytes + master_bytes,
+            "frozen": len(backend.frozen_pieces()), "trainable": len(backend.state_pieces(with_optimizer_state=False))}
+
+
+def _one_rank(root: str, base: str) -> None:
+    from harness.runtime import dist as hdist
+    from harness.train.build import build_loop
+
+    info = hdist.rank_info_from_env()
+    device = hdist.device_for(info, "gloo")
+    hdist.init_process_group(info, "gloo", 120, device)
+    build_loop(load_config(TINY, lora_overrides(Path(base), f"{root}/one-rank", "train.grad_accum=2")), info, device).fit()
+
+
+def losses(run_dir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory) -> Path:
+    return write_base(tmp_path_factory.mktemp("base") / "llama", seed=11)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, base):
+    root = tmp_path_factory.mktemp("lora")
+    facts = run_on_ranks(_scenarios, 2, str(root), str(base))
+    run_on_ranks(_one_rank, 1, str(root), str(base))
+    return root, facts
+
+
+def plain_peft_losses(base: Path, run_dir: Path) -> list[float]:
+    """The same fine-tune in one process with nothing of harness's model code: transformers'
+    from_pretrained, peft's get_peft_model, torch AdamW; the adapters start from the values harness
+    starts from (peft's init, seeded per layer)."""
+    from peft import get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from harness.model.lora import peft_config
+    from harness.model.source import model_source
+    from tests.reference import reference_fp32
+
+    cfg = load_config(TINY, lora_overrides(base, run_dir))
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    source = model_source(cfg.model, 50257, cfg.train.seq_len, lora=cfg.lora)
+    skeleton = source.skeleton()
+    peft_model = get_peft_model(model, peft_config(cfg.lora, list(source.lora_targets)))
+    weights = source.initial_weights(cfg.train.seed)
+    named = dict(peft_model.named_parameters())
+    for unit in weights.units():
+        if ".lora_" not in unit[0]:
+            continue
+        with weights.open(unit) as reader, torch.no_grad():
+            for name in unit:
+                target = named[f"base_model.model.{name}"]
+                target.copy_(reader.read(name, 0, target.numel()).view_as(target))
+    assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == sum(
+        p.numel() for p in skeleton.parameters() if p.requires_grad)
+    return reference_fp32(TINY, lora_overrides(base, run_dir), model=peft_model)[0]
+
+
+@pytest.mark.spawns
+def test_fp32_lora_is_plain_peft_on_fsdp2_on_zero3_and_on_one_rank_with_accumulation(runs, base, tmp_path):
+    root, _ = runs
+    want = plain_peft_losses(base, tmp_path / "ref")
+    assert len(want) == STEPS and want[-1] < want[0]
+    for name in ("fsdp2", "zero3", "one-rank"):
+        assert losses(root / name) == pytest.approx(want, rel=1e-5), name
+
+
+@pytest.mark.spawns
+def test_the_base_is_frozen_in_the_compute_dtype_and_only_adapters_have_optimizer_state(runs):
+    root, facts = runs
+    for rank in facts:
+        for name in ("fsdp2-bf16", "zero3-bf16"):
+            assert rank[name]["frozen_dtypes"] == ["torch.bfloat16"], name
+            assert rank[name]["trainable"] == 2 * 7 * 2  # A and B of 7 projections in 2 blocks
+        assert rank["fsdp2"]["frozen_dtypes"] == ["torch.float32"]
+        assert rank["full-bf16"]["frozen"] == 0
+        assert rank["fsdp2-bf16"]["optimizer_bytes"] <= 0.05 * rank["full-bf16"]["optimizer_bytes"]
+    assert losses(root / "zero3-bf16") == pytest.approx(losses(root / "fsdp2-bf16"), rel=2e-3)
+
+
+@pytest.mark.spawns
+def test_a_non_finite_adapter_gradient_on_one_rank_skips_the_step_on_every_rank(runs):
+    root, _ = runs
+    for label in ("fsdp2", "zero3"):
+        for rank in (0, 1):
+            path = root / f"faults-{label}" / "ranks" / f"rank-{rank}.jsonl"
+            rows = [json.loads(line) for line in path.read_text().splitlines()]
+            assert [r["skipped"] for r in rows] == [False, False, True, False, False, False], (label, rank)
+
+
+def launch(run_dir: Path, base: Path, *overrides: str) -> subprocess.CompletedProcess:
+    return subprocess.run(["launch/local.sh", "2", TINY, *lora_overrides(base, run_dir, *overrides)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.spawns
+def test_checkpoints_hold_the_adapters_resume_exactly_and_refuse_another_base(base, tmp_path):
+    whole = launch(tmp_path / "whole", base)
+    assert whole.returncode == 0, whole.stderr[-2000:]
+    killed = launch(tmp_path / "killed", base, "checkpoint.every=3", "faults.kill_at_step=3")
+    assert killed.returncode != 0
+    checkpoint = tmp_path / "killed" / "checkpoints" / "step-00000003"
+    manifest = json.loads((checkpoint / "manifest.json").read_text())
+    assert manifest["lora_base"]["pretrained"] == str(base) and len(manifest["lora_base"]["fingerprint"]) == 32
+    from harness.checkpoint import ShardReader
+
+    held = ShardReader(checkpoint, manifest).names()
+    assert held and all(".lora_A." in n or ".lora_B." in n for n in held)  # the adapters, not the base
+    resumed = launch(tmp_path / "killed", base, "resume=auto")
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert losses(tmp_path / "killed")[-3:] == losses(tmp_path / "whole")[-3:]
+
+    other = write_base(tmp_path / "other-base", seed=12)
+    refused = launch(tmp_path / "killed", other, f"resume={checkpoint}")
+    assert refused.returncode == 2
+    assert refused.stderr.strip().splitlines()[-1].startswith(
+        f"harness: error: step-00000003's adapters were trained on {str(base)!r} (weights ")
+    assert "resume against the same base model, or start a new run (resume=none)" in refused.stderr
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["lora.target_modules=[nonexistent_proj]"], "lora.target_modules=['nonexistent_proj'] match no module of LlamaForCausalLM"),
+    (["parallel.backend=deepspeed", "parallel.zero_stage=2"], "lora.r=4 with ZeRO-2 would keep a whole base model"),
+    (["lora.r=-1"], "lora.r must be >= 0"),
+], ids=["no-match", "zero2", "negative"])
+def test_bad_lora_settings_are_one_line(base, tmp_path, overrides, message):
+    result = subprocess.run([sys.executable, "-m", "harness.train", TINY, *lora_overrides(base, tmp_path / "r", *overrides)],
+                            cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert lines[-1].startswith("harness: error: ") and message in lines[-1], lines[-3:]
+    assert not (tmp_path / "r").exists()
