@@ -31,30 +31,54 @@ _COMPARE_ELEMENTS = 1 << 22
 def export(checkpoint: Path, out_dir: Path, dtype_name: str, verify: bool = True,
            shard_gb: float = DEFAULT_SHARD_GB) -> int:
     """Writes the folder; returns the number of parameter tensors exported."""
-    import torch
-
-    from harness.checkpoint import ShardReader, read_manifest
-    from harness.checkpoint import verify as verify_checkpoint
+    from harness.checkpoint import ShardReader
 
     _refuse_custom_model(checkpoint)
+    manifest = verified_manifest(checkpoint)
+    if manifest.get("lora_base"):
+        raise HarnessError(f"{checkpoint.name} holds LoRA adapters, not a whole model: export them with --adapter (a "
+                           "peft adapter folder) or --merge (the base with the adapters added)")
+    reader = ShardReader(checkpoint, manifest)
+    config, names = _expected_parameters(checkpoint, reader)
+    shapes = {name: reader.shapes[name] for name in names}
+    write_model_folder(checkpoint, out_dir, config, shapes, reader.full_tensor, dtype_name, verify, shard_gb)
+    return len(names)
+
+
+def verified_manifest(checkpoint: Path) -> dict:
+    """The manifest of a checkpoint whose files all match it."""
+    from harness.checkpoint import read_manifest
+    from harness.checkpoint import verify as verify_checkpoint
+
     problem = verify_checkpoint(checkpoint)
     if problem:
         raise HarnessError(f"cannot export {checkpoint}: {problem}")
-    reader = ShardReader(checkpoint, read_manifest(checkpoint))
+    return read_manifest(checkpoint)
+
+
+def write_model_folder(checkpoint: Path, out_dir: Path, config, shapes: dict, produce, dtype_name: str, verify: bool,
+                       shard_gb: float) -> None:
+    """A Hugging Face model folder whose tensors (`shapes`, in model order) come from
+    `produce(name)` (fp32) one at a time, with the run's config, generation config and tokenizer;
+    with `verify`, read back and compared with `produce` tensor by tensor."""
+    import torch
+
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype_name]
-    config, names = _expected_parameters(checkpoint, reader)
-    shards = _plan_shards([(name, reader.shapes[name]) for name in names], dtype, shard_gb)
+    shards = _plan_shards(list(shapes.items()), dtype, shard_gb)
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_weights(out_dir, shards, reader, dtype)
+    _write_weights(out_dir, shards, lambda name: produce(name).to(dtype))
     config.dtype = dtype
     config.use_cache = True  # training turned the cache off; generation wants it
     config.save_pretrained(out_dir)
-    run_config = yaml.safe_load((checkpoint / "config.yaml").read_text())
+    run_config = run_config_of(checkpoint)
     _write_generation_config(out_dir, config, run_config)
-    _write_tokenizer(out_dir, run_config)
+    write_tokenizer(out_dir, run_config)
     if verify:
-        _compare(out_dir, shards, reader, dtype)
-    return len(names)
+        _compare(out_dir, shards, produce, dtype)
+
+
+def run_config_of(checkpoint: Path) -> dict:
+    return yaml.safe_load((checkpoint / "config.yaml").read_text())
 
 
 def _expected_parameters(checkpoint: Path, reader) -> tuple[object, list[str]]:
@@ -107,15 +131,11 @@ def _shard_names(count: int) -> list[str]:
     return [f"model-{i:05d}-of-{count:05d}.safetensors" for i in range(1, count + 1)]
 
 
-def _write_weights(out_dir: Path, shards: list[list[tuple]], reader, dtype) -> None:
+def _write_weights(out_dir: Path, shards: list[list[tuple]], produce) -> None:
     from harness.checkpoint.staging import write_safetensors_streamed
 
     for stale in list(out_dir.glob("model*.safetensors")) + list(out_dir.glob("model.safetensors.index.json")):
         stale.unlink()  # a previous export's shards would be loaded beside these
-
-    def produce(name: str):
-        return reader.full_tensor(name).to(dtype)
-
     files = _shard_names(len(shards))
     weight_map, total = {}, 0
     for file, layout in zip(files, shards):
@@ -127,9 +147,9 @@ def _write_weights(out_dir: Path, shards: list[list[tuple]], reader, dtype) -> N
         (out_dir / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
-def _compare(out_dir: Path, shards: list[list[tuple]], reader, dtype) -> None:
+def _compare(out_dir: Path, shards: list[list[tuple]], produce, dtype) -> None:
     """Each written tensor, read back in pieces with positioned reads (a memory map would leave the
-    whole file resident), equals the checkpoint's, converted."""
+    whole file resident), equals what `produce` gives, converted: one tensor held at a time."""
     import math
 
     import torch
@@ -139,10 +159,10 @@ def _compare(out_dir: Path, shards: list[list[tuple]], reader, dtype) -> None:
     for file, layout in zip(_shard_names(len(shards)), shards):
         for name, _, shape in layout:
             numel = math.prod(shape)
+            flat = produce(name).reshape(-1)
             for start in range(0, numel, _COMPARE_ELEMENTS):
                 count = min(_COMPARE_ELEMENTS, numel - start)
-                want = torch.empty(count, dtype=torch.float32)
-                reader.read_into(name, start, "param", want)
+                want = flat.narrow(0, start, count)
                 if not torch.equal(read_safetensors_range(out_dir / file, name, dtype, start, count), want.to(dtype)):
                     raise HarnessError(f"export check failed: {name} in {out_dir / file} differs from the checkpoint; "
                                        "report this bug")
@@ -151,7 +171,7 @@ def _compare(out_dir: Path, shards: list[list[tuple]], reader, dtype) -> None:
 def _write_generation_config(out_dir: Path, config, run_config: dict) -> None:
     """The pretrained model's own generation_config.json (its end-of-turn tokens, sampling
     defaults), else one derived from the model config."""
-    source = _pretrained_folder(run_config)
+    source = pretrained_folder(run_config)
     if source is not None and (source / "generation_config.json").is_file():
         shutil.copyfile(source / "generation_config.json", out_dir / "generation_config.json")
         return
@@ -160,7 +180,7 @@ def _write_generation_config(out_dir: Path, config, run_config: dict) -> None:
     GenerationConfig.from_model_config(config).save_pretrained(out_dir)
 
 
-def _pretrained_folder(run_config: dict) -> Optional[Path]:
+def pretrained_folder(run_config: dict) -> Optional[Path]:
     pretrained = (run_config.get("model") or {}).get("pretrained")
     if not pretrained:
         return None
@@ -172,7 +192,7 @@ def _pretrained_folder(run_config: dict) -> Optional[Path]:
         return None  # a hub id this machine cannot reach: the derived generation config will do
 
 
-def _write_tokenizer(out_dir: Path, run_config: dict) -> None:
+def write_tokenizer(out_dir: Path, run_config: dict) -> None:
     """The tokenizer the run trained with, and the chat template its data was rendered with."""
     from harness.data import load_tokenizer
 
