@@ -19,7 +19,7 @@ def _require(condition: bool, message: str) -> None:
 
 def validate(cfg: Config) -> None:
     """Every section's checks; raises ConfigError naming the key."""
-    for check in (_train, _eval, _data, _model, _scaler, _faults, _log, _checkpoint, _parallel, _slurm, _fp8, _lora):
+    for check in (_train, _eval, _data, _lora, _model, _scaler, _faults, _log, _checkpoint, _parallel, _slurm, _fp8):
         check(cfg)
 
 

@@ -149,7 +149,9 @@ def fsdp2_plan(model: nn.Module, cfg: Config, world_size: int) -> Plan:
     if fp8_weights:  # every FP8 weight's amax, one fp32 each, in one all-reduce after the step
         plan.add("all_reduce", shard, 4 * len(fp8_weights), "step", 1, "shard")
     reductions = accum if p.reduce_every_micro_batch else 1
-    for numel in padded:
+    # Only trainable parameters have gradients to reduce (LoRA: the adapters alone).
+    padded = [sum(_padded(tuple(param.shape), shard) for param in unit if param.requires_grad) for unit in units]
+    for numel in filter(None, padded):
         if shard > 1:
             plan.add("reduce_scatter_tensor", shard, numel * REDUCE_BYTES, "backward", reductions, "shard")
         if replicas > 1:
@@ -292,7 +294,7 @@ def zero3_plan(model: nn.Module, cfg: Config, world_size: int) -> Plan:
         nbytes = padded(param) * compute
         plan.add("all_gather_into_tensor", world_size, nbytes, "forward")  # the first one of the step
         plan.add("all_gather_into_tensor", group, nbytes, "backward", times - 1, "shard" if replicas > 1 else "world")
-    grads = sum(padded(p) for p in unique)
+    grads = sum(padded(p) for p in unique if p.requires_grad)
     plan.add("reduce_scatter_tensor", world_size, grads * REDUCE_BYTES, "backward", accum)
     if _deepspeed_checks_gradients(cfg):
         plan.add("all_reduce", world_size, 8, "step", 2)

@@ -3,7 +3,8 @@
 Builds the model on the meta device (no weights, no memory), then predicts, for rank 0 (which
 holds the largest shards), the bytes of:
 
-  master       fp32 master weights, as the backend shards them
+  master       fp32 master weights, as the backend shards them (trainable parameters only: a
+               LoRA run's frozen base is stored in the compute dtype and counts as working)
   gradients    what the backend keeps between backward and step
   optimizer    AdamW's two fp32 moments
   working      compute-dtype parameter copies: ZeRO-1/2 keep a full one, ZeRO-3 a partition;
@@ -208,6 +209,11 @@ def _meta_model(cfg: Config, compute_dtype: torch.dtype) -> nn.Module:
         spec = model_spec(cfg.model, len(tokenizer), cfg.train.seq_len, special_token_ids(tokenizer))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(spec.hf_config, dtype=compute_dtype)
+        if cfg.lora.enabled:
+            from harness.model.lora import add_adapters
+
+            add_adapters(model, cfg.lora)
+            model.to(compute_dtype)  # peft makes its layers fp32; training gathers them in the compute dtype
     return model.train()
 
 
@@ -226,6 +232,11 @@ def estimate(cfg: Config, world_size: int, model: Optional[nn.Module] = None) ->
     model = model if model is not None else meta_model(cfg)
     params = [ParamInfo(name, tuple(p.shape)) for name, p in model.named_parameters()]
     n_total = sum(p.numel for p in params)
+    # Only trainable parameters have fp32 masters, gradients and AdamW state; frozen ones (LoRA's
+    # base) are stored, sharded or partitioned, in the compute dtype.
+    train = [ParamInfo(name, tuple(p.shape)) for name, p in model.named_parameters() if p.requires_grad]
+    frozen = [p for p in params if p not in train]
+    n_train = sum(p.numel for p in train)
     batch = torch.zeros(cfg.train.micro_batch_size, cfg.train.seq_len + 1, dtype=torch.long, device="meta")
     activations = activation_bytes(model, batch, cfg.model.checkpointing_mode(), cfg.model.selective_ac)
 
@@ -236,21 +247,24 @@ def estimate(cfg: Config, world_size: int, model: Optional[nn.Module] = None) ->
     # HSDP shards over a group of world_size / replicate ranks; hpZ keeps a secondary copy of
     # the compute-dtype parameters sharded over the same group.
     shard_group = world_size // cfg.parallel.replicate
-    fsdp_local = sum(fsdp2_local_numel(p.shape, shard_group) for p in params)
+    fsdp_local = sum(fsdp2_local_numel(p.shape, shard_group) for p in train)
+    fsdp_frozen = c * sum(fsdp2_local_numel(p.shape, shard_group) for p in frozen)
     hpz_secondary = c * zero3_partition_numel(params, shard_group) if cfg.parallel.replicate > 1 else 0
-    z12 = zero12_partition_numel(params, world_size)
-    z3 = zero3_partition_numel(params, world_size)
+    z12 = zero12_partition_numel(train, world_size)
+    z3 = zero3_partition_numel(train, world_size)
+    z3_frozen = c * zero3_partition_numel(frozen, world_size)
     # Gathered for compute: the root unit stays gathered, one block plus one prefetched block.
     gathered = c * (root_numel + 2 * largest_block)
     # fp32 gradient accumulation everywhere (as FSDP2 does); ZeRO-1 keeps the compute-dtype
     # gradients of the whole model beside the fp32 ones when compute is bf16/fp16.
-    lp_grads = c * n_total if compute != "fp32" else 0
+    lp_grads = c * n_train if compute != "fp32" else 0
     states = {
         "fsdp2": dict(master=4 * fsdp_local, gradients=4 * fsdp_local, optimizer=8 * fsdp_local,
-                      working=gathered if world_size > 1 or compute != "fp32" else 0),
-        "zero1": dict(master=4 * z12, gradients=4 * n_total + lp_grads, optimizer=8 * z12, working=c * n_total),
+                      working=fsdp_frozen + (gathered if world_size > 1 or compute != "fp32" else 0)),
+        "zero1": dict(master=4 * z12, gradients=4 * n_train + lp_grads, optimizer=8 * z12, working=c * n_total),
         "zero2": dict(master=4 * z12, gradients=4 * z12, optimizer=8 * z12, working=c * n_total),
-        "zero3": dict(master=4 * z3, gradients=4 * z3, optimizer=8 * z3, working=c * z3 + hpz_secondary + gathered),
+        "zero3": dict(master=4 * z3, gradients=4 * z3, optimizer=8 * z3,
+                      working=c * z3 + z3_frozen + hpz_secondary + gathered),
     }
     # What parallel.offload moves to host memory: the fp32 masters, their fp32 gradients and AdamW
     # state; with params, ZeRO-3's compute-dtype partition too. FSDP2 offloads its sharded
@@ -259,9 +273,9 @@ def estimate(cfg: Config, world_size: int, model: Optional[nn.Module] = None) ->
     # sharded init DeepSpeed moves the whole compute-dtype module to the device at once.
     plans = {
         "fsdp2": dict(none=0, optimizer=16 * fsdp_local, params=16 * fsdp_local, full_build_device=0),
-        "zero1": dict(none=0, optimizer=12 * z12 + 4 * n_total, params=12 * z12 + 4 * n_total, full_build_device=c * n_total),
+        "zero1": dict(none=0, optimizer=12 * z12 + 4 * n_train, params=12 * z12 + 4 * n_train, full_build_device=c * n_total),
         "zero2": dict(none=0, optimizer=16 * z12, params=16 * z12, full_build_device=c * n_total),
-        "zero3": dict(none=0, optimizer=16 * z3, params=16 * z3 + c * z3, full_build_device=c * n_total),
+        "zero3": dict(none=0, optimizer=16 * z3, params=16 * z3 + c * z3 + z3_frozen, full_build_device=c * n_total),
     }
     backends = {}
     for name, numbers in states.items():
@@ -281,6 +295,7 @@ def estimate(cfg: Config, world_size: int, model: Optional[nn.Module] = None) ->
     return {
         "model": type(model).__name__,
         "parameters": n_total,
+        "trainable": n_train,
         "precision": compute,
         "world_size": world_size,
         "replicate": cfg.parallel.replicate,
@@ -296,7 +311,7 @@ LEGEND = (
     ("gradients", "what the backend keeps between backward and the optimizer step"),
     ("optimizer", "AdamW's two fp32 moments"),
     ("working", "compute-dtype parameter copies: ZeRO-1/2 a full one, ZeRO-3 a partition, plus the gathered "
-                "layers in flight (FSDP2, ZeRO-3)"),
+                "layers in flight (FSDP2, ZeRO-3); with LoRA also the frozen base's shard"),
     ("activations", "what one micro-batch saves for backward"),
     ("on device", "the total's part on the GPU; in host mem: its part offloaded (parallel.offload)"),
     ("setup host", "host memory per rank before step 1, with sharded init (one block in flight)"),
@@ -311,7 +326,10 @@ def format_table(result: dict, ranks_per_node: int = 1, device_gib: Optional[flo
     """The memory table, its legend, and whether each backend fits the GPU."""
     mb, seq = result["micro_batch"]
     lines = [
-        f"{result['model']}, {result['parameters']:,} parameters; {result['precision']} compute; "
+        f"{result['model']}, {result['parameters']:,} parameters"
+        + (f" ({result['trainable']:,} trainable: LoRA, the base frozen in {result['precision']})"
+           if result.get("trainable", result["parameters"]) < result["parameters"] else "")
+        + f"; {result['precision']} compute; "
         f"world size {result['world_size']}"
         + (f" ({result['replicate']} replicas; fsdp2 is HSDP, zero3 is hpZ)" if result.get("replicate", 1) > 1 else "")
         + f"; micro-batch {mb} x {seq} tokens; offload: {result['offload']}",

@@ -66,6 +66,9 @@ class TransformersModel:
         with context if context is not None else on_meta_device():
             model = build_skeleton(self.spec, contextlib.nullcontext())
             self.lora_targets = tuple(add_adapters(model, self.lora))
+        # Tying inside the context made the head a new parameter of its own: tie it again here,
+        # where build_skeleton ties a model without adapters.
+        model.tie_weights()
         return model
 
     def initial_weights(self, seed: int) -> InitialWeights:

@@ -52,9 +52,16 @@ class InitialWeights(Protocol):
 
 def fill_flat_views(targets: dict[str, list[tuple[int, torch.Tensor]]], source: InitialWeights) -> None:
     """Write `source` into 1-D views: parameter name -> [(offset in the flattened parameter,
-    view)], one unit at a time, each view from exactly the elements it stands for."""
+    view)], one unit at a time, each view from exactly the elements it stands for. A parameter
+    that no unit of `source` names would keep uninitialised memory: refused."""
+    units = source.units()
+    named = {name for unit in units for name in unit}
+    unnamed = sorted(name for name, views in targets.items() if views and name not in named)
+    if unnamed:
+        raise HarnessError(f"the initial weights give no value for {unnamed[0]} ({len(unnamed)} parameters); "
+                           "report this as a bug")
     with torch.no_grad():
-        for unit in source.units():
+        for unit in units:
             owned = [name for name in unit if targets.get(name)]
             if not owned:
                 continue

@@ -27,7 +27,8 @@ from harness.estimate.memory import estimate, meta_model
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
 FIXTURES = ROOT / "tests" / "fixtures"
-HUB_MODELS = {"meta-llama/Llama-3.1-8B-Instruct": FIXTURES / "llama-3.1-8b-instruct"}
+HUB_MODELS = {"meta-llama/Llama-3.1-8B-Instruct": FIXTURES / "llama-3.1-8b-instruct",
+              "meta-llama/Llama-3.1-70B-Instruct": FIXTURES / "llama-3.1-70b-instruct"}
 GPU_CLAIM = re.compile(r"^# Fits: (\d+) x (\d+) GB GPUs(?:, (\d+) GB host per node)?\b")
 CPU_CLAIM = re.compile(r"^# Fits: (\d+) CPU ranks in (\d+) GB\b")
 GIB = 2**30

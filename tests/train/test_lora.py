@@ -58,6 +58,7 @@ def _scenarios(root: str, base: str) -> dict:
 
     fit("fsdp2")
     fit("zero3", *ZERO3)
+    fit("fsdp2-checkpointed", "model.activation_checkpointing=full", "train.loss_chunk_tokens=16")
     fit("fsdp2-bf16", "precision=bf16")
     fit("zero3-bf16", "precision=bf16", *ZERO3)
     fit("full-bf16", "precision=bf16", lora=False)
@@ -137,11 +138,11 @@ def plain_peft_losses(base: Path, run_dir: Path) -> list[float]:
 
 
 @pytest.mark.spawns
-def test_fp32_lora_is_plain_peft_on_fsdp2_on_zero3_and_on_one_rank_with_accumulation(runs, base, tmp_path):
+def test_fp32_lora_is_plain_peft_on_fsdp2_on_zero3_on_one_rank_with_accumulation_and_checkpointed(runs, base, tmp_path):
     root, _ = runs
     want = plain_peft_losses(base, tmp_path / "ref")
     assert len(want) == STEPS and want[-1] < want[0]
-    for name in ("fsdp2", "zero3", "one-rank"):
+    for name in ("fsdp2", "zero3", "one-rank", "fsdp2-checkpointed"):
         assert losses(root / name) == pytest.approx(want, rel=1e-5), name
 
 
