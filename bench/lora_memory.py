@@ -1,8 +1,8 @@
 """LoRA vs full fine-tune: per-rank host memory on CPU, measured, beside harness estimate's prediction.
 
 Writes configs/llama-300m.yaml's model (its seeded init) as a pretrained folder, then fine-tunes it
-for a few steps on 4 gloo ranks, FSDP2 and ZeRO-3, once in full and once with lora.r=16 (bf16
-compute). For each run it prints, for the largest rank: the step peak resident memory (ru_maxrss at
+for a few steps on gloo ranks (FSDP2 on 4, ZeRO-3 on 2: four ZeRO-3 ranks of a full fine-tune do
+not fit this 24 GB machine), once in full and once with lora.r=16 (bf16 compute). For each run it prints, for the largest rank: the step peak resident memory (ru_maxrss at
 the end: setup included), the setup peak before step 1, the optimizer state + fp32 master bytes
 the optimizer actually holds plus the fp32 gradients of those masters, and the estimator's per-rank
 total and master + gradient + optimizer bytes for the same config. Target (issue 30): a LoRA run's
@@ -10,7 +10,7 @@ optimizer + gradient bytes at most 5% of the full fine-tune's.
 
     python bench/lora_memory.py [--quick]
 
---quick: the 2-block tiny Llama on 2 ranks (seconds; the numbers then say little, the table is the same).
+--quick: the 2-block tiny Llama, 2 ranks each (seconds; the numbers then say little, the table is the same).
 """
 
 from __future__ import annotations
@@ -33,12 +33,13 @@ def _write_base(config: str, folder: Path, quick: bool) -> None:
     from harness.config import ModelConfig, load_config
     from harness.model import build_model
 
-    shape = TINY_SHAPE if quick else load_config(ROOT / config).model.config
-    build_model(ModelConfig(config=dict(shape)), vocab_size=50257, seed=0).save_pretrained(folder)
+    shape = dict(TINY_SHAPE if quick else load_config(ROOT / config).model.config)
+    shape.update(bos_token_id=50256, eos_token_id=50256)  # GPT-2's end of text: the runs' tokenizer
+    build_model(ModelConfig(config=shape), vocab_size=50257, seed=0).save_pretrained(folder)
 
 
 def _overrides(base: Path, run_dir: Path, lora: bool, backend: list[str]) -> list[str]:
-    return [f"model.pretrained={base}", "model.config={}", f"run.dir={run_dir}", "train.steps=3", "eval.every=0",
+    return [f"model.pretrained={base}", "model.config={}", "data.tokenizer=bundled:gpt2", f"run.dir={run_dir}", "train.steps=3", "eval.every=0",
             "log.progress=off", "checkpoint.final=false", "precision=bf16", f"lora.r={16 if lora else 0}",
             "lora.alpha=32", *backend]
 
@@ -58,11 +59,11 @@ def _worker(config: str, overrides: list[str], out: str) -> None:
     loop = build_loop(load_config(ROOT / config, overrides), info, device)
     setup_peak = peak_gb()
     loop.fit()
-    optimizer = loop.backend.torch_optimizer
-    tensors = [_local(t) for s in optimizer.state.values() for t in s.values() if hasattr(t, "dim") and t.dim() > 0]
-    masters = [_local(p) for group in optimizer.param_groups for p in group["params"]]
-    # The fp32 gradients are freed after each step; each master has one of its own size.
-    held = sum(t.numel() * t.element_size() for t in tensors + masters) + sum(4 * p.numel() for p in masters)
+    # The live fp32 masters and AdamW moments, through the views a checkpoint reads; the fp32
+    # gradients are freed after each step, and each master has one of its own size.
+    pieces = loop.backend.state_pieces()
+    held = sum(t.numel() * t.element_size() for piece in pieces for t in piece.tensors.values())
+    held += sum(4 * piece.numel for piece in pieces)
     facts = {"peak_gb": peak_gb(), "setup_gb": setup_peak, "state_bytes": held}
     gathered: list = [None] * info.world_size
     dist.all_gather_object(gathered, facts)
@@ -70,11 +71,6 @@ def _worker(config: str, overrides: list[str], out: str) -> None:
         Path(out).write_text(json.dumps(gathered))
     hdist.shutdown()
     os._exit(0)
-
-
-def _local(tensor):
-    """This rank's part of a (DTensor) parameter or state tensor."""
-    return tensor.to_local() if hasattr(tensor, "to_local") else tensor
 
 
 def _run(config: str, ranks: int, overrides: list[str], out: Path) -> list[dict]:
@@ -100,18 +96,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="the tiny model on 2 ranks: seconds")
     args = parser.parse_args()
-    config, ranks = ("configs/tiny.yaml", 2) if args.quick else ("configs/llama-300m.yaml", 4)
-    backends = {"fsdp2": ["parallel.backend=fsdp2"],
-                "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"]}
+    config = "configs/tiny.yaml" if args.quick else "configs/llama-300m.yaml"
+    # ZeRO-3 on gloo holds far more than its partitions (shared/NOTES.md: a 257M model's full
+    # ZeRO-3 step took 19.7 GB on 4 ranks); 4 such ranks of the 300M model do not fit 24 GB.
+    backends = {"fsdp2": (["parallel.backend=fsdp2"], 2 if args.quick else 4),
+                "zero3": (["parallel.backend=deepspeed", "parallel.zero_stage=3"], 2)}
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         _write_base(config, base, args.quick)
-        print(f"### LoRA (r=16, every projection) vs full fine-tune: {config}'s model, {ranks} gloo ranks, bf16 "
+        print(f"### LoRA (r=16, every projection) vs full fine-tune: {config}'s model, gloo ranks, bf16 "
               "compute, largest rank\n")
-        print("| method | backend | step peak host, GiB | setup peak, GiB | estimate total, GiB | "
+        print("| method | backend | ranks | step peak host, GiB | setup peak, GiB | estimate total, GiB | "
               "optimizer + grads + masters, MiB (measured) | estimated, MiB | LoRA / full |")
-        print("|---|---|---|---|---|---|---|---|")
-        for backend, settings in backends.items():
+        print("|---|---|---|---|---|---|---|---|---|")
+        for backend, (settings, ranks) in backends.items():
             state = {}
             for method in ("full", "lora"):
                 overrides = _overrides(base, Path(tmp) / f"{backend}-{method}", method == "lora", settings)
@@ -119,7 +117,7 @@ def main() -> None:
                 total, estimated_state = _estimated(config, overrides, ranks, backend)
                 state[method] = max(f["state_bytes"] for f in ranks_facts)
                 ratio = f"{state['lora'] / state['full']:.4f}" if method == "lora" else ""
-                print(f"| {method} | {backend} | {max(f['peak_gb'] for f in ranks_facts):.2f} | "
+                print(f"| {method} | {backend} | {ranks} | {max(f['peak_gb'] for f in ranks_facts):.2f} | "
                       f"{max(f['setup_gb'] for f in ranks_facts):.2f} | {total / GIB:.2f} | "
                       f"{state[method] / 2**20:.1f} | {estimated_state / 2**20:.1f} | {ratio} |", flush=True)
 

@@ -90,3 +90,10 @@ def test_prepare_memory_bench_quick_form_prints_every_layout(tmp_path):
     assert "| layout | tokens | peak PSS, whole tree | peak PSS, largest worker |" in out
     for row in ("| 70 KB files |", "| 5 MB files |", "| one file |", "| JSONL, 5 MB rows |"):
         assert row in out, row
+
+
+def test_lora_memory_bench_quick_form_prints_every_method_and_backend(tmp_path):
+    out = _run([sys.executable, "bench/lora_memory.py", "--quick"], tmp_path)
+    assert "| method | backend | ranks | step peak host, GiB |" in out
+    for row in ("| full | fsdp2 |", "| lora | fsdp2 |", "| full | zero3 |", "| lora | zero3 |"):
+        assert row in out, row
