@@ -175,10 +175,11 @@ def launch(run_dir: Path, base: Path, *overrides: str) -> subprocess.CompletedPr
 
 
 @pytest.mark.spawns
-def test_checkpoints_hold_the_adapters_resume_exactly_and_refuse_another_base(base, tmp_path):
-    whole = launch(tmp_path / "whole", base)
+@pytest.mark.parametrize("backend", [(), ZERO3], ids=["fsdp2", "zero3"])
+def test_checkpoints_hold_the_adapters_resume_exactly_and_refuse_another_base(base, tmp_path, backend):
+    whole = launch(tmp_path / "whole", base, *backend)
     assert whole.returncode == 0, whole.stderr[-2000:]
-    killed = launch(tmp_path / "killed", base, "checkpoint.every=3", "faults.kill_at_step=3")
+    killed = launch(tmp_path / "killed", base, "checkpoint.every=3", "faults.kill_at_step=3", *backend)
     assert killed.returncode != 0
     checkpoint = tmp_path / "killed" / "checkpoints" / "step-00000003"
     manifest = json.loads((checkpoint / "manifest.json").read_text())
@@ -187,12 +188,12 @@ def test_checkpoints_hold_the_adapters_resume_exactly_and_refuse_another_base(ba
 
     held = ShardReader(checkpoint, manifest).names()
     assert held and all(".lora_A." in n or ".lora_B." in n for n in held)  # the adapters, not the base
-    resumed = launch(tmp_path / "killed", base, "resume=auto")
+    resumed = launch(tmp_path / "killed", base, "resume=auto", *backend)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert losses(tmp_path / "killed")[-3:] == losses(tmp_path / "whole")[-3:]
 
     other = write_base(tmp_path / "other-base", seed=12)
-    refused = launch(tmp_path / "killed", other, f"resume={checkpoint}")
+    refused = launch(tmp_path / "killed", other, f"resume={checkpoint}", *backend)
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].startswith(
         f"harness: error: step-00000003's adapters were trained on {str(base)!r} (weights ")
