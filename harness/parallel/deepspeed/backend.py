@@ -97,10 +97,7 @@ class DeepSpeedBackend(ParallelBackend):
         self.zero = self.engine.optimizer
         self.layout = layout_of(self.zero)
         self.name = f"deepspeed ZeRO-{self.stage}"
-        if self.stage == 3 and self.cfg.parallel.zero3_unit == "block" and not zero3_leaf_blocks(model, self.cfg.parallel):
-            self.notes = ("LoRA under ZeRO-3 gathers parameters per module, not per block (DeepSpeed 0.19.8 "
-                          "releases a whole-block leaf's frozen weights before its backward)",)
-        elif self.stage == 3 and train_cfg.compile and self.cfg.parallel.zero3_unit == "module":
+        if self.stage == 3 and train_cfg.compile and self.cfg.parallel.zero3_unit == "module":
             # Measured on an H200 (bench/RESULTS.md): 0.661 s/step compiled vs 0.372 eager for a 1B
             # model; ZeRO-3's per-module gather/release hooks split each block's graph.
             self.notes = ("train.compile with parallel.zero3_unit=module measured 1.2-1.8x slower than eager on a "
@@ -206,13 +203,8 @@ OP_BUILD_FAILURES = (ImportError, OSError, RuntimeError, subprocess.CalledProces
 
 def zero3_leaf_blocks(model: nn.Module, cfg: ParallelConfig) -> list[nn.Module]:
     """The modules ZeRO-3 gathers and releases whole (DeepSpeed leaf modules): every transformer
-    block with parallel.zero3_unit=block, none with module. harness.estimate simulates the same.
-    A model with frozen parameters (LoRA's base) gathers per module: with whole-block leaves
-    DeepSpeed 0.19.8 releases a block's parameters before its backward has used them (the
-    backward fails on an empty weight)."""
-    if cfg.zero3_unit != "block" or any(not p.requires_grad for p in model.parameters()):
-        return []
-    return transformer_blocks(model)
+    block with parallel.zero3_unit=block, none with module. harness.estimate simulates the same."""
+    return transformer_blocks(model) if cfg.zero3_unit == "block" else []
 
 
 def _flag_leaf_blocks(model: nn.Module, cfg: ParallelConfig) -> None:
@@ -222,6 +214,21 @@ def _flag_leaf_blocks(model: nn.Module, cfg: ParallelConfig) -> None:
 
     for block in zero3_leaf_blocks(model, cfg):
         set_z3_leaf_module(block, True)
+        block.register_forward_pre_hook(_input_requires_grad, with_kwargs=True)
+
+
+def _input_requires_grad(block: nn.Module, args: tuple, kwargs: dict):
+    """DeepSpeed reduces a leaf's gradients in a full backward hook on it, which fires once the
+    gradient of the leaf's input exists, or, for an input that needs none (the first block of a
+    LoRA run: its frozen embeddings), before the block's backward has run at all: the hook then
+    gives each adapter a gradient of its empty partition's shape and the backward fails. An input
+    that requires grad makes the hook fire after the block's backward, as in a full fine-tune
+    (transformers' enable_input_require_grads does the same for the embeddings' output)."""
+    hidden = args[0] if args else kwargs.get("hidden_states")
+    if isinstance(hidden, torch.Tensor) and hidden.is_floating_point() and not hidden.requires_grad \
+            and torch.is_grad_enabled():
+        hidden.requires_grad_(True)
+    return None
 
 
 def host_adamw(groups: list[dict], train_cfg: TrainConfig, choice: str) -> tuple[torch.optim.Optimizer, str]:
