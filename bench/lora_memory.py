@@ -29,13 +29,17 @@ TINY_SHAPE = dict(model_type="llama", num_hidden_layers=2, hidden_size=32, inter
                   num_key_value_heads=2, max_position_embeddings=64)
 
 
-def _write_base(config: str, folder: Path, quick: bool) -> None:
+def _write_base(config: str, folder: Path, quick: bool, dtype: str = "fp32") -> None:
+    """`config`'s model (model.config) with its seeded init, as a Hugging Face folder."""
+    import torch
+
     from harness.config import ModelConfig, load_config
     from harness.model import build_model
 
     shape = dict(TINY_SHAPE if quick else load_config(ROOT / config).model.config)
     shape.update(bos_token_id=50256, eos_token_id=50256)  # GPT-2's end of text: the runs' tokenizer
-    build_model(ModelConfig(config=shape), vocab_size=50257, seed=0).save_pretrained(folder)
+    model = build_model(ModelConfig(config=shape), vocab_size=50257, seed=0)
+    model.to({"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]).save_pretrained(folder)
 
 
 def _overrides(base: Path, run_dir: Path, lora: bool, backend: list[str]) -> list[str]:
@@ -125,5 +129,7 @@ def main() -> None:
 if __name__ == "__main__":
     if len(sys.argv) > 1 and sys.argv[1] == "--worker":
         _worker(sys.argv[2], sys.argv[5:], sys.argv[3])
+    elif len(sys.argv) > 1 and sys.argv[1] == "--write-base":  # bench/gpu_fp8_lora.sh: CONFIG FOLDER, bf16
+        _write_base(sys.argv[2], Path(sys.argv[3]), quick=False, dtype="bf16")
     else:
         main()
