@@ -212,3 +212,39 @@ def test_bad_lora_settings_are_one_line(base, tmp_path, overrides, message):
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith("harness: error: ") and message in lines[-1], lines[-3:]
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.spawns
+def test_the_smollm2_lora_config_learns_and_its_adapter_export_generates_what_it_showed(tmp_path):
+    """The shipped CPU config on the real SmolLM2-135M-Instruct (a tied head), shortened."""
+    config = str(ROOT / "configs" / "smollm2-135m-lora.yaml")
+    run_dir = tmp_path / "run"
+    result = subprocess.run(["launch/local.sh", "2", config, f"run.dir={run_dir}", "precision=fp32", "train.steps=8",
+                             "eval.every=4", "eval.sequences=8", "eval.max_new_tokens=12", "lora.dropout=0",
+                             "log.progress=off", f"data.cache_dir={tmp_path / 'cache'}"],
+                            cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lora: r=16, alpha=32 on down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in result.stdout
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    evals = [row["eval_loss"] for row in rows if row.get("eval_loss") is not None]
+    assert len(evals) == 2 and evals[1] < evals[0] < 3.5  # a pretrained model's loss, going down
+    shown = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
+
+    out = tmp_path / "adapter"
+    exported = subprocess.run([sys.executable, "-m", "harness", "export", str(run_dir / "checkpoints" / "step-00000008"),
+                               str(out), "--adapter"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from harness import assets
+
+    base = AutoModelForCausalLM.from_pretrained(assets.resolve_model("bundled:smollm2-135m"), dtype=torch.float32)
+    model = PeftModel.from_pretrained(base, out)
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    prompt = load_config(config).eval.prompts[0]
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
+                                           return_tensors="pt", return_dict=True)
+    generated = model.generate(**inputs, max_new_tokens=12, do_sample=False)
+    text = tokenizer.decode(generated[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip()
+    assert text == shown[-1]["completion"]
