@@ -90,6 +90,21 @@ def _one_rank(root: str, base: str) -> None:
     build_loop(load_config(TINY, lora_overrides(Path(base), f"{root}/one-rank", "train.grad_accum=2")), info, device).fit()
 
 
+def _four_ranks(root: str, base: str) -> None:
+    """HSDP (FSDP2, 2 replicas) and hpZ (ZeRO-3 with secondary copies), 1 sequence per rank: the
+    2-rank runs' global batch."""
+    from harness.runtime import dist as hdist
+    from harness.train.build import build_loop
+
+    info = hdist.rank_info_from_env()
+    device = hdist.device_for(info, "gloo")
+    hdist.init_process_group(info, "gloo", 120, device)
+    for name, backend in (("hsdp", ()), ("hpz", ZERO3)):
+        overrides = lora_overrides(Path(base), f"{root}/{name}", "train.micro_batch_size=1", "parallel.replicate=2",
+                                   *backend)
+        build_loop(load_config(TINY, overrides), info, device).fit()
+
+
 def losses(run_dir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
@@ -144,6 +159,14 @@ def test_fp32_lora_is_plain_peft_on_fsdp2_on_zero3_on_one_rank_with_accumulation
     assert len(want) == STEPS and want[-1] < want[0]
     for name in ("fsdp2", "zero3", "one-rank", "fsdp2-checkpointed"):
         assert losses(root / name) == pytest.approx(want, rel=1e-5), name
+
+
+@pytest.mark.spawns
+def test_lora_on_hsdp_and_hpz_replicas_gives_the_same_losses(runs, base):
+    root, _ = runs
+    run_on_ranks(_four_ranks, 4, str(root), str(base))
+    for name in ("hsdp", "hpz"):  # hpZ's copies of the frozen base are rebuilt from the written partitions
+        assert losses(root / name) == pytest.approx(losses(root / "fsdp2"), rel=1e-5), name
 
 
 @pytest.mark.spawns

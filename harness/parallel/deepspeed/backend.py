@@ -40,7 +40,7 @@ from harness.numerics.optim import build_adamw, ensure_adam_state, param_groups
 from harness.numerics.precision import PrecisionPolicy
 from harness.observe.step_counter import host_read
 from harness.parallel.base import STATE_KINDS, ParallelBackend, StatePiece
-from harness.parallel.deepspeed.compat import check_zero_section, import_deepspeed
+from harness.parallel.deepspeed.compat import ZERO_3, check_internals, check_zero_section, import_deepspeed
 from harness.parallel.deepspeed.layouts import layout_of
 
 
@@ -78,6 +78,11 @@ class DeepSpeedBackend(ParallelBackend):
             # Straight into the compute dtype on the device: DeepSpeed would cast it there anyway.
             materialize_on(model, self.device, dtype=self.policy.compute_dtype)
         self._names = {id(p): name for name, p in model.named_parameters()}
+        self._frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
+        if self._frozen and self.stage != 3:
+            raise HarnessError(f"{len(self._frozen)} parameters are frozen (requires_grad=False, e.g. {self._frozen[0][0]}); "
+                               f"ZeRO-{self.stage} would keep them whole on every rank: use parallel.zero_stage=3 "
+                               "or parallel.backend=fsdp2")
         ds_config = self._runtime_config(hidden_size)
         groups = param_groups(model, train_cfg.weight_decay)
         offload = self.cfg.parallel.offload
@@ -96,6 +101,8 @@ class DeepSpeedBackend(ParallelBackend):
         self.module = model
         self.zero = self.engine.optimizer
         self.layout = layout_of(self.zero)
+        if self._frozen:
+            check_internals(self.zero, ZERO_3, [p for _, p in self._frozen])
         self.name = f"deepspeed ZeRO-{self.stage}"
         if self.stage == 3 and train_cfg.compile and self.cfg.parallel.zero3_unit == "module":
             # Measured on an H200 (bench/RESULTS.md): 0.661 s/step compiled vs 0.372 eager for a 1B
@@ -137,21 +144,13 @@ class DeepSpeedBackend(ParallelBackend):
         return self.layout.pieces(kinds, self._names)
 
     def frozen_pieces(self) -> list[StatePiece]:
-        """ZeRO-3 partitions a frozen parameter like any other, in the compute dtype (zero.Init's
-        dtype): this rank's partition is its ds_tensor, the last one padded."""
-        pieces = []
-        for name, p in self.module.named_parameters():
-            if p.requires_grad:
-                continue
-            partition = p.partition_numel()
-            offset = torch.distributed.get_rank(group=p.ds_process_group) * partition
-            length = max(0, min(partition, p.ds_numel - offset))
-            pieces.append(StatePiece(name, tuple(p.ds_shape), offset, {"param": p.ds_tensor.view(-1).narrow(0, 0, length)}))
-        return pieces
+        return self.layout.frozen_pieces(self._frozen) if self._frozen else []
 
     def after_state_load(self) -> None:
         # The compute-dtype working copies are derived from the fp32 masters just loaded.
         self.layout.refresh_working_copy()
+        if self._frozen:
+            self.layout.after_frozen_write(self._frozen)
         self.weights_changed(after_step=False)
 
     def apply_decision(self, decision: DeviceDecision, lr: float) -> StepDecision:

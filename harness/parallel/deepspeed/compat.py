@@ -73,6 +73,10 @@ ZERO_3 = (
     Private("DeepSpeedZeroOptimizer_Stage3", "optimizer", "read", "the torch AdamW holding the moments"),
     Private("param", "ds_numel", "read", "a partitioned parameter's full size"),
     Private("param", "ds_shape", "read", "a partitioned parameter's full shape"),
+    Private("param", "ds_tensor", "written", "a frozen parameter's partition: LoRA's base is written there"),
+    Private("param", "partition_numel", "called", "a frozen parameter's partition size"),
+    Private("param", "ds_process_group", "read", "the group a frozen parameter is partitioned over"),
+    Private("param", "ds_secondary_tensor", "written", "a frozen parameter's hpZ copy, dropped after a write"),
 )
 BF16_ZERO_1 = (
     Private("BF16_Optimizer", "bf16_groups", "read", "the parameters of each flat group"),

@@ -151,6 +151,23 @@ class _Zero3Layout(_ZeroLayout):
                 pieces.append(StatePiece(names[id(p)], tuple(p.ds_shape), offset, tensors))
         return pieces
 
+    def frozen_pieces(self, frozen: list[tuple[str, nn.Parameter]]) -> list[StatePiece]:
+        """Frozen parameters (LoRA's base) are partitioned like any other, in zero.Init's dtype,
+        and have no fp32 master: this rank's partition is the ds_tensor itself, the last one padded."""
+        pieces = []
+        for name, p in frozen:
+            partition = p.partition_numel()
+            offset = torch.distributed.get_rank(group=p.ds_process_group) * partition
+            length = max(0, min(partition, p.ds_numel - offset))
+            pieces.append(StatePiece(name, tuple(p.ds_shape), offset, {"param": p.ds_tensor.view(-1).narrow(0, 0, length)}))
+        return pieces
+
+    def after_frozen_write(self, frozen: list[tuple[str, nn.Parameter]]) -> None:
+        """hpZ: a frozen parameter's secondary copy was taken from its value at zero.Init; drop it
+        so the next gather reads the partition just written (and the copy is rebuilt from it)."""
+        for _, p in frozen:
+            p.ds_secondary_tensor = None
+
     def refresh_working_copy(self) -> None:
         for sub_group in range(len(self.zero.fp16_groups)):
             self.zero._reassign_or_swap_out_partitioned_parameters(sub_group)
