@@ -216,8 +216,8 @@ def base_identity(pretrained: str, folder: str) -> dict:
 def check_same_base(saved: Optional[dict], now: dict, checkpoint: str) -> None:
     """Refuse adapters trained on another base."""
     if not saved:
-        raise HarnessError(f"{checkpoint} holds no adapters (a full fine-tune's checkpoint); resume it with lora.r=0, "
-                           "or start the adapters from scratch (resume=none)")
+        raise HarnessError(f"{checkpoint} holds no adapters (a full fine-tune's checkpoint): resume it with lora.r=0; "
+                           "to train adapters on it, export it (harness export) and set model.pretrained to that folder")
     if saved.get("fingerprint") != now["fingerprint"]:
         raise HarnessError(
             f"{checkpoint}'s adapters were trained on {saved.get('pretrained')!r} (weights {saved.get('fingerprint')}), "

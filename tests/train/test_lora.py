@@ -215,6 +215,11 @@ def test_checkpoints_hold_the_adapters_resume_exactly_and_refuse_another_base(ba
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert losses(tmp_path / "killed")[-3:] == losses(tmp_path / "whole")[-3:]
 
+    if not backend:  # a new run from these adapters
+        weights = launch(tmp_path / "new", base, f"resume={checkpoint}", "resume.weights_only=true")
+        assert weights.returncode == 0 and "resume: weights from" in weights.stdout, weights.stderr[-2000:]
+        assert losses(tmp_path / "new")[0] < losses(tmp_path / "whole")[0]  # step 1 starts from trained adapters
+
     other = write_base(tmp_path / "other-base", seed=12)
     refused = launch(tmp_path / "killed", other, f"resume={checkpoint}", *backend)
     assert refused.returncode == 2
