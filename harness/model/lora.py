@@ -98,10 +98,6 @@ def peft_key(name: str) -> str:
     return "base_model.model." + name.replace(f".{ADAPTER}.", ".")
 
 
-def scaling(cfg: LoraConfig) -> float:
-    return cfg.alpha / cfg.r
-
-
 def describe(model: nn.Module, targets: list[str], cfg: LoraConfig, dtype_name: str, full_numel) -> str:
     trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(full_numel(p) for p in model.parameters())
