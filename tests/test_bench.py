@@ -99,6 +99,15 @@ def test_lora_memory_bench_quick_form_prints_every_method_and_backend(tmp_path):
         assert row in out, row
 
 
+def test_gpu_fp8_lora_script_smoke_form_prints_the_throughput_and_lora_rows(tmp_path):
+    out = _run(["bash", "bench/gpu_fp8_lora.sh", str(tmp_path / "out")], tmp_path, GPU_SH_SMOKE="1", PART="throughput")
+    out += _run(["bash", "bench/gpu_fp8_lora.sh", str(tmp_path / "out")], tmp_path, GPU_SH_SMOKE="1", PART="lora")
+    for run in ("bf16", "fp8-tensorwise", "fp8-rowwise", "full-ft", "lora-r16"):
+        assert f"| {run} | 0 |" in out, run
+    assert "| zero3-fp8 |" not in out  # PART picks the parts
+
+
+@pytest.mark.heavy
 def test_gpu_fp8_lora_script_smoke_form_prints_every_row(tmp_path):
     out = _run(["bash", "bench/gpu_fp8_lora.sh", str(tmp_path / "out")], tmp_path, GPU_SH_SMOKE="1")
     for run in ("bf16", "fp8-tensorwise", "fp8-rowwise", "loss-bf16", "loss-fp8", "fsdp2-fp8", "zero3-fp8",

@@ -248,14 +248,15 @@ def test_the_smollm2_lora_config_learns_and_its_adapter_export_generates_what_it
     config = str(ROOT / "configs" / "smollm2-135m-lora.yaml")
     run_dir = tmp_path / "run"
     result = subprocess.run(["launch/local.sh", "2", config, f"run.dir={run_dir}", "precision=fp32", "train.steps=8",
-                             "eval.every=4", "eval.sequences=8", "eval.max_new_tokens=12", "lora.dropout=0",
+                             "train.grad_accum=1", "train.seq_len=128", "eval.every=4", "eval.sequences=8",
+                             "eval.max_new_tokens=12", "lora.dropout=0",
                              "log.progress=off", f"data.cache_dir={tmp_path / 'cache'}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lora: r=16, alpha=32 on down_proj, gate_proj, k_proj, o_proj, q_proj, up_proj, v_proj" in result.stdout
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     evals = [row["eval_loss"] for row in rows if row.get("eval_loss") is not None]
-    assert len(evals) == 2 and evals[1] < evals[0] < 3.5  # a pretrained model's loss, going down
+    assert len(evals) == 2 and evals[1] < evals[0] < 5.0  # a pretrained model's loss (random: 10.8), going down
     shown = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
 
     out = tmp_path / "adapter"
