@@ -27,7 +27,7 @@ class LoraConfig:
         return self.r > 0
 
 
-def validate_lora(lora: LoraConfig, pretrained: str | None, backend: str, zero_stage: int, precision: str) -> None:
+def validate_lora(lora: LoraConfig, pretrained: str | None, precision: str) -> None:
     if lora.r < 0:
         raise ConfigError(f"lora.r must be >= 0 (0: no adapters; got {lora.r})")
     if not lora.enabled:
@@ -39,9 +39,6 @@ def validate_lora(lora: LoraConfig, pretrained: str | None, backend: str, zero_s
     if not pretrained:
         raise ConfigError(f"lora.r={lora.r} trains adapters on a pretrained base: set model.pretrained (a local "
                           "Hugging Face folder, a hub id or bundled:smollm2-135m), or lora.r=0 for training from scratch")
-    if backend == "deepspeed" and zero_stage != 3:
-        raise ConfigError(f"lora.r={lora.r} with ZeRO-{zero_stage} would keep a whole base model on every rank; use "
-                          "parallel.zero_stage=3 or parallel.backend=fsdp2, which shard the frozen base")
     if precision == "fp8":
         raise ConfigError(f"lora.r={lora.r} with precision=fp8 is not supported (torchao would convert the frozen base "
                           "layers peft wraps); use precision=bf16")

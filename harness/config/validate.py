@@ -181,7 +181,7 @@ def _fp8(cfg: Config) -> None:
 
 
 def _lora(cfg: Config) -> None:
-    validate_lora(cfg.lora, cfg.model.pretrained, cfg.parallel.backend, cfg.parallel.zero_stage, cfg.precision)
+    validate_lora(cfg.lora, cfg.model.pretrained, cfg.precision)
 
 
 def _slurm(cfg: Config) -> None:

@@ -230,9 +230,10 @@ def test_checkpoints_hold_the_adapters_resume_exactly_and_refuse_another_base(ba
 
 @pytest.mark.parametrize("overrides, message", [
     (["lora.target_modules=[nonexistent_proj]"], "lora.target_modules=['nonexistent_proj'] match no module of LlamaForCausalLM"),
-    (["parallel.backend=deepspeed", "parallel.zero_stage=2"], "lora.r=4 with ZeRO-2 would keep a whole base model"),
+    (["parallel.backend=deepspeed", "parallel.zero_stage=2"], "with ZeRO-2 would keep a whole base model on every rank"),
+    (["parallel.backend=deepspeed", "parallel.zero_stage=1"], "with ZeRO-1 would keep a whole base model on every rank"),
     (["lora.r=-1"], "lora.r must be >= 0"),
-], ids=["no-match", "zero2", "negative"])
+], ids=["no-match", "zero2", "zero1", "negative"])
 def test_bad_lora_settings_are_one_line(base, tmp_path, overrides, message):
     result = subprocess.run([sys.executable, "-m", "harness.train", TINY, *lora_overrides(base, tmp_path / "r", *overrides)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
