@@ -99,12 +99,13 @@ def test_lora_memory_bench_quick_form_prints_every_method_and_backend(tmp_path):
         assert row in out, row
 
 
-def test_gpu_fp8_lora_script_smoke_form_prints_the_throughput_and_lora_rows(tmp_path):
-    out = _run(["bash", "bench/gpu_fp8_lora.sh", str(tmp_path / "out")], tmp_path, GPU_SH_SMOKE="1", PART="throughput")
-    out += _run(["bash", "bench/gpu_fp8_lora.sh", str(tmp_path / "out")], tmp_path, GPU_SH_SMOKE="1", PART="lora")
-    for run in ("bf16", "fp8-tensorwise", "fp8-rowwise", "full-ft", "lora-r16"):
+def test_gpu_fp8_lora_script_smoke_form_prints_the_lora_rows(tmp_path):
+    # The lora part (a base written, then two runs through the script's one run function); every
+    # part's smoke form is the heavy test below.
+    out = _run(["bash", "bench/gpu_fp8_lora.sh", str(tmp_path / "out")], tmp_path, GPU_SH_SMOKE="1", PART="lora")
+    for run in ("full-ft", "lora-r16"):
         assert f"| {run} | 0 |" in out, run
-    assert "| zero3-fp8 |" not in out  # PART picks the parts
+    assert "| fp8-tensorwise |" not in out  # PART picks the parts
 
 
 @pytest.mark.heavy

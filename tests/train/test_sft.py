@@ -171,7 +171,8 @@ def test_a_killed_sft_run_resumes_with_the_same_losses(tmp_path):
 def test_smollm2_fine_tune_learns_exports_and_generates_what_it_showed(tmp_path):
     run_dir = tmp_path / "run"
     wandb_dir = tmp_path / "wandb"
-    result = _job(run_dir, SFT, "precision=fp32", "train.steps=8", "eval.every=4", "eval.sequences=8",
+    # One micro-batch of 128-token rows a step (the config: 2 of 256): 8 steps still learn.
+    result = _job(run_dir, SFT, "precision=fp32", "train.steps=8", "train.grad_accum=1", "train.seq_len=128", "eval.every=4", "eval.sequences=8",
                   "eval.max_new_tokens=12", "log.progress=off", f"data.cache_dir={tmp_path / 'cache'}", "log.wandb=true",
                   env={"WANDB_MODE": "offline", "WANDB_DIR": str(wandb_dir), "WANDB_SILENT": "true"})
     assert result.returncode == 0, result.stderr[-3000:]
