@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from harness.errors import ConfigError
+
+if TYPE_CHECKING:
+    from harness.parallel.layouts import Layout
 
 
 @dataclass
@@ -31,12 +34,13 @@ def compute_precision(precision: str) -> str:
     return "bf16" if precision == "fp8" else precision
 
 
-def validate_fp8(fp8: FP8Config, precision: str, backend: str) -> None:
-    """The section is read only with precision=fp8 (a bf16 run of an fp8 config just ignores it)."""
+def validate_fp8(fp8: FP8Config, precision: str, layout: Layout) -> None:
+    """The section is read only with precision=fp8 (a bf16 run of an fp8 config just ignores it).
+    layout: what the sharding layout can do (whether it can all-gather FP8 weights)."""
     if precision == "fp8" and fp8.all_gather and fp8.recipe != "tensorwise":
         raise ConfigError(f"fp8.all_gather needs fp8.recipe=tensorwise (a {fp8.recipe} weight has a scale per row and "
                           "is gathered in bf16); set fp8.all_gather=false or fp8.recipe=tensorwise")
-    if precision == "fp8" and fp8.all_gather and backend != "fsdp2":
+    if precision == "fp8" and fp8.all_gather and not layout.gathers_fp8:
         raise ConfigError("fp8.all_gather is FSDP2's (ZeRO gathers bf16 weights); set fp8.all_gather=false or "
                           "parallel.backend=fsdp2")
     if fp8.min_features < 0:

@@ -7,8 +7,12 @@ and frozen. A checkpoint then holds the adapters and names the base they belong 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from harness.errors import ConfigError
+
+if TYPE_CHECKING:
+    from harness.parallel.layouts import Layout
 
 
 @dataclass
@@ -27,7 +31,9 @@ class LoraConfig:
         return self.r > 0
 
 
-def validate_lora(lora: LoraConfig, pretrained: str | None, precision: str) -> None:
+def validate_lora(lora: LoraConfig, pretrained: str | None, precision: str, layout: Layout) -> None:
+    """layout: what the sharding layout can do; the frozen base is sharded only where it partitions
+    parameters between uses (ZeRO-1/2 would hold a whole copy of it on every rank)."""
     if lora.r < 0:
         raise ConfigError(f"lora.r must be >= 0 (0: no adapters; got {lora.r})")
     if not lora.enabled:
@@ -39,6 +45,10 @@ def validate_lora(lora: LoraConfig, pretrained: str | None, precision: str) -> N
     if not pretrained:
         raise ConfigError(f"lora.r={lora.r} trains adapters on a pretrained base: set model.pretrained (a local "
                           "Hugging Face folder, a hub id or bundled:smollm2-135m), or lora.r=0 for training from scratch")
+    if not layout.partitions_parameters:
+        stage = layout.name.removeprefix("zero")
+        raise ConfigError(f"lora.r={lora.r} with ZeRO-{stage} would keep a whole base model on every rank; use "
+                          "parallel.zero_stage=3 or parallel.backend=fsdp2, which shard the frozen base")
     if precision == "fp8":
         raise ConfigError(f"lora.r={lora.r} with precision=fp8 is not supported (torchao would convert the frozen base "
                           "layers peft wraps); use precision=bf16")

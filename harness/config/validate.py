@@ -177,11 +177,11 @@ def _log(cfg: Config) -> None:
 
 
 def _fp8(cfg: Config) -> None:
-    validate_fp8(cfg.fp8, cfg.precision, cfg.parallel.backend)
+    validate_fp8(cfg.fp8, cfg.precision, layout_of(cfg.parallel))
 
 
 def _lora(cfg: Config) -> None:
-    validate_lora(cfg.lora, cfg.model.pretrained, cfg.precision)
+    validate_lora(cfg.lora, cfg.model.pretrained, cfg.precision, layout_of(cfg.parallel))
 
 
 def _slurm(cfg: Config) -> None:

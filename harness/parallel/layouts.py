@@ -18,13 +18,20 @@ class Layout:
     """parallel.reduce_every_micro_batch applies (FSDP2); ZeRO decides itself."""
     min_ranks_per_shard_group: int
     """With parallel.replicate: fewest ranks a shard group may have (hpZ's secondary copy needs 2)."""
+    gathers_fp8: bool
+    """Weights can travel as FP8 in the all-gathers (fp8.all_gather): FSDP2's all-gather extension,
+    which torchao's Float8 weights implement; ZeRO gathers the compute dtype."""
 
 
 LAYOUTS = {
-    "fsdp2": Layout("fsdp2", partitions_parameters=True, chooses_reduce_timing=True, min_ranks_per_shard_group=1),
-    "zero1": Layout("zero1", partitions_parameters=False, chooses_reduce_timing=False, min_ranks_per_shard_group=2),
-    "zero2": Layout("zero2", partitions_parameters=False, chooses_reduce_timing=False, min_ranks_per_shard_group=2),
-    "zero3": Layout("zero3", partitions_parameters=True, chooses_reduce_timing=False, min_ranks_per_shard_group=2),
+    "fsdp2": Layout("fsdp2", partitions_parameters=True, chooses_reduce_timing=True, min_ranks_per_shard_group=1,
+                    gathers_fp8=True),
+    "zero1": Layout("zero1", partitions_parameters=False, chooses_reduce_timing=False, min_ranks_per_shard_group=2,
+                    gathers_fp8=False),
+    "zero2": Layout("zero2", partitions_parameters=False, chooses_reduce_timing=False, min_ranks_per_shard_group=2,
+                    gathers_fp8=False),
+    "zero3": Layout("zero3", partitions_parameters=True, chooses_reduce_timing=False, min_ranks_per_shard_group=2,
+                    gathers_fp8=False),
 }
 
 

@@ -18,6 +18,9 @@ LORA = ROOT / "configs" / "smollm2-135m-lora.yaml"
     (["precision=fp8"], r"^lora.r=16 with precision=fp8 is not supported"),
     (["lora.dropout=1.0"], r"^lora.dropout must be in \[0, 1\)"),
     (["lora.alpha=0"], r"^lora.alpha must be > 0"),
+    (["parallel.backend=deepspeed", "parallel.zero_stage=1"], r"^lora.r=16 with ZeRO-1 would keep a whole base model"),
+    (["parallel.backend=deepspeed", "parallel.zero_stage=2"], r"^lora.r=16 with ZeRO-2 would keep a whole base model on "
+                                                              r"every rank; use parallel.zero_stage=3 or parallel.backend=fsdp2"),
 ])
 def test_lora_settings_that_cannot_run_are_refused_in_one_line(overrides, message):
     with pytest.raises(ConfigError, match=message):

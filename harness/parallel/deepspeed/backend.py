@@ -79,10 +79,8 @@ class DeepSpeedBackend(ParallelBackend):
             materialize_on(model, self.device, dtype=self.policy.compute_dtype)
         self._names = {id(p): name for name, p in model.named_parameters()}
         self._frozen = [(name, p) for name, p in model.named_parameters() if not p.requires_grad]
-        if self._frozen and self.stage != 3:
-            raise HarnessError(f"{len(self._frozen)} frozen parameters (LoRA's base, e.g. {self._frozen[0][0]}) with "
-                               f"ZeRO-{self.stage} would keep a whole base model on every rank; use "
-                               "parallel.zero_stage=3 or parallel.backend=fsdp2, which shard the frozen base")
+        if self._frozen and self.stage != 3:  # LoRA's base: validate_lora refuses ZeRO-1/2
+            raise AssertionError(f"config validation let {len(self._frozen)} frozen parameters through to ZeRO-{self.stage}")
         ds_config = self._runtime_config(hidden_size)
         groups = param_groups(model, train_cfg.weight_decay)
         offload = self.cfg.parallel.offload
