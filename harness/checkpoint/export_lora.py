@@ -85,19 +85,20 @@ def export_merged(checkpoint: Path, out_dir: Path, dtype_name: str, verify: bool
                     checkpoint.name)
     adapters = ShardReader(checkpoint, manifest)
     config = AutoConfig.from_pretrained(checkpoint / "model_config.json")
-    skeleton = build_skeleton(ModelSpec(config, str(folder)))
     base = PretrainedWeights(ModelSpec(config, str(folder)))
+    layers = {n.rpartition(".lora_")[0] for n in adapters.names()}
+    tied_to = _untie_adapted(config, build_skeleton(ModelSpec(config, str(folder))), layers)
+    skeleton = build_skeleton(ModelSpec(config, str(folder)))
     scaling = run_config["lora"]["alpha"] / run_config["lora"]["r"]
     transposed = {f"{name}.weight" for name, m in skeleton.named_modules() if type(m).__name__ == "Conv1D"}
     shapes = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
     owners = {name.rpartition(".")[0] for name in shapes}
-    layers = {n.rpartition(".lora_")[0] for n in adapters.names()}
     if not layers <= owners:
         raise HarnessError(f"{checkpoint.name} has adapters for {sorted(layers - owners)[:2]}, which the base "
                            "model lacks; was it trained on another architecture?")
 
     def produce(name: str):
-        weight = base.read(name, 0, _numel(shapes[name])).view(shapes[name])
+        weight = base.read(tied_to.get(name, name), 0, _numel(shapes[name])).view(shapes[name])
         layer = name.rpartition(".")[0]
         if layer in layers and name == f"{layer}.weight":
             a = adapters.full_tensor(f"{layer}.lora_A.{ADAPTER}.weight")
@@ -110,6 +111,18 @@ def export_merged(checkpoint: Path, out_dir: Path, dtype_name: str, verify: bool
     (out_dir / "harness_merge.json").write_text(json.dumps(
         {"base": manifest["lora_base"], "adapted_layers": len(layers), "scaling": scaling}, indent=2))
     return len(shapes)
+
+
+def _untie_adapted(config, skeleton, layers: set[str]) -> dict[str, str]:
+    """Where an adapted layer's weight is tied to another (a tied head with adapters: the input
+    embeddings stay W, the head becomes W + delta), untie it in `config` (tie_word_embeddings=False:
+    the merged model holds both) and return {the adapted weight: the base's name it reads}."""
+    tied = {target: source for target, source in skeleton.get_expanded_tied_weights_keys(all_submodels=True).items()
+            if target.rpartition(".")[0] in layers or source.rpartition(".")[0] in layers}
+    if tied:
+        config.get_text_config().tie_word_embeddings = False
+        config.tie_word_embeddings = False
+    return tied
 
 
 def _numel(shape: tuple[int, ...]) -> int:

@@ -70,9 +70,12 @@ def add_adapters(model: nn.Module, cfg: LoraConfig) -> list[str]:
     if not targets:
         raise HarnessError(f"lora.r={cfg.r}: no attention or MLP projection found by name in the blocks of "
                            f"{type(model).__name__}; name its layers in lora.target_modules")
+    _check_targets_are_linear(model, targets)
     try:
         with warnings.catch_warnings():  # under ZeRO-3 peft's init meets empty partitions: DeepSpeed's, harmless
             warnings.filterwarnings("ignore", message="Initializing zero-element tensors is a no-op")
+            # A tied head with adapters: describe() says what that means here, and the merge unties.
+            warnings.filterwarnings("ignore", message="Model has `tie_word_embeddings=True` and a tied layer")
             inject_adapter_in_model(peft_config(cfg, targets), model, adapter_name=ADAPTER)
     except ValueError as exc:
         if "not found" not in str(exc) and "match" not in str(exc):
@@ -82,6 +85,35 @@ def add_adapters(model: nn.Module, cfg: LoraConfig) -> list[str]:
     if not any(p.requires_grad for p in model.parameters()):
         raise HarnessError(f"lora.target_modules={targets}: no adapter was added to {type(model).__name__}")
     return targets
+
+
+def tie_again(model: nn.Module) -> None:
+    """Tie the model's tied pairs (a tied head) again after adapters were added inside a
+    construction context, which made the head a parameter of its own. transformers names the base's
+    parameters (lm_head.weight -> model.embed_tokens.weight); where peft wrapped a tied layer
+    (lora.target_modules=[lm_head]), the weight it ties is that layer's base_layer's now."""
+    layers = {name for name, module in model.named_modules() if _is_lora_layer(module)}
+    for target, source in model.get_expanded_tied_weights_keys(all_submodels=True).items():
+        owner, _, leaf = _adapted_name(target, layers).rpartition(".")
+        setattr(model.get_submodule(owner), leaf, model.get_parameter(_adapted_name(source, layers)))
+
+
+def _check_targets_are_linear(model: nn.Module, targets: list[str]) -> None:
+    """Adapters go on linear layers (nn.Linear, GPT-2's Conv1D): peft's embedding and convolution
+    adapters have other parameters than lora_A/lora_B, which nothing here initialises or exports."""
+    for name, module in model.named_modules():
+        if any(name == t or name.endswith(f".{t}") for t in targets) and not _is_projection(module):
+            raise HarnessError(f"lora.target_modules matches {name}, a {type(module).__name__}: adapters go on linear "
+                               "layers (e.g. q_proj, v_proj, down_proj, lm_head); name those")
+
+
+def tied_adapted_layers(model: nn.Module) -> list[str]:
+    """Layers with adapters whose base weight the model ties to another parameter (a tied head)."""
+    names_of: dict[int, list[str]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        names_of.setdefault(id(param), []).append(name)
+    return sorted(name.partition(".base_layer.")[0] for names in names_of.values() if len(names) > 1
+                  for name in names if ".base_layer." in name)
 
 
 def is_adapter(name: str) -> bool:
@@ -101,8 +133,10 @@ def peft_key(name: str) -> str:
 def describe(model: nn.Module, targets: list[str], cfg: LoraConfig, dtype_name: str, full_numel) -> str:
     trainable = sum(full_numel(p) for p in model.parameters() if p.requires_grad)
     total = sum(full_numel(p) for p in model.parameters())
+    tied = "".join(f"; {layer} is tied to the input embeddings: its adapters change {layer} only (a merged export "
+                   "unties them)" for layer in tied_adapted_layers(model))
     return (f"lora: r={cfg.r}, alpha={cfg.alpha:g} on {', '.join(targets)}: {trainable:,} trainable parameters "
-            f"({100 * trainable / total:.2f}% of {total:,}); the base is frozen in {dtype_name}")
+            f"({100 * trainable / total:.2f}% of {total:,}); the base is frozen in {dtype_name}{tied}")
 
 
 class AdapterInitialWeights:

@@ -24,7 +24,7 @@ from harness.config import LoraConfig, ModelConfig
 from harness.errors import HarnessError
 from harness.model.blocks import apply_activation_checkpointing, transformer_blocks
 from harness.model.build import ModelSpec, build_skeleton, model_spec, on_meta_device
-from harness.model.lora import AdapterInitialWeights, add_adapters
+from harness.model.lora import AdapterInitialWeights, add_adapters, tie_again
 from harness.model.weights import InitialWeights, SeededInit, initial_weights
 
 CUSTOM_MODEL_KEY = "harness_custom_model"
@@ -66,9 +66,7 @@ class TransformersModel:
         with context if context is not None else on_meta_device():
             model = build_skeleton(self.spec, contextlib.nullcontext())
             self.lora_targets = tuple(add_adapters(model, self.lora))
-        # Tying inside the context made the head a new parameter of its own: tie it again here,
-        # where build_skeleton ties a model without adapters.
-        model.tie_weights()
+        tie_again(model)  # where build_skeleton ties a model without adapters
         return model
 
     def initial_weights(self, seed: int) -> InitialWeights:

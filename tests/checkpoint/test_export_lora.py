@@ -19,11 +19,16 @@ ROOT = Path(__file__).resolve().parents[2]
 HARNESS = str(Path(sys.executable).parent / "harness")
 
 
+# Every projection, and the head the base ties to its input embeddings: the merge unties them
+# (the embeddings stay the base's, the head gets its adapters).
+TARGETS = "lora.target_modules=[q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj,lm_head]"
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("lora-export")
-    base = write_base(root / "base", seed=11)
-    run = launch(root / "run", base, "checkpoint.every=6")
+    base = write_base(root / "base", seed=11, tie_word_embeddings=True)
+    run = launch(root / "run", base, "checkpoint.every=6", TARGETS)
     assert run.returncode == 0, run.stderr[-2000:]
     return base, root / "run" / "checkpoints" / "step-00000006"
 
@@ -39,7 +44,7 @@ def harness_logits(checkpoint: Path, base: Path, tokens: torch.Tensor) -> torch.
     from harness.model.source import model_source
     from harness.model.weights import fill_flat_views
 
-    cfg = load_config(TINY, lora_overrides(base, checkpoint.parent))
+    cfg = load_config(TINY, lora_overrides(base, checkpoint.parent, TARGETS))
     source = model_source(cfg.model, 50257, cfg.train.seq_len, lora=cfg.lora)
     model = source.skeleton()
     materialize_on(model, torch.device("cpu"))
@@ -74,6 +79,8 @@ def test_adapter_and_merged_exports_give_harnesss_logits(trained, tmp_path):
     assert "read back and compared" in merged.stdout
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "merged", dtype=torch.float32)
     assert not any("lora" in name for name, _ in model.named_parameters())
+    assert not model.config.tie_word_embeddings
+    torch.testing.assert_close(model.model.embed_tokens.weight, plain.model.embed_tokens.weight, rtol=0, atol=0)
     with torch.no_grad():
         torch.testing.assert_close(model(tokens).logits, want, rtol=1e-4, atol=1e-4)
     assert len(AutoTokenizer.from_pretrained(tmp_path / "merged")) == 50257  # the base's tokenizer came along

@@ -12,7 +12,14 @@ from torch import nn
 from harness.config import LoraConfig, load_config
 from harness.errors import HarnessError
 from harness.model.build import flops_per_token
-from harness.model.lora import add_adapters, base_identity, check_same_base, default_targets
+from harness.model.lora import (
+    add_adapters,
+    base_identity,
+    check_same_base,
+    default_targets,
+    describe,
+    tied_adapted_layers,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 FIXTURE_70B = ROOT / "tests" / "fixtures" / "llama-3.1-70b-instruct"
@@ -65,6 +72,31 @@ def test_a_tied_heads_base_stays_tied_once_adapters_are_added(tmp_path):
     named = {name for unit in source.initial_weights(0).units() for name in unit}
     assert "model.embed_tokens.weight" in named and "lm_head.weight" not in named
     assert named == {name for name, _ in model.named_parameters()}  # every parameter gets its initial value
+    assert tied_adapted_layers(model) == []
+
+
+def test_adapters_on_a_tied_head_keep_its_base_weight_tied_and_say_so():
+    from harness.model.source import model_source
+
+    cfg = load_config(ROOT / "configs" / "smollm2-135m-lora.yaml", ["lora.target_modules=[q_proj,lm_head]"])
+    source = model_source(cfg.model, 49152, 64, lora=cfg.lora)
+    model = source.skeleton()
+    assert model.lm_head.base_layer.weight is model.model.embed_tokens.weight
+    assert tied_adapted_layers(model) == ["lm_head"]
+    named = {name for unit in source.initial_weights(0).units() for name in unit}
+    assert named == {name for name, _ in model.named_parameters()}
+    line = describe(model, list(source.lora_targets), cfg.lora, "bf16", lambda p: p.numel())
+    assert line.endswith("; lm_head is tied to the input embeddings: its adapters change lm_head only (a merged "
+                         "export unties them)")
+
+
+@pytest.mark.parametrize("target, kind", [("embed_tokens", "Embedding"), ("input_layernorm", "LlamaRMSNorm")])
+def test_targets_that_are_not_linear_layers_are_one_line(target, kind):
+    llama = _meta("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=256)
+    with pytest.raises(HarnessError, match=rf"^lora.target_modules matches model\.\S*{target}, a {kind}: adapters go "
+                                           r"on linear layers \(e.g. q_proj, v_proj, down_proj, lm_head\); name those$"):
+        add_adapters(llama, LoraConfig(r=4, target_modules=["q_proj", target]))
 
 
 def test_the_base_identity_tells_two_bases_of_one_architecture_apart(tmp_path):

@@ -24,9 +24,9 @@ BASE_SHAPE = dict(model_type="llama", num_hidden_layers=2, hidden_size=32, inter
                   eos_token_id=50256)
 
 
-def write_base(folder: Path, seed: int) -> Path:
+def write_base(folder: Path, seed: int, **config) -> Path:
     """A pretrained Hugging Face folder (a small Llama on GPT-2's vocabulary), written by transformers."""
-    build_model(ModelConfig(config=dict(BASE_SHAPE)), vocab_size=50257, seed=seed).save_pretrained(folder)
+    build_model(ModelConfig(config={**BASE_SHAPE, **config}), vocab_size=50257, seed=seed).save_pretrained(folder)
     return folder
 
 
@@ -38,7 +38,11 @@ def lora_overrides(base: Path, run_dir, *extra: str) -> list[str]:
 ZERO3 = ("parallel.backend=deepspeed", "parallel.zero_stage=3")
 
 
-def _scenarios(root: str, base: str) -> dict:
+TIED_HEAD = ("lora.target_modules=[q_proj,lm_head]",)
+"""Adapters on a head the base ties to its input embeddings (SmolLM2, Gemma, ...)."""
+
+
+def _scenarios(root: str, base: str, tied_base: str) -> dict:
     from harness.runtime import dist as hdist
     from harness.train.build import build_loop
 
@@ -47,8 +51,8 @@ def _scenarios(root: str, base: str) -> dict:
     hdist.init_process_group(info, "gloo", 120, device)
     seen = {}
 
-    def fit(name: str, *overrides: str, lora: bool = True):
-        cfg_overrides = lora_overrides(Path(base), f"{root}/{name}", *overrides)
+    def fit(name: str, *overrides: str, lora: bool = True, on: str = base):
+        cfg_overrides = lora_overrides(Path(on), f"{root}/{name}", *overrides)
         if not lora:
             cfg_overrides.remove("lora.r=4")
         loop = build_loop(load_config(TINY, cfg_overrides), info, device)
@@ -63,6 +67,7 @@ def _scenarios(root: str, base: str) -> dict:
     fit("zero3-bf16", "precision=bf16", *ZERO3)
     fit("full-bf16", "precision=bf16", lora=False)
     for label, backend in (("fsdp2", ()), ("zero3", ZERO3)):
+        fit(f"tied-head-{label}", *TIED_HEAD, *backend, on=tied_base)
         fit(f"faults-{label}", "precision=fp16", "faults.nonfinite_grad_steps=[3]", "faults.nonfinite_grad_rank=1",
             "log.per_rank=true", *backend)
     return seen
@@ -115,14 +120,19 @@ def base(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, base):
+def tied_base(tmp_path_factory) -> Path:
+    return write_base(tmp_path_factory.mktemp("tied-base") / "llama", seed=11, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, base, tied_base):
     root = tmp_path_factory.mktemp("lora")
-    facts = run_on_ranks(_scenarios, 2, str(root), str(base))
+    facts = run_on_ranks(_scenarios, 2, str(root), str(base), str(tied_base))
     run_on_ranks(_one_rank, 1, str(root), str(base))
     return root, facts
 
 
-def plain_peft_losses(base: Path, run_dir: Path) -> list[float]:
+def plain_peft_losses(base: Path, run_dir: Path, *overrides: str) -> list[float]:
     """The same fine-tune in one process with nothing of harness's model code: transformers'
     from_pretrained, peft's get_peft_model, torch AdamW; the adapters start from the values harness
     starts from (peft's init, seeded per layer)."""
@@ -133,7 +143,7 @@ def plain_peft_losses(base: Path, run_dir: Path) -> list[float]:
     from harness.model.source import model_source
     from tests.reference import reference_fp32
 
-    cfg = load_config(TINY, lora_overrides(base, run_dir))
+    cfg = load_config(TINY, lora_overrides(base, run_dir, *overrides))
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     source = model_source(cfg.model, 50257, cfg.train.seq_len, lora=cfg.lora)
     skeleton = source.skeleton()
@@ -149,7 +159,7 @@ def plain_peft_losses(base: Path, run_dir: Path) -> list[float]:
                 target.copy_(reader.read(name, 0, target.numel()).view_as(target))
     assert sum(p.numel() for p in peft_model.parameters() if p.requires_grad) == sum(
         p.numel() for p in skeleton.parameters() if p.requires_grad)
-    return reference_fp32(TINY, lora_overrides(base, run_dir), model=peft_model)[0]
+    return reference_fp32(TINY, lora_overrides(base, run_dir, *overrides), model=peft_model)[0]
 
 
 @pytest.mark.spawns
@@ -158,6 +168,15 @@ def test_fp32_lora_is_plain_peft_on_fsdp2_on_zero3_on_one_rank_with_accumulation
     want = plain_peft_losses(base, tmp_path / "ref")
     assert len(want) == STEPS and want[-1] < want[0]
     for name in ("fsdp2", "zero3", "one-rank", "fsdp2-checkpointed"):
+        assert losses(root / name) == pytest.approx(want, rel=1e-5), name
+
+
+@pytest.mark.spawns
+def test_adapters_on_a_tied_head_are_plain_peft_on_fsdp2_and_zero3(runs, tied_base, tmp_path):
+    root, _ = runs
+    want = plain_peft_losses(tied_base, tmp_path / "ref", *TIED_HEAD)
+    assert len(want) == STEPS and want[-1] < want[0]
+    for name in ("tied-head-fsdp2", "tied-head-zero3"):
         assert losses(root / name) == pytest.approx(want, rel=1e-5), name
 
 
