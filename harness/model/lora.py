@@ -103,7 +103,7 @@ def _check_targets_are_linear(model: nn.Module, targets: list[str]) -> None:
     adapters have other parameters than lora_A/lora_B, which nothing here initialises or exports."""
     for name, module in model.named_modules():
         if any(name == t or name.endswith(f".{t}") for t in targets) and not _is_projection(module):
-            raise HarnessError(f"lora.target_modules matches {name}, a {type(module).__name__}: adapters go on linear "
+            raise HarnessError(f"lora.target_modules matches {name} ({type(module).__name__}): adapters go on linear "
                                "layers (e.g. q_proj, v_proj, down_proj, lm_head); name those")
 
 

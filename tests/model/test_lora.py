@@ -94,7 +94,7 @@ def test_adapters_on_a_tied_head_keep_its_base_weight_tied_and_say_so():
 def test_targets_that_are_not_linear_layers_are_one_line(target, kind):
     llama = _meta("llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
                   num_key_value_heads=2, vocab_size=256)
-    with pytest.raises(HarnessError, match=rf"^lora.target_modules matches model\.\S*{target}, a {kind}: adapters go "
+    with pytest.raises(HarnessError, match=rf"^lora.target_modules matches model\.\S*{target} \({kind}\): adapters go "
                                            r"on linear layers \(e.g. q_proj, v_proj, down_proj, lm_head\); name those$"):
         add_adapters(llama, LoraConfig(r=4, target_modules=["q_proj", target]))
 
