@@ -267,8 +267,8 @@ def test_the_smollm2_lora_config_learns_and_its_adapter_export_generates_what_it
     """The shipped CPU config on the real SmolLM2-135M-Instruct (a tied head), shortened."""
     config = str(ROOT / "configs" / "smollm2-135m-lora.yaml")
     run_dir = tmp_path / "run"
-    result = subprocess.run(["launch/local.sh", "2", config, f"run.dir={run_dir}", "precision=fp32", "train.steps=8",
-                             "train.grad_accum=1", "train.seq_len=128", "eval.every=4", "eval.sequences=8",
+    result = subprocess.run(["launch/local.sh", "2", config, f"run.dir={run_dir}", "precision=fp32", "train.steps=4",
+                             "train.grad_accum=1", "train.seq_len=128", "eval.every=2", "eval.sequences=8",
                              "eval.max_new_tokens=12", "lora.dropout=0",
                              "log.progress=off", f"data.cache_dir={tmp_path / 'cache'}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=900)
@@ -280,7 +280,7 @@ def test_the_smollm2_lora_config_learns_and_its_adapter_export_generates_what_it
     shown = [json.loads(line) for line in (run_dir / "completions.jsonl").read_text().splitlines()]
 
     out = tmp_path / "adapter"
-    exported = subprocess.run([sys.executable, "-m", "harness", "export", str(run_dir / "checkpoints" / "step-00000008"),
+    exported = subprocess.run([sys.executable, "-m", "harness", "export", str(run_dir / "checkpoints" / "step-00000004"),
                                str(out), "--adapter"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert exported.returncode == 0, exported.stderr[-3000:]
     from peft import PeftModel
