@@ -87,8 +87,10 @@ def export_merged(checkpoint: Path, out_dir: Path, dtype_name: str, verify: bool
     config = AutoConfig.from_pretrained(checkpoint / "model_config.json")
     base = PretrainedWeights(ModelSpec(config, str(folder)))
     layers = {n.rpartition(".lora_")[0] for n in adapters.names()}
-    tied_to = _untie_adapted(config, build_skeleton(ModelSpec(config, str(folder))), layers)
     skeleton = build_skeleton(ModelSpec(config, str(folder)))
+    tied_to = _untie_adapted(config, skeleton, layers)
+    if tied_to:  # the untied model: the adapted head has a weight of its own to write
+        skeleton = build_skeleton(ModelSpec(config, str(folder)))
     scaling = run_config["lora"]["alpha"] / run_config["lora"]["r"]
     transposed = {f"{name}.weight" for name, m in skeleton.named_modules() if type(m).__name__ == "Conv1D"}
     shapes = {name: tuple(p.shape) for name, p in skeleton.named_parameters()}
@@ -119,7 +121,7 @@ def _untie_adapted(config, skeleton, layers: set[str]) -> dict[str, str]:
     the merged model holds both) and return {the adapted weight: the base's name it reads}."""
     tied = {target: source for target, source in skeleton.get_expanded_tied_weights_keys(all_submodels=True).items()
             if target.rpartition(".")[0] in layers or source.rpartition(".")[0] in layers}
-    if tied:
+    if tied:  # the text model's flag, and a composite model's top-level one (the same object otherwise)
         config.get_text_config().tie_word_embeddings = False
         config.tie_word_embeddings = False
     return tied
