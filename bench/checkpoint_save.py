@@ -52,7 +52,7 @@ def main() -> None:
         mode_cfg = copy.deepcopy(cfg)
         mode_cfg.checkpoint.async_save = async_save
         mode_cfg.checkpoint.dir = f"{args.dir}/{'async' if async_save else 'sync'}"
-        return Checkpointer(mode_cfg, trainer.model_config_json, info, device)
+        return Checkpointer(mode_cfg, trainer.checkpointer.model_config_json, info, device)
 
     modes = {"none": None, "sync": checkpointer(False), "async": checkpointer(True)}
     wall: dict[str, list[float]] = {name: [] for name in modes}
@@ -64,7 +64,7 @@ def main() -> None:
                 trainer.checkpointer = saver  # the previous mode's saves are all committed
             started = time.perf_counter()
             for offset in range(args.steps):
-                _, _, agreed = trainer.run_step(step)
+                agreed = trainer.run_step(step).agreement
                 if saver is None:
                     step += 1
                     continue

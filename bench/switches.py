@@ -120,7 +120,8 @@ class HarnessVariant:
         _sync(self.device)
         self.times.append((time.perf_counter() - started) / steps)
         self.next_step += steps
-        self.loss = values[-pending[-1].packed_width] / self.info.world_size
+        last = pending[-1].decision
+        self.loss = last.unpack(values[-last.packed_width:]).mean_loss
 
     def row(self) -> dict:
         from harness.observe.metrics import peak_memory_gb

@@ -17,9 +17,9 @@ from harness.checkpoint.format import (
                                        verify,
 )
 from harness.checkpoint.load import ShardReader, choose_resume, load_checkpoint
-from harness.checkpoint.save import Checkpointer, trainer_state_for
+from harness.checkpoint.save import Checkpointer
 
 __all__ = [
     "CheckpointError", "Checkpointer", "ShardReader", "TrainerState", "checkpoint_step", "choose_resume",
-    "complete_checkpoints", "load_checkpoint", "read_manifest", "trainer_state_for", "verify",
+    "complete_checkpoints", "load_checkpoint", "read_manifest", "verify",
 ]

@@ -240,12 +240,13 @@ def check_compatible(path: Path, manifest: dict, cfg: Config, global_batch: int)
 
 def load_checkpoint(
     path: Path, backend: ParallelBackend, cfg: Config, info: RankInfo, device: torch.device, global_batch: int,
-    lora_base: Optional[dict] = None,
+    lora_base: Optional[dict] = None, weights_only: bool = False,
 ) -> Optional[TrainerState]:
-    """Load `path` into the live backend state. Returns the trainer state to continue from, or
-    None with resume.weights_only (a new run that starts from these weights). With LoRA
-    (`lora_base`: the base this run's adapters sit on) the checkpoint must hold adapters trained
-    on the same base."""
+    """Load `path`'s tensors and RNG streams into the live backend state. Returns the trainer
+    state to continue from, or None with `weights_only` (a new run that starts from these
+    weights). With LoRA (`lora_base`: the base this run's adapters sit on) the checkpoint must
+    hold adapters trained on the same base. The one caller is harness.train.run_state, which
+    restores the rest of the run from the returned state."""
     manifest = read_manifest(path)
     if lora_base is not None:
         from harness.model.lora import check_same_base
@@ -255,7 +256,6 @@ def load_checkpoint(
         raise CheckpointError(f"{path.name} holds LoRA adapters, not a whole model; resume it with its lora: section "
                               f"(lora.r={_config_value(yaml_config(path), 'lora.r')}), or export it merged "
                               "(harness export --merge) and start from that folder")
-    weights_only = cfg.resume.weights_only
     if not weights_only:
         check_compatible(path, manifest, cfg, global_batch)
     kinds = ("param",) if weights_only else STATE_KINDS

@@ -9,7 +9,7 @@ import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -27,7 +27,6 @@ from harness.checkpoint.format import (
 )
 from harness.checkpoint.staging import HostStaging, Snapshot, write_safetensors
 from harness.config import Config, dump_yaml
-from harness.numerics.optim import adam_step_count
 from harness.observe.console import print0
 from harness.parallel.base import ParallelBackend
 from harness.runtime.dist import RankInfo
@@ -51,6 +50,7 @@ class _InFlight:
     staging: Path
     state: TrainerState
     backend_name: str
+    lora_base: Optional[dict]
     thread: threading.Thread
     result: list
     started: float
@@ -68,11 +68,8 @@ class Checkpointer:
     Until it is committed a checkpoint is only a step-<N>.tmp folder, which nothing resumes from.
     """
 
-    def __init__(self, cfg: Config, model_config_json: str, info: RankInfo, device: torch.device,
-                 lora_base: Optional[dict] = None) -> None:
+    def __init__(self, cfg: Config, model_config_json: str, info: RankInfo, device: torch.device) -> None:
         self.cfg = cfg
-        self.lora_base = lora_base
-        """With LoRA: the base the adapters belong to (harness.model.lora.base_identity), in the manifest."""
         self.root = Path(cfg.checkpoint.dir)
         self.model_config_json = model_config_json
         self.info = info
@@ -80,9 +77,12 @@ class Checkpointer:
         self.in_flight: Optional[_InFlight] = None
         self.staging = HostStaging(device)
 
-    def save(self, step: int, backend: ParallelBackend, state: TrainerState, blocking: bool = True) -> Optional[Path]:
-        """Save step `step`. Returns the committed folder, or None while an async save is in
-        flight. Raises CheckpointError on every rank if any rank failed."""
+    def save(self, step: int, backend: ParallelBackend, state: TrainerState, lora_base: Optional[dict] = None,
+             blocking: bool = True) -> Optional[Path]:
+        """Save step `step` with the run's trainer state (harness.train.run_state) and, with LoRA,
+        the base the adapters belong to (harness.model.lora.base_identity), named in the manifest.
+        Returns the committed folder, or None while an async save is in flight. Raises
+        CheckpointError on every rank if any rank failed."""
         self.finish()
         started = time.perf_counter()
         staging = self._begin(step)
@@ -90,14 +90,14 @@ class Checkpointer:
         path = staging / rank_file_name(self.info.rank, self.info.world_size)
         if blocking or not self.cfg.checkpoint.async_save:
             result = _write_rank_file(path, snapshot, self.info.rank)
-            return self._commit(step, staging, state, backend.name, result, started, None)
+            return self._commit(step, staging, state, backend.name, lora_base, result, started, None)
         result: list = []
         thread = threading.Thread(
             target=lambda: result.append(_write_rank_file(path, snapshot, self.info.rank)),
             name=f"checkpoint-step-{step}", daemon=True,
         )
         thread.start()
-        self.in_flight = _InFlight(step, staging, state, backend.name, thread, result, started)
+        self.in_flight = _InFlight(step, staging, state, backend.name, lora_base, thread, result, started)
         print0(self.info.rank, f"checkpoint step {step}: state copied in {time.perf_counter() - started:.2f}s; "
                                "writing in the background")
         return None
@@ -121,7 +121,7 @@ class Checkpointer:
         flight, self.in_flight = self.in_flight, None
         flight.thread.join()
         result = flight.result[0] if flight.result else (None, f"rank {self.info.rank}'s writer thread died")
-        return self._commit(flight.step, flight.staging, flight.state, flight.backend_name, result,
+        return self._commit(flight.step, flight.staging, flight.state, flight.backend_name, flight.lora_base, result,
                             flight.started, time.perf_counter() - flight.started)
 
     def _begin(self, step: int) -> Path:
@@ -138,7 +138,7 @@ class Checkpointer:
             self._fail(step, staging, problem)
         return staging
 
-    def _commit(self, step: int, staging: Path, state: TrainerState, backend_name: str,
+    def _commit(self, step: int, staging: Path, state: TrainerState, backend_name: str, lora_base: Optional[dict],
                 result: tuple[Optional[dict], Optional[str]], started: float, background_s: Optional[float]) -> Path:
         info = self.info
         final = self.root / step_dir_name(step)
@@ -149,7 +149,7 @@ class Checkpointer:
         if problem is None and info.is_main:
             try:
                 _finish(staging, final, step, [e for e, _ in gathered], state, self.cfg, self.model_config_json,
-                        backend_name, self.lora_base)
+                        backend_name, lora_base)
             except OSError as exc:
                 problem = f"rank 0 could not finish {final.name}: {exc.strerror or exc}"
         problem = _agree(problem)
@@ -221,17 +221,3 @@ def _prune(root: Path, keep_last: int) -> None:
         shutil.rmtree(old, ignore_errors=True)
     for stale in root.glob("step-*.tmp"):
         shutil.rmtree(stale, ignore_errors=True)
-
-
-
-def trainer_state_for(step: int, consumed: int, global_batch: int, world_size: int, scaler_state: dict,
-                      backend: ParallelBackend, **extra: Any) -> TrainerState:
-    return TrainerState(
-        step=step,
-        sequences_consumed=consumed,
-        global_batch=global_batch,
-        world_size=world_size,
-        scaler=scaler_state,
-        adam_steps=adam_step_count(backend.torch_optimizer),
-        **extra,
-    )

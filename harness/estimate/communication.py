@@ -53,9 +53,9 @@ _COMPUTE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 REDUCE_BYTES = 4
 """Gradients are reduced in fp32 on every backend (FSDP2's reduce_dtype, DeepSpeed's
 communication_data_type)."""
-HARNESS_ALL_REDUCE_BYTES = (24, 32)
-"""The decision (sum of squares, loss sum, trained tokens) and the step-end agreement (loss sum, trained tokens,
-stop flag, checkpoint writing): fp64 each."""
+HARNESS_ALL_REDUCE_BYTES = (40,)
+"""The one decision all-reduce a step (sum of squares, loss sum, trained tokens, stop flag, checkpoint
+writing): fp64 each."""
 DEEPSPEED_DEFAULTS = {"stage3_param_persistence_threshold": 100_000, "stage3_max_reuse_distance": 1_000_000_000,
                       "stage3_prefetch_bucket_size": 50_000_000, "overlap_comm": 0}
 

@@ -7,7 +7,9 @@ Per optimizer step, after backward has left this rank's (sharded, fp32, still sc
      trained-token counts: inf and nan propagate through a sum, so the result is both the skip
      decision (non-finite anywhere) and, when finite, the global norm, bit-identical on every rank
      and equal to the norm of the unsharded gradient; the global mean loss feeds the loss-spike
-     check (harness.numerics.spikes);
+     check (harness.numerics.spikes). Whatever else the ranks must agree on after a step (the
+     trainer's stop and checkpoint flags) rides in the same packet (`riders`): one collective a
+     step decides it all;
   3. one multiplier that unscales, normalizes and clips together, which the backend applies to its
      gradients. Backward ran on each rank's loss sum over a fixed token count (the tokens of the
      step if every one were trained), so the gradient becomes the global mean's by nominal /
@@ -26,6 +28,9 @@ skipped unchanged until the host reads it and stops the run at the step where it
 Backends only hand over their local gradient shards and apply the decision; they never decide
 anything themselves.
 bf16 and fp32 run with a fixed scale of 1 and the same non-finite detection and skip logic.
+
+Longer than 400 lines because the decision, its packed device form and DeepSpeed's scale state
+machine are read together: a newcomer looking for where a step is skipped finds all of it here.
 """
 
 from __future__ import annotations
@@ -145,11 +150,22 @@ class StepDecision:
     """The running median of the loss the spike check compared with."""
     overflow: bool = False
     """Some rank's gradients held inf/NaN."""
+    loss_sum: float = 0.0
+    """The step's summed token losses over every rank (or, given per-rank mean losses, their sum)."""
+    trained_tokens: float = 0.0
+    """The step's trained tokens over every rank (0 when per-rank mean losses were given)."""
+    riders: tuple[float, ...] = ()
+    """The riders' sums over every rank, in the order given to decide()."""
+
+    @property
+    def mean_loss(self) -> float:
+        """The step's loss: the mean over the global batch's trained tokens."""
+        return self.loss_sum / max(self.trained_tokens, 1.0)
 
 
 # The scalars a DeviceDecision packs for the host, in order.
 _PACKED = ("skip", "loss_scale", "grad_norm", "clip_coef", "grad_multiplier", "abort", "consecutive_skips", "scale_after",
-           "spike", "loss_median", "overflow")
+           "spike", "loss_median", "overflow", "loss_sum", "trained_tokens")
 _NO_ABORT, _FLOOR, _CONSECUTIVE = 0, 1, 2
 
 
@@ -173,6 +189,10 @@ class DeviceDecision:
     """The running median the step's loss was compared with (NaN before the window fills)."""
     overflow: torch.Tensor
     """bool: some rank's gradients held inf/NaN (the loss scale's business, unlike a spike)."""
+    loss_sum: torch.Tensor
+    trained_tokens: torch.Tensor
+    riders: torch.Tensor
+    """fp64: the riders' global sums."""
     local_norms: torch.Tensor
     """This rank's per-tensor gradient norms (fp64), to name non-finite tensors when read."""
     names: tuple[str, ...]
@@ -182,16 +202,17 @@ class DeviceDecision:
     def packed(self) -> torch.Tensor:
         """Everything the host needs, in one fp64 vector (one transfer, batched across steps)."""
         scalars = torch.stack([getattr(self, name).to(torch.float64) for name in _PACKED])
-        return torch.cat([scalars, self.local_norms.to(scalars.device)])
+        return torch.cat([scalars, self.riders, self.local_norms.to(scalars.device)])
 
     @property
     def packed_width(self) -> int:
-        return len(_PACKED) + len(self.names)
+        return len(_PACKED) + len(self.riders) + len(self.names)
 
     def unpack(self, values: Sequence[float]) -> StepDecision:
-        skip, loss_scale, grad_norm, clip_coef, multiplier, abort, consecutive, scale_after, spike, median, overflow = \
-            values[: len(_PACKED)]
-        norms = values[len(_PACKED):]
+        skip, loss_scale, grad_norm, clip_coef, multiplier, abort, consecutive, scale_after, spike, median, overflow, \
+            loss_sum, trained_tokens = values[: len(_PACKED)]
+        riders = tuple(values[len(_PACKED):len(_PACKED) + len(self.riders)])
+        norms = values[len(_PACKED) + len(self.riders):]
         local_bad = tuple(
             (name, "nan" if math.isnan(norm) else "inf") for name, norm in zip(self.names, norms) if not math.isfinite(norm)
         )
@@ -207,6 +228,9 @@ class DeviceDecision:
             spike=bool(spike),
             loss_median=median,
             overflow=bool(overflow),
+            loss_sum=loss_sum,
+            trained_tokens=trained_tokens,
+            riders=riders,
         )
 
     def read(self) -> StepDecision:
@@ -277,14 +301,15 @@ class GradScaler:
 
     def decide(self, named_grads: Sequence[tuple[str, torch.Tensor]], counted: bool = True,
                loss: Optional[torch.Tensor] = None, loss_and_tokens: Optional[torch.Tensor] = None,
-               nominal_tokens: Optional[float] = None) -> DeviceDecision:
+               nominal_tokens: Optional[float] = None, riders: Optional[torch.Tensor] = None) -> DeviceDecision:
         """Runs on every rank with that rank's local gradient shards (disjoint across ranks, or,
         with `counted=False`, a copy of another rank's: an HSDP replica). The step's loss, either
         `loss` (this rank's mean loss: the step's loss is the mean over ranks), or
         `loss_and_tokens` (this rank's (loss sum, trained tokens): the step's loss is the global
         sum over the global count) with `nominal_tokens` (the global count backward divided by:
-        the gradients are rescaled by nominal / trained tokens). Reads the gradients only; the
-        backend applies the decision. Nothing is read by the host."""
+        the gradients are rescaled by nominal / trained tokens). `riders`: a vector of this rank's
+        values that every rank needs summed (flags), carried by the same all-reduce. Reads the
+        gradients only; the backend applies the decision. Nothing is read by the host."""
         names = tuple(name for name, _ in named_grads)
         grads = [grad for _, grad in named_grads]
         used_scale = self.scale_tensor
@@ -300,7 +325,9 @@ class GradScaler:
             # value still poisons it (0 * inf = nan): the same decision on every rank. Its loss
             # and tokens are its own data's and count in full.
             sumsq = sumsq * 0
-        packet = torch.cat([sumsq, self._loss_packet(loss, loss_and_tokens)])
+        riders = torch.zeros(0, dtype=torch.float64, device=self.device) if riders is None else \
+            riders.to(device=self.device, dtype=torch.float64).reshape(-1)
+        packet = torch.cat([sumsq, self._loss_packet(loss, loss_and_tokens), riders])
         dist.all_reduce(packet, op=dist.ReduceOp.SUM, group=self.group)
         sumsq = packet[:1]
         nonfinite = ~torch.isfinite(sumsq[0])
@@ -351,6 +378,9 @@ class GradScaler:
             spike=spike,
             loss_median=median,
             overflow=nonfinite,
+            loss_sum=packet[1],
+            trained_tokens=packet[2],
+            riders=packet[3:],
             local_norms=local_norms,
             names=names,
             settings=self.loss_scale.settings,

@@ -82,7 +82,9 @@ class Progress:
         if "eval_loss" in row:
             parts.insert(2, f"eval_loss {_num(row['eval_loss'], '.4f')}")
         if row["skipped"]:
-            parts.append("SKIPPED (non-finite gradients)")
+            # A spike's skip is decided on finite gradients; an overflow's row names its tensors.
+            spike_only = row.get("spike") and "nonfinite_tensors" not in row
+            parts.append("SKIPPED (loss spike)" if spike_only else "SKIPPED (non-finite gradients)")
         return " | ".join(parts)
 
     def close(self) -> None:

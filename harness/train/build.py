@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from harness.checkpoint import Checkpointer, choose_resume, load_checkpoint
+from harness.checkpoint import Checkpointer, choose_resume
 from harness.config import Config, dump_yaml
 from harness.data import BatchShape, PrefetchedBatches, TrainBatches, eval_batches, load_corpus, load_tokenizer
 from harness.data.instruct import INSTRUCTION_FORMATS, describe_dropped, load_chat_template
@@ -21,7 +21,7 @@ from harness.errors import HarnessError
 from harness.model import flops_per_token, full_numel, lora
 from harness.model.blocks import compile_blocks
 from harness.model.build import check_tokenizer_fits, generation_eos, model_spec, special_token_ids
-from harness.model.loss import enable_chunked_loss
+from harness.model.loss import enable_chunked_loss, loss_sum_and_count
 from harness.model.source import BlocksOf, model_source
 from harness.numerics.diagnose import ForwardProbe, OverflowDiagnosis
 from harness.numerics.fp8 import check_fp8_device, convert_to_fp8, scale_precompute
@@ -36,11 +36,15 @@ from harness.parallel import build_backend
 from harness.parallel.initial_weights import write_initial_weights
 from harness.runtime.dist import RankInfo
 from harness.runtime.host_memory import peak_gb as host_peak_gb
+from harness.runtime.preemption import StopRequest
 from harness.runtime.run_dir import Claim, claim
+from harness.runtime.watchdog import Watchdog
 from harness.train.callbacks import Callback, LossFn
 from harness.train.faults import FaultInjector
-from harness.train.loop import Loop
+from harness.train.loop import Loop, PhaseListener
 from harness.train.prompts import PromptSet, prompt_set
+from harness.train.recovery import Recovery
+from harness.train.run_state import RunState
 
 
 def load_agreed_corpus(cfg: Config, info: RankInfo):
@@ -100,10 +104,13 @@ class _Data:
     vocab_size: int
 
 
-def build_loop(cfg: Config, info: RankInfo, device: torch.device, parts: Optional[Parts] = None) -> Loop:
+def build_loop(cfg: Config, info: RankInfo, device: torch.device, parts: Optional[Parts] = None,
+               stop: Optional[StopRequest] = None, watchdog: Optional[Watchdog] = None) -> Loop:
     """Everything a run needs, built and checked before anything is written: a run folder that did
     not exist is removed again if setup fails (harness.runtime.run_dir), an existing one is left as it was
-    (its config.yaml and metrics are only written once setup has succeeded)."""
+    (its config.yaml and metrics are only written once setup has succeeded). `stop`: the signals
+    that end the run after a checkpoint (default: none is installed, none is heard); `watchdog`:
+    multi-rank jobs, told of every phase the loop enters."""
     parts = parts or Parts()
     _check_parts(cfg, parts)
     policy = precision_policy(cfg.precision)
@@ -111,13 +118,11 @@ def build_loop(cfg: Config, info: RankInfo, device: torch.device, parts: Optiona
     run_dir = Path(cfg.run.dir)
     claimed = _claim_run_dir(run_dir, info)
     try:
-        loop = _build(cfg, info, device, policy, run_dir, parts)
+        return _build(cfg, info, device, policy, run_dir, parts, stop or StopRequest(), watchdog, claimed)
     except BaseException:
         if claimed is not None:
             claimed.abandon()
         raise
-    loop.run_dir_claim = claimed
-    return loop
 
 
 def _check_parts(cfg: Config, parts: Parts) -> None:
@@ -177,9 +182,10 @@ def _data(cfg: Config, info: RankInfo, parts: Parts) -> _Data:
     return _Data(train, val, vocab)
 
 
-def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: Path, parts: Parts) -> Loop:
+def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: Path, parts: Parts,
+           stop: StopRequest, watchdog: Optional[Watchdog], claimed: Optional[Claim]) -> Loop:
     faults = FaultInjector(cfg.faults, info.rank)
-    faults.in_phase(0, "setup")  # the drill of a rank that never finishes setting up
+    faults.enter("setup", 0)  # the drill of a rank that never finishes setting up
     if parts.model is None and cfg.model.pretrained:  # before any data is tokenized (and cached) with it
         check_tokenizer_fits(model_spec(cfg.model, 0).hf_config, load_tokenizer(cfg.data.tokenizer), cfg.data.tokenizer,
                              cfg.model.pretrained)
@@ -234,22 +240,11 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
     shape = BatchShape(cfg.train.micro_batch_size, cfg.train.grad_accum, info.world_size)
     spikes = SpikeGuard(cfg.train.spike, device)
     scaler = build_grad_scaler(cfg.scaler, policy.uses_loss_scaling, cfg.train.grad_clip, device, spikes=spikes)
-    start_step, start_offset = 0, 0
-    skip_steps: list[int] = []
-    skipped_batches = rollbacks = 0
+    batches = TrainBatches(data.train, cfg.train.seed, shape, info.rank)
+    state = RunState(cfg, info, device, backend, scaler, spikes, batches, lora_base)
+    start_step = 0
     if resume_path is not None:
-        load_started = time.perf_counter()
-        state = load_checkpoint(resume_path, backend, cfg, info, device, shape.global_batch, lora_base)
-        print0(info.rank, f"resume: loaded {resume_path} in {time.perf_counter() - load_started:.1f}s")
-        if state is None:
-            print0(info.rank, f"resume: weights from {resume_path}; a new run from step 0")
-        else:
-            start_step, start_offset = state.step, state.sequences_consumed
-            scaler.load_state_dict(state.scaler)
-            spikes.load_state_dict(state.spikes)
-            skip_steps, skipped_batches, rollbacks = state.skip_steps, state.skipped_batches, state.rollbacks
-            print0(info.rank, f"resume: continuing after step {state.step} of {resume_path}")
-    batches = TrainBatches(data.train, cfg.train.seed, shape, info.rank, start_step, start_offset, skip_steps)
+        start_step = _resume(state, resume_path, cfg.resume.weights_only)
     eval_data = []
     if cfg.eval.every:
         eval_data = eval_batches(data.val, cfg.eval.sequences, cfg.train.micro_batch_size, info.rank, info.world_size)
@@ -260,33 +255,51 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
     tracker = build_tracker(cfg, info.rank, resumed=start_step > 0)  # may refuse (no wandb login): before any write
     if info.is_main:
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+    checkpointer = Checkpointer(cfg, model_config_json, info, device)
+    chunk = cfg.train.loss_chunk_tokens
+    phases: list[PhaseListener] = [watchdog] if watchdog is not None else []
     return Loop(
         cfg=cfg,
         info=info,
         device=device,
-        backend=backend,
+        backend=faults.wrap_backend(backend),
         scaler=scaler,
-        batches=batches,
+        state=state,
+        recovery=Recovery(cfg.train.spike, Path(cfg.checkpoint.dir), state, checkpointer, info),
+        checkpointer=checkpointer,
+        loss=faults.wrap_loss(parts.loss or (lambda model, batch: loss_sum_and_count(model, batch, chunk))),
+        eval_loss=parts.loss,
         eval_data=eval_data,
-        faults=faults,
+        prompts=_prompts(cfg) if cfg.eval.prompts else None,
         metrics=MetricsWriter(run_dir, info.rank, cfg.log.per_rank, resume_step=start_step if resume_path else None),
+        tracker=tracker,
+        callbacks=tuple(parts.callbacks),
+        diagnosis=diagnosis,
         flops_per_token=fpt,
         peak_tflops=device_peak_tflops(device, policy, cfg.log.peak_tflops),
-        model_config_json=model_config_json,
-        tracker=tracker,
-        diagnosis=diagnosis,
-        checkpointer=Checkpointer(cfg, model_config_json, info, device, lora_base),
-        start_step=start_step,
-        setup_host_peak_gb=setup_host_peak,
+        stop=stop,
+        phases=(*phases, faults),
+        between_steps=(faults.between_steps,),
+        watchdog=watchdog,
         counter=StepCounter(device) if cfg.debug.count_syncs else None,
         prefetched=PrefetchedBatches(batches, pin_memory=device.type == "cuda") if cfg.data.prefetch else None,
-        spikes=spikes,
-        skipped_batches=skipped_batches,
-        rollbacks=rollbacks,
-        loss_fn=parts.loss,
-        callbacks=tuple(parts.callbacks),
-        prompts=_prompts(cfg) if cfg.eval.prompts else None,
+        start_step=start_step,
+        setup_host_peak_gb=setup_host_peak,
+        run_dir_claim=claimed,
     )
+
+
+def _resume(state: RunState, path: Path, weights_only: bool) -> int:
+    """Restore the run from checkpoint `path`; returns the step it continues after (0: weights only)."""
+    rank = state.info.rank
+    load_started = time.perf_counter()
+    restored = state.restore(path, weights_only=weights_only)
+    print0(rank, f"resume: loaded {path} in {time.perf_counter() - load_started:.1f}s")
+    if restored is None:
+        print0(rank, f"resume: weights from {path}; a new run from step 0")
+        return 0
+    print0(rank, f"resume: continuing after step {restored.step} of {path}")
+    return restored.step
 
 
 def _prompts(cfg: Config) -> PromptSet:

@@ -1,5 +1,11 @@
 """Deliberate faults, for tests and drills: non-finite gradients and outputs (the skip/scale
-machinery), loss spikes (train.spike), a rank that hangs (the watchdog) and a crash (resume)."""
+machinery), loss spikes (train.spike), a rank that hangs (the watchdog) and a crash (resume).
+
+The loop knows nothing of them: the injector wraps what the loop uses and listens where it
+already speaks. It wraps the training loss (`wrap_loss`: a spike) and the backend (`wrap_backend`:
+a non-finite gradient shard), hooks a module's forward (`attach`: a non-finite output), hears
+the loop's phases like the watchdog does (`enter`: a crash or a hang in forward, eval or setup),
+and runs between steps like any hook (`between_steps`: the kill drill)."""
 
 from __future__ import annotations
 
@@ -8,7 +14,7 @@ import os
 import signal
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
@@ -33,6 +39,7 @@ class FaultInjector:
         self.spike_steps = set(cfg.loss_spike_steps)
         self.spike_factor = cfg.loss_spike_factor
         self._spiked: set[int] = set()
+        self._spiking: Optional[int] = None
         self.hang = (cfg.hang_at_step, cfg.hang_phase, cfg.hang_s) if cfg.hang_at_step and rank == cfg.hang_rank else None
         self.crash_at_step = cfg.crash_at_step if rank == cfg.crash_rank else 0
         self.step = 0
@@ -50,8 +57,14 @@ class FaultInjector:
             )
         modules[self.forward_module].register_forward_hook(self._corrupt_output)
 
-    def begin_step(self, step: int) -> None:
-        self.step = step
+    def enter(self, phase: str, step: int) -> None:
+        """The loop entered `phase` of step `step` (it tells the watchdog the same)."""
+        if phase == "data":  # a step begins: the previous one's spike, if any, has run
+            if self._spiking is not None:
+                self._spiked.add(self._spiking)
+                self._spiking = None
+            self.step = step
+        self.in_phase(step, phase)
 
     def _corrupt_output(self, module, inputs, output):
         if not self.active or self.step not in self.value_at or not module.training:
@@ -63,17 +76,31 @@ class FaultInjector:
               f"of {self.forward_module}", flush=True)
         return (corrupted, *output[1:]) if isinstance(output, tuple) else corrupted
 
-    def scale_loss(self, step: int, loss):
+    def wrap_loss(self, loss: Callable[[nn.Module, Any], tuple]) -> Callable[[nn.Module, Any], tuple]:
         """faults.loss_spike_steps: the step's loss (and so its gradients) times the factor, on
         every rank, the first time the step runs: a bad batch, which a rollback leaves out."""
-        if step in self.spike_steps and step not in self._spiked:
-            self._spiked_now = step
-            return loss * self.spike_factor
-        return loss
+        if not self.spike_steps:
+            return loss
 
-    def end_step(self, step: int) -> None:
-        if getattr(self, "_spiked_now", None) == step:
-            self._spiked.add(step)
+        def spiking(model: nn.Module, batch: Any) -> tuple:
+            total, count = loss(model, batch)
+            if self.step in self.spike_steps and self.step not in self._spiked:
+                self._spiking = self.step
+                total = total * self.spike_factor
+            return total, count
+
+        return spiking
+
+    def wrap_backend(self, backend: Any) -> Any:
+        """faults.nonfinite_grad_steps: the backend, whose gradient shards as the loop reads them for
+        the decision carry the step's value in one element on faults.nonfinite_grad_rank."""
+        if not self.active or self.forward_module is not None:
+            return backend
+        return _CorruptedGradients(backend, self)
+
+    def between_steps(self, step: int) -> None:
+        """After step `step` was read and checkpointed when due: the kill drill."""
+        self.maybe_kill(step)
 
     def in_phase(self, step: int, phase: str = "forward") -> None:
         """The drills that act inside a phase (forward, eval, setup): a crash, then a hang."""
@@ -102,7 +129,7 @@ class FaultInjector:
         """Write the step's value into one element of one local gradient shard.
 
         Returns a description ("inf into <param>") when it did, None otherwise."""
-        if not self.active or step not in self.value_at or self.forward_module is not None:
+        if step not in self.value_at:
             return None
         name, grad = self._pick(named_grads)
         value = self.value_at[step]
@@ -127,3 +154,22 @@ class FaultInjector:
         raise HarnessError(
             f"faults.nonfinite_grad_param={self.param!r} is not a parameter with a gradient (e.g. {known}, ...)"
         )
+
+
+class _CorruptedGradients:
+    """A backend whose gradient shards, read for the step's decision, carry the injected value;
+    everything else is the backend's own."""
+
+    def __init__(self, backend: Any, faults: FaultInjector) -> None:
+        self._backend = backend
+        self._faults = faults
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._backend, name)
+
+    def local_grad_shards(self) -> list[tuple[str, torch.Tensor]]:
+        grads = self._backend.local_grad_shards()
+        corrupted = self._faults.maybe_corrupt(self._faults.step, grads)
+        if corrupted:
+            print(f"[rank {self._faults.rank}] step {self._faults.step}: fault injected: {corrupted}", flush=True)
+        return grads

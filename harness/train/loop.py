@@ -7,27 +7,20 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Callable, Optional, Protocol, Sequence
 
 import torch
-import torch.distributed as dist
 
-from harness.checkpoint import (
-    Checkpointer,
-    CheckpointError,
-    trainer_state_for,
-)
+from harness.checkpoint import Checkpointer
 from harness.config import Config
 from harness.data import PrefetchedBatches, TrainBatches
 from harness.data.batch import to_device
-from harness.errors import TrainingAborted
-from harness.model.loss import loss_sum_and_count
 from harness.numerics.diagnose import OverflowDiagnosis
-from harness.numerics.grad_scale import DeviceDecision, GradScaler, StepDecision
+from harness.numerics.grad_scale import DeviceDecision, GradScaler
 from harness.numerics.optim import lr_at
-from harness.numerics.spikes import SpikeGuard, spike_warning
+from harness.numerics.spikes import spike_warning
 from harness.observe.console import Progress, RunSummary, print0
 from harness.observe.metrics import (
     MetricsWriter,
@@ -46,58 +39,68 @@ from harness.runtime.run_dir import Claim
 from harness.runtime.watchdog import Watchdog
 from harness.train.callbacks import Callback, LossFn
 from harness.train.evaluation import held_out_loss
-from harness.train.faults import FaultInjector
 from harness.train.prompts import PromptSet, complete_and_record
-from harness.train.rollback import roll_back
-from harness.train.rows import PendingStep, StepAgreement, Tally, pack_pending, read_rows
+from harness.train.recovery import Recovery
+from harness.train.rows import PendingStep, StepAgreement, StepRecord, Tally, pack_pending, read_rows
+from harness.train.run_state import RunState
 from harness.train.schedule import eval_due, reads_after, save_due
+
+
+class PhaseListener(Protocol):
+    def enter(self, phase: str, step: int) -> None: ...
 
 
 @dataclass
 class Loop:
+    """One run's steps, over components given whole at construction (harness.train.build)."""
+
     cfg: Config
     info: RankInfo
     device: torch.device
     backend: ParallelBackend
     scaler: GradScaler
-    batches: TrainBatches
+    state: RunState
+    """Everything a checkpoint holds (harness.train.run_state); the loop's data position is its batches."""
+    recovery: Recovery
+    """What a loss spike or an abort read back from the device leads to."""
+    checkpointer: Checkpointer
+    loss: LossFn
+    """The training loss of one micro-batch: (sum of token losses, token count)."""
+    eval_loss: Optional[LossFn]
+    """harness.Trainer(loss=...) for evaluation; None: next-token cross entropy."""
     eval_data: list[tuple[torch.Tensor, torch.Tensor]]
-    faults: FaultInjector
+    prompts: Optional[PromptSet]
+    """eval.prompts, tokenized: completed at every evaluation."""
     metrics: MetricsWriter
+    tracker: NullTracker | WandbTracker
+    callbacks: Sequence[Callback]
+    """harness.Trainer(callbacks=...): told of every metrics row and every evaluation."""
+    diagnosis: OverflowDiagnosis
     flops_per_token: float
     peak_tflops: Optional[float]
-    model_config_json: str
-    tracker: NullTracker | WandbTracker
-    diagnosis: OverflowDiagnosis
-    checkpointer: Checkpointer
-    start_step: int = 0
-    """The step a resumed run continues after (0 for a fresh run)."""
-    setup_host_peak_gb: list[float] = field(default_factory=list)
-    """Every rank's host RSS high-water mark once set up, before step 1 (the number that picks a node)."""
-    stop: Optional[StopRequest] = None
-    """Set by the entry point: SIGTERM/SIGUSR1 end the run after a checkpoint."""
+    stop: StopRequest
+    """SIGTERM/SIGUSR1 end the run after a checkpoint."""
+    phases: Sequence[PhaseListener] = ()
+    """Told of every phase the loop enters: the watchdog (a rank that stops making progress ends
+    the job) and the fault drills."""
+    between_steps: Sequence[Callable[[int], None]] = ()
+    """Called with the step after each read (and its checkpoint when due): the kill drill."""
+    watchdog: Optional[Watchdog] = None
+    """Multi-rank jobs: asked, when a collective fails, which peer is gone."""
     counter: Optional[StepCounter] = None
     """debug.count_syncs: host syncs and collectives of each step, into its metrics row."""
     prefetched: Optional[PrefetchedBatches] = None
-    """data.prefetch: `batches` with the next step built in the background."""
-    spikes: Optional[SpikeGuard] = None
-    """train.spike: the loss-spike check, decided on the device with the step."""
-    skipped_batches: int = 0
-    """Batches left out by loss-spike rollbacks so far (this run and the ones it resumed)."""
-    rollbacks: int = 0
-    watchdog: Optional[Watchdog] = None
-    """Set by the entry point on multi-rank jobs: ends the job when a rank stops making progress."""
-    loss_fn: Optional[LossFn] = None
-    """harness.Trainer(loss=...): loss(model, batch) -> (sum of token losses, token count); None: next-token
-    cross entropy."""
-    callbacks: Sequence[Callback] = ()
-    """harness.Trainer(callbacks=...): told of every metrics row and every evaluation."""
+    """data.prefetch: the batches with the next step built in the background."""
+    start_step: int = 0
+    """The step a resumed run continues after (0 for a fresh run)."""
+    setup_host_peak_gb: Sequence[float] = ()
+    """Every rank's host RSS high-water mark once set up, before step 1 (the number that picks a node)."""
     run_dir_claim: Optional[Claim] = None
     """Rank 0's hold on run.dir (harness.runtime.run_dir), kept for the life of the trainer."""
-    prompts: Optional[PromptSet] = None
-    """eval.prompts, tokenized: completed at every evaluation."""
-    _local_loss: Optional[torch.Tensor] = None
-    """The last forward_backward's (loss sum, trained tokens) on this rank."""
+
+    @property
+    def batches(self) -> TrainBatches:
+        return self.state.batches
 
     @property
     def tokens_per_step(self) -> int:
@@ -133,14 +136,14 @@ class Loop:
                 if values is None:
                     step += 1
                     continue
-                read = self._rows(pending, values, time.perf_counter() - window_started)
+                records = self._records(pending, values, time.perf_counter() - window_started)
                 pending = []
-                resumed_after = self._record(read, progress, tally)
+                resumed_after = self._record(records, progress, tally)
                 window_started = time.perf_counter()
                 if resumed_after is not None:  # a loss-spike rollback: continue after its checkpoint
                     step = resumed_after + 1
                     continue
-                if self._act_after_read(step, agreed=read[-1][2]):
+                if self._act_after_read(step, records[-1].agreement):
                     stopped_after = step
                     break
                 step += 1
@@ -171,55 +174,52 @@ class Loop:
             run_dir=cfg.run.dir,
             overflows=self.diagnosis.summary(),
             stopped=None if stopped_after is None else (self.stop.received or "a signal on another rank", stopped_after),
-            setup_host_peak_gb=self.setup_host_peak_gb,
+            setup_host_peak_gb=list(self.setup_host_peak_gb),
         )
         if self.info.is_main:
             write_json_atomically(Path(cfg.run.dir) / "summary.json", summary.to_json())
         return summary
 
-    def _record(self, read: list[tuple[dict, StepDecision, StepAgreement]], progress: Progress,
-                tally: Tally) -> Optional[int]:
+    def _record(self, records: list[StepRecord], progress: Progress, tally: Tally) -> Optional[int]:
         """Write the rows just read (evaluating after the last one when due); stop the run at the
         first row that carries an abort (later rows belong to steps the latch left untouched).
         With train.spike.action=rollback and a spike among the rows, roll back and return the
         step the run continues after."""
         cfg = self.cfg
         spikes = []
-        completions = None
-        for row, decision, _ in read:
-            step = row["step"]
+        for record in records:
+            row, decision, step = record.row, record.decision, record.step
             if decision.spike:
                 spikes.append(step)
                 print0(self.info.rank, spike_warning(cfg.train.spike, step, row["loss"], decision.loss_median))
-            if row is read[-1][0] and eval_due(cfg, step) \
-                    and not (spikes and cfg.train.spike.action == "rollback"):
+            completions = None
+            if record is records[-1] and eval_due(cfg, step) and not (spikes and self.recovery.rolls_back):
                 tally.eval_loss = row["eval_loss"] = self.evaluate(step)
                 for callback in self.callbacks:
                     callback.on_eval(step, row["eval_loss"])
                 completions = self.complete_prompts(step)
             self.metrics.write(row)
             self.tracker.log(row, completions=completions)
-            completions = None
             for callback in self.callbacks:
                 callback.on_step_end(row)
             progress.update(row)
             tally.add(row, self.tokens_per_step, last_step=cfg.train.steps)
             if decision.abort_reason:
-                self.land_in_flight_save()
-                raise TrainingAborted(f"step {step}: {decision.abort_reason}")
-        if spikes and cfg.train.spike.action == "rollback":
-            return roll_back(self, spikes)
+                raise self.recovery.abort(f"step {step}: {decision.abort_reason}")
+        if spikes and self.recovery.rolls_back:
+            return self.recovery.roll_back(spikes)
         return None
 
     def _act_after_read(self, step: int, agreed: StepAgreement) -> bool:
         """Between steps, after a read: commit a finished background save, save when due, the
-        kill drill, and a stop signal (save, then True: the run ends here)."""
+        between-step hooks, and a stop signal (save, then True: the run ends here)."""
         cfg = self.cfg
         self.checkpointer.commit_if_written(agreed.saves_written)
         saved = save_due(cfg, step)
         if saved:
             self.save_checkpoint(step, blocking=step == cfg.train.steps)
-        self.faults.maybe_kill(step)
+        for hook in self.between_steps:
+            hook(step)
         if not (agreed.stop and step < cfg.train.steps):
             return False
         if saved:
@@ -228,28 +228,24 @@ class Loop:
             self.save_checkpoint(step)
         return True
 
-    def run_step(self, step: int) -> tuple[dict, StepDecision, StepAgreement]:
-        """Issue step `step` and read it at once (what fit() does with log.every=1): its metrics
-        row, decision and agreement. For benchmarks and tools that drive steps one by one."""
+    def run_step(self, step: int) -> StepRecord:
+        """Issue step `step` and read it at once (what fit() does with log.every=1). For benchmarks
+        and tools that drive steps one by one."""
         started = time.perf_counter()
         pending = [self.train_step(step)]
         values = host_read(pack_pending(pending))
-        return self._rows(pending, values, time.perf_counter() - started)[0]
+        return self._records(pending, values, time.perf_counter() - started)[0]
 
-    def train_step(self, step: int) -> "PendingStep":
+    def train_step(self, step: int) -> PendingStep:
         """Issue one optimizer step; nothing here waits for the device (FSDP2)."""
         lr = lr_at(step, self.cfg.train)
-        self.faults.begin_step(step)
         self.diagnosis.begin_step()
         loss_scale = None if self.scaler.fixed_scale_of_one else self.scaler.scale_tensor
         local_loss = self.forward_backward(step, loss_scale)
-        self.faults.end_step(step)
-        decision = self.apply_gradients(step, lr, local_loss)
         return PendingStep(
             step=step,
             lr=lr,
-            decision=decision,
-            agreement=self._agree_at_step_end(local_loss),
+            decision=self.apply_gradients(step, lr, local_loss),
             host_fields={
                 "tokens": self.batches.consumed_after(step) * self.cfg.train.seq_len,
                 **({"tokens_by_source": by_source} if (by_source := self.batches.tokens_by_source(step)) else {}),
@@ -261,36 +257,16 @@ class Loop:
             },
         )
 
-    def _rows(self, pending: list[PendingStep], values: list[float], window_s: float
-              ) -> list[tuple[dict, StepDecision, StepAgreement]]:
-        return read_rows(pending, values, window_s, tokens_per_step=self.tokens_per_step, mfu=self._mfu, skipped_batches=self.skipped_batches,
-                         diagnosis=self.diagnosis)
+    def _records(self, pending: list[PendingStep], values: list[float], window_s: float) -> list[StepRecord]:
+        return read_rows(pending, values, window_s, tokens_per_step=self.tokens_per_step, mfu=self._mfu,
+                         skipped_batches=self.state.skipped_batches, diagnosis=self.diagnosis)
 
     def save_checkpoint(self, step: int, blocking: bool = True) -> Optional[Path]:
         """Checkpoint after step `step`; with checkpoint.async_save and blocking=False the file
         writing continues in the background (returns None until it is committed)."""
-        state = trainer_state_for(
-            step=step,
-            consumed=self.batches.consumed_after(step),
-            global_batch=self.batches.shape.global_batch,
-            world_size=self.info.world_size,
-            scaler_state=self.scaler.state_dict(),
-            backend=self.backend,
-            spikes=self.spikes.state_dict() if self.spikes is not None else {},
-            skipped_batches=self.skipped_batches,
-            skip_steps=[s for s in self.batches.skip_steps if s > step],
-            rollbacks=self.rollbacks,
-        )
+        state = self.state.capture(step)
         self._phase("checkpoint", step)
-        return self.checkpointer.save(step, self.backend, state, blocking=blocking)
-
-    def land_in_flight_save(self) -> None:
-        """Before aborting (a decision every rank shares), commit the save still being written:
-        it holds the last good state."""
-        try:
-            self.checkpointer.finish()
-        except CheckpointError as exc:
-            print0(self.info.rank, f"warning: {exc}")
+        return self.checkpointer.save(step, self.state.backend, state, self.state.lora_base, blocking=blocking)
 
     def forward_backward(self, step: int, loss_scale: Optional[torch.Tensor]) -> torch.Tensor:
         """Accumulate this rank's gradients for step `step`. Returns, on the device and unread,
@@ -306,14 +282,11 @@ class Loop:
         sums = torch.zeros(2, dtype=torch.float64, device=self.device)
         for i, batch in enumerate(micro_batches):
             self._phase("forward", step)
-            self.faults.in_phase(step)
-            total, count = self.micro_batch_loss(to_device(batch, self.device, non_blocking=True))
-            total = self.faults.scale_loss(step, total)
+            total, count = self.loss(self.backend.model, to_device(batch, self.device, non_blocking=True))
             last = i == len(micro_batches) - 1
             self._phase("backward", step)
             self.backend.backward(total / self.nominal_tokens_per_rank, loss_scale, last_micro_batch=last)
             sums += torch.stack([total.detach().double(), torch.as_tensor(count, device=self.device).double()])
-        self._local_loss = sums
         return sums
 
     @property
@@ -323,40 +296,30 @@ class Loop:
         return shape.micro_batch_size * shape.grad_accum * self.cfg.train.seq_len
 
     def _phase(self, phase: str, step: int) -> None:
-        if self.watchdog is not None:
-            self.watchdog.enter(phase, step)
+        for listener in self.phases:
+            listener.enter(phase, step)
 
-    def apply_gradients(self, step: int, lr: float, local_loss: Optional[torch.Tensor] = None) -> DeviceDecision:
+    def apply_gradients(self, step: int, lr: float, local_loss: torch.Tensor) -> DeviceDecision:
         """Decide, then step or skip, all on the device (for FSDP2); returns the decision unread.
-        local_loss: what forward_backward returned (default: its last result)."""
+        local_loss: what forward_backward returned."""
         decision = self.unscale_and_clip(step, local_loss)
         self._phase("step", step)
         self.backend.apply_decision(decision, lr)
         return decision
 
-    def unscale_and_clip(self, step: int, local_loss: Optional[torch.Tensor] = None) -> DeviceDecision:
-        """One decision for all ranks (non-finite check, global norm, unscale + clip, loss
-        spike), on the device."""
+    def unscale_and_clip(self, step: int, local_loss: torch.Tensor) -> DeviceDecision:
+        """One decision for all ranks, in one all-reduce (non-finite check, global norm, unscale +
+        clip, loss spike, the step's loss, and the flags every rank must agree on), on the device."""
         self._phase("decision", step)
-        grads = self.backend.local_grad_shards()
-        corrupted = self.faults.maybe_corrupt(step, grads)
-        if corrupted:
-            self._warn(f"step {step}: fault injected: {corrupted}")
-        local_loss = self._local_loss if local_loss is None else local_loss
-        return self.scaler.decide(grads, counted=self.backend.primary_copy, loss_and_tokens=local_loss,
-                                  nominal_tokens=self.nominal_tokens_per_rank * self.info.world_size)
-
-    def micro_batch_loss(self, batch) -> tuple[torch.Tensor, torch.Tensor]:
-        """This rank's summed loss over one micro-batch's trained tokens, and their count."""
-        if self.loss_fn is None:
-            return loss_sum_and_count(self.backend.model, batch, self.cfg.train.loss_chunk_tokens)
-        return self.loss_fn(self.backend.model, batch)
+        riders = StepAgreement.riders(self.stop.received is not None, self.checkpointer.writing, self.device)
+        return self.scaler.decide(self.backend.local_grad_shards(), counted=self.backend.primary_copy,
+                                  loss_and_tokens=local_loss,
+                                  nominal_tokens=self.nominal_tokens_per_rank * self.info.world_size, riders=riders)
 
     def evaluate(self, step: int = 0) -> float:
         """Mean loss over the fixed held-out sequences (harness.train.evaluation), after step `step`."""
         self._phase("eval", step)
-        self.faults.in_phase(step, "eval")
-        return held_out_loss(self.backend.model, self.eval_data, self.device, self.loss_fn,
+        return held_out_loss(self.backend.model, self.eval_data, self.device, self.eval_loss,
                              self.cfg.train.loss_chunk_tokens)
 
     def complete_prompts(self, step: int) -> Optional[list[dict]]:
@@ -367,33 +330,7 @@ class Loop:
         return complete_and_record(self.backend.model, self.prompts, self.device, step,
                                    Path(self.cfg.run.dir) if self.info.is_main else None)
 
-    def mean_loss(self, local_loss: torch.Tensor) -> float:
-        """This step's loss (the mean over the global batch's trained tokens), read now (a
-        collective and a sync: for tests and tools that drive steps one by one; fit() reads it
-        with the step's other values)."""
-        loss_sum, tokens = host_read(self._agree_at_step_end(local_loss))[:2]
-        return loss_sum / max(tokens, 1.0)
-
-    def _agree_at_step_end(self, local_loss: torch.Tensor) -> torch.Tensor:
-        """One all-reduce carries everything the ranks must agree on after a step: the summed
-        loss and trained tokens, whether any rank received a stop signal (signals reach ranks at
-        different moments), and whether any rank is still writing a background checkpoint. Issued
-        every step, read with the step's other values (fills from host values need no read)."""
-        values = torch.zeros(4, dtype=torch.float64, device=self.device)
-        values[:2] = local_loss.detach()
-        if self.stop is not None and self.stop.received:
-            values[2] = 1.0
-        if self.checkpointer.writing:
-            values[3] = 1.0
-        dist.all_reduce(values)
-        return values
-
     def _mfu(self, tokens_per_s: float) -> Optional[float]:
         if self.peak_tflops is None:
             return None
         return self.flops_per_token * tokens_per_s / (self.peak_tflops * 1e12 * self.info.world_size)
-
-    def _warn(self, message: str) -> None:
-        print(f"[rank {self.info.rank}] {message}", flush=True)
-
-

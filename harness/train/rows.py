@@ -18,15 +18,24 @@ from harness.numerics.grad_scale import DeviceDecision, StepDecision
 
 @dataclass(frozen=True)
 class StepAgreement:
-    """What every rank learned, identically, at the end of a step."""
+    """What every rank learned, identically, at the end of a step: flags each rank raises on its
+    own, summed over ranks by the step's one decision all-reduce (they ride in its packet)."""
 
     stop: bool
     """Some rank received SIGTERM/SIGUSR1: checkpoint after this step and exit."""
     saves_written: bool
     """No rank is still writing a background checkpoint: the one in flight can be committed."""
 
+    @staticmethod
+    def riders(stop_received: bool, still_writing: bool, device: torch.device) -> torch.Tensor:
+        """This rank's flags, as the decision's all-reduce carries them (signals reach ranks at
+        different moments; each rank's background writer finishes at its own)."""
+        return torch.tensor([float(stop_received), float(still_writing)], dtype=torch.float64, device=device)
 
-AGREEMENT_WIDTH = 4
+    @classmethod
+    def from_riders(cls, summed: tuple[float, ...]) -> "StepAgreement":
+        stopping, writing = summed
+        return cls(stop=stopping > 0, saves_written=writing == 0)
 
 
 @dataclass
@@ -36,22 +45,27 @@ class PendingStep:
     step: int
     lr: float
     decision: DeviceDecision
-    agreement: torch.Tensor
-    """All-reduced (loss sum, trained tokens, stop flag, still-writing flag), fp64."""
     host_fields: dict
     """Metrics known on the host when the step was issued (tokens, memory peaks, counters)."""
 
-    def packed(self) -> torch.Tensor:
-        return torch.cat([self.agreement, self.decision.packed().to(self.agreement.device)])
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One step as the host read it back."""
+
+    row: dict
+    """Its metrics row."""
+    decision: StepDecision
+    agreement: StepAgreement
 
     @property
-    def packed_width(self) -> int:
-        return AGREEMENT_WIDTH + self.decision.packed_width
+    def step(self) -> int:
+        return self.row["step"]
 
 
 def pack_pending(pending: list[PendingStep]) -> torch.Tensor:
     """Every pending step's values in one vector: one device->host transfer reads them all."""
-    return torch.cat([item.packed() for item in pending])
+    return torch.cat([item.decision.packed() for item in pending])
 
 
 @dataclass
@@ -74,27 +88,26 @@ class Tally:
 
 def read_rows(pending: list[PendingStep], values: list[float], window_s: float, *,
               tokens_per_step: int, mfu: Callable[[float], Optional[float]], skipped_batches: int,
-              diagnosis: OverflowDiagnosis) -> list[tuple[dict, StepDecision, StepAgreement]]:
-    """Metrics rows of the steps read together (`values` is pack_pending(pending), read), each
+              diagnosis: OverflowDiagnosis) -> list[StepRecord]:
+    """The records of the steps read together (`values` is pack_pending(pending), read), each
     with its own values. The host waited for the device once for all of them, so each is given
     the window's mean step time."""
     step_time = window_s / len(pending)
     tokens_per_s = tokens_per_step / step_time
-    rows, offset = [], 0
+    records, offset = [], 0
     for item in pending:
-        width = item.packed_width
-        loss_sum, trained, stopping, writing, *decided = values[offset:offset + width]
+        width = item.decision.packed_width
+        decision = item.decision.unpack(values[offset:offset + width])
         offset += width
-        decision = item.decision.unpack(decided)
         row = {
             "step": item.step,
-            "loss": loss_sum / max(trained, 1.0),
+            "loss": decision.mean_loss,
             "lr": item.lr,
             "grad_norm": decision.grad_norm,
             "loss_scale": decision.loss_scale,
             "skipped": decision.skipped,
             "tokens": item.host_fields["tokens"],
-            "trained_tokens": int(trained),
+            "trained_tokens": int(decision.trained_tokens),
             "tokens_per_s": tokens_per_s,
             "mfu": mfu(tokens_per_s),
             **{k: v for k, v in item.host_fields.items() if k != "tokens"},
@@ -104,5 +117,5 @@ def read_rows(pending: list[PendingStep], values: list[float], window_s: float, 
         }
         if decision.skipped and (decision.overflow or not decision.spike):
             row.update(diagnosis.on_skip(item.step, decision, decision.scale_after))
-        rows.append((row, decision, StepAgreement(stop=stopping > 0, saves_written=writing == 0)))
-    return rows
+        records.append(StepRecord(row, decision, StepAgreement.from_riders(decision.riders)))
+    return records

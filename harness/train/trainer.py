@@ -98,13 +98,11 @@ class Trainer:
             watchdog.enter("setup", 0)
         try:
             with setup_allocations_returned_to_os():
-                loop = build_loop(self.cfg, info, device, self.parts)
+                loop = build_loop(self.cfg, info, device, self.parts, stop=stop, watchdog=watchdog)
         except BaseException:
             if watchdog is not None:
                 watchdog.stop(wait=False)
             raise
-        loop.stop = stop
-        loop.watchdog = watchdog
         finished = False
         try:
             summary = loop.fit()

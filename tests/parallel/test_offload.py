@@ -36,8 +36,8 @@ def _losses(trainer, cfg) -> tuple[list[float], list[float]]:
     losses, norms = [], []
     for step in range(1, STEPS + 1):
         local_loss = trainer.forward_backward(step, loss_scale=None)
-        decision = trainer.apply_gradients(step, lr_at(step, cfg.train)).read()
-        losses.append(trainer.mean_loss(local_loss))
+        decision = trainer.apply_gradients(step, lr_at(step, cfg.train), local_loss).read()
+        losses.append(decision.mean_loss)
         norms.append(decision.grad_norm)
     return losses, norms
 

@@ -98,8 +98,8 @@ def _rank_scenarios(run_root: str) -> dict:
         for step in range(1, STEPS + 1):
             local_loss = trainer.forward_backward(step, loss_scale=None)
             unsharded.append(_full_grad_norm(trainer, backend))
-            decision = trainer.apply_gradients(step, lr_at(step, cfg.train)).read()
-            losses.append(trainer.mean_loss(local_loss))  # the mean loss fit() logs
+            decision = trainer.apply_gradients(step, lr_at(step, cfg.train), local_loss).read()
+            losses.append(decision.mean_loss)  # the mean loss fit() logs
             norms.append(decision.grad_norm)
             if backend != "fsdp2":
                 reported.append(float(trainer.backend.engine.get_global_grad_norm()))
@@ -128,7 +128,7 @@ def _rank_scenarios(run_root: str) -> dict:
         trainer = build_loop(cfg, info, device)
         held = []
         for step in range(1, 4):
-            _, decision, _ = trainer.run_step(step)
+            decision = trainer.run_step(step).decision
             pieces = trainer.backend.state_pieces()
             held.append((decision.skipped, adam_step_count(trainer.backend.torch_optimizer),
                          {(p.name, p.offset, kind): tensor.clone() for p in pieces for kind, tensor in p.tensors.items()}))
@@ -148,8 +148,8 @@ def _rank_scenarios(run_root: str) -> dict:
         trainer = build_loop(cfg, info, device)
         norms = []
         for step in range(1, 4):
-            trainer.forward_backward(step, loss_scale=None)
-            decision = trainer.apply_gradients(step, lr_at(step, cfg.train)).read()
+            local_loss = trainer.forward_backward(step, loss_scale=None)
+            decision = trainer.apply_gradients(step, lr_at(step, cfg.train), local_loss).read()
             norms.append(decision.grad_norm)
         out["bf16_accum"][label] = {
             "norms": norms,

@@ -51,7 +51,7 @@ def _rank_scenarios(run_root: str) -> dict:
     for step in range(1, PARITY_STEPS + 1):
         local_loss = trainer.forward_backward(step, loss_scale=None)
         unsharded.append(global_grad_norm())
-        decision = trainer.apply_gradients(step, lr_at(step, cfg.train)).read()
+        decision = trainer.apply_gradients(step, lr_at(step, cfg.train), local_loss).read()
         loss_and_tokens = local_loss.detach().double()
         dist.all_reduce(loss_and_tokens)
         losses.append((loss_and_tokens[0] / loss_and_tokens[1]).item())

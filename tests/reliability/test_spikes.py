@@ -65,9 +65,10 @@ class _Sequences:
 @pytest.mark.parametrize("backend", sorted(BACKENDS))
 def test_rollback_reloads_the_checkpoint_and_leaves_the_spiking_batch_out(backend, tmp_path):
     drill = run(tmp_path / "drill", *SHAPE, *BACKENDS[backend], "train.spike.action=rollback", "checkpoint.every=4",
-                "train.steps=10", "log.every=2")
+                "train.steps=10", "log.every=2", "log.progress=lines")
     assert drill.returncode == 0, drill.output[-3000:]
     assert "loss spike" in drill.output and "rollback 1/3: reloaded step-00000004" in drill.output
+    assert "SKIPPED (loss spike)" in drill.output and "SKIPPED (non-finite gradients)" not in drill.output
     by_row = rows(tmp_path / "drill")
     spiked = [row for row in by_row if row["spike"]]
     assert [row["step"] for row in spiked] == [6] and spiked[0]["skipped"]
@@ -110,8 +111,9 @@ def test_skip_and_warn_and_a_nonfinite_loss_and_the_rollback_limit(tmp_path):
 
     nan = run(tmp_path / "nan", "precision=fp32", "train.steps=4", "train.spike.action=skip",
               "faults.nonfinite_forward_module=lm_head", "faults.nonfinite_value=nan", "faults.nonfinite_grad_steps=[3]",
-              "faults.nonfinite_grad_rank=1")
+              "faults.nonfinite_grad_rank=1", "log.progress=lines")
     assert nan.returncode == 0, nan.output[-3000:]
+    assert "SKIPPED (non-finite gradients)" in nan.output  # a NaN loss: its gradients are not finite either
     nan_rows = rows(tmp_path / "nan")
     assert [r["spike"] for r in nan_rows] == [False, False, True, False]  # one rank's NaN: every rank's decision
     assert nan_rows[2]["skipped"]

@@ -38,6 +38,10 @@ def lora_overrides(base: Path, run_dir, *extra: str) -> list[str]:
 ZERO3 = ("parallel.backend=deepspeed", "parallel.zero_stage=3")
 
 
+ROLLBACK = ("train.spike.action=rollback", "train.spike.window=2", "faults.loss_spike_steps=[4]", "checkpoint.every=2",
+            "log.every=2")
+"""A loss spike at step 4, rolled back to the run's own step-2 checkpoint of adapters."""
+
 TIED_HEAD = ("lora.target_modules=[q_proj,lm_head]",)
 """Adapters on a head the base ties to its input embeddings (SmolLM2, Gemma, ...)."""
 
@@ -70,6 +74,7 @@ def _scenarios(root: str, base: str, tied_base: str) -> dict:
         fit(f"tied-head-{label}", *TIED_HEAD, *backend, on=tied_base)
         fit(f"faults-{label}", "precision=fp16", "faults.nonfinite_grad_steps=[3]", "faults.nonfinite_grad_rank=1",
             "log.per_rank=true", *backend)
+        fit(f"rollback-{label}", *ROLLBACK, *backend)
     return seen
 
 
@@ -209,6 +214,26 @@ def test_a_non_finite_adapter_gradient_on_one_rank_skips_the_step_on_every_rank(
             path = root / f"faults-{label}" / "ranks" / f"rank-{rank}.jsonl"
             rows = [json.loads(line) for line in path.read_text().splitlines()]
             assert [r["skipped"] for r in rows] == [False, False, True, False, False, False], (label, rank)
+
+
+@pytest.mark.spawns
+def test_a_loss_spike_rolls_lora_back_to_its_own_checkpoint_and_leaves_the_batch_out(runs):
+    root, _ = runs
+    for label in ("fsdp2", "zero3"):
+        rows = [json.loads(line) for line in (root / f"rollback-{label}" / "metrics.jsonl").read_text().splitlines()]
+        assert [r["step"] for r in rows] == [1, 2, 3, 4, 3, 4, 5, 6], label
+        assert [r["spike"] for r in rows] == [False, False, False, True, False, False, False, False], label
+        assert [r["skipped"] for r in rows] == [r["spike"] for r in rows], label
+        assert [r["skipped_batches"] for r in rows] == [0] * 4 + [1] * 4, label
+        # Step 3 re-runs from the step-2 adapters, optimizer state and RNG with the same batch.
+        assert rows[4]["loss"] == pytest.approx(rows[2]["loss"], rel=1e-6), label
+        assert rows[-1]["loss"] < rows[0]["loss"], label
+        final = json.loads((root / f"rollback-{label}" / "checkpoints" / "step-00000006" / "manifest.json").read_text())
+        assert final["trainer_state"]["rollbacks"] == 1 and final["trainer_state"]["skipped_batches"] == 1, label
+        assert final["lora_base"] is not None, label
+    assert losses(root / "rollback-zero3") == pytest.approx(losses(root / "rollback-fsdp2"), rel=1e-5)
+    # Before the spike it is the plain run; after it, the spiking batch is left out, so it is not.
+    assert losses(root / "rollback-fsdp2")[:3] == pytest.approx(losses(root / "fsdp2")[:3], rel=1e-6)
 
 
 def launch(run_dir: Path, base: Path, *overrides: str) -> subprocess.CompletedProcess:

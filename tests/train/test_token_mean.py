@@ -81,8 +81,8 @@ def _scenarios(run_root: str) -> dict:
         losses, norms, trained = [], [], []
         for step in range(1, STEPS + 1):
             local = loop.forward_backward(step, loss_scale=None)
-            decision = loop.apply_gradients(step, lr_at(step, cfg.train)).read()
-            losses.append(loop.mean_loss(local))
+            decision = loop.apply_gradients(step, lr_at(step, cfg.train), local).read()
+            losses.append(decision.mean_loss)
             norms.append(decision.grad_norm)
             trained.append(float(local[1]))
         out[label] = {"losses": losses, "norms": norms, "local_tokens": trained, "reference": reference}
