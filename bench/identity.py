@@ -13,6 +13,7 @@ claims to change nothing proves it here.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import subprocess
@@ -20,6 +21,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMON = ["log.progress=off", "train.steps=6", "checkpoint.every=3", "eval.every=3", "eval.prompts=[]"]
@@ -51,6 +54,9 @@ ROW_FIELDS = ("step", "loss", "grad_norm", "loss_scale", "skipped", "spike", "tr
 def write_base(folder: Path) -> None:
     """A small pretrained Llama on GPT-2's vocabulary, written by transformers (the LoRA runs' base)."""
     from harness.config import ModelConfig
+    from harness.runtime.process import quiet_imports_without_gpus
+
+    quiet_imports_without_gpus()  # torchao's CUDA-kernel load lines on a CPU machine
     from harness.model import build_model
 
     shape = dict(model_type="llama", num_hidden_layers=2, hidden_size=32, intermediate_size=64, num_attention_heads=4,
@@ -75,7 +81,7 @@ def rows(run_dir: Path) -> list[dict]:
 
 
 def checkpoints(run_dir: Path) -> dict[str, object]:
-    """Every checkpoint's tensors (exact bytes) and trainer state, by step folder and rank file."""
+    """Every checkpoint's tensors (sha256 of their bytes) and trainer state, by step folder and rank file."""
     from safetensors.torch import load_file
 
     found: dict[str, object] = {}
@@ -85,14 +91,9 @@ def checkpoints(run_dir: Path) -> dict[str, object]:
         found[f"{folder.name}/lora_base"] = manifest.get("lora_base") and manifest["lora_base"]["fingerprint"]
         for file in sorted(folder.glob("rank-*.safetensors")):
             for key, tensor in load_file(file).items():
-                found[f"{folder.name}/{file.name}/{key}"] = tensor.contiguous().view(-1).view(dtype=_bits(tensor)).tolist()
+                data = tensor.contiguous().view(-1).view(torch.uint8).numpy().tobytes()
+                found[f"{folder.name}/{file.name}/{key}"] = hashlib.sha256(data).hexdigest()
     return found
-
-
-def _bits(tensor):
-    import torch
-
-    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
 
 
 def first_difference(a: dict, b: dict) -> str:

@@ -29,8 +29,15 @@ class StepAgreement:
     @staticmethod
     def riders(stop_received: bool, still_writing: bool, device: torch.device) -> torch.Tensor:
         """This rank's flags, as the decision's all-reduce carries them (signals reach ranks at
-        different moments; each rank's background writer finishes at its own)."""
-        return torch.tensor([float(stop_received), float(still_writing)], dtype=torch.float64, device=device)
+        different moments; each rank's background writer finishes at its own). Zeros filled on
+        the device: torch.tensor(list, device=cuda) would copy from pageable host memory and wait
+        for the stream, one host sync a step."""
+        flags = torch.zeros(2, dtype=torch.float64, device=device)
+        if stop_received:
+            flags[0] = 1.0
+        if still_writing:
+            flags[1] = 1.0
+        return flags
 
     @classmethod
     def from_riders(cls, summed: tuple[float, ...]) -> "StepAgreement":
