@@ -41,7 +41,7 @@ def _state_pieces(config: str, device: str):
     from harness.config import ModelConfig, load_config
     from harness.data import load_tokenizer
     from harness.model import build_skeleton, model_spec
-    from harness.parallel.base import StatePiece
+    from harness.parallel.base import StatePiece, flat_range
 
     if config == "smollm2-135m":
         spec = model_spec(ModelConfig(config=SMOLLM2_135M), SMOLLM2_135M["vocab_size"])
@@ -54,12 +54,12 @@ def _state_pieces(config: str, device: str):
     for name, param in skeleton.named_parameters():
         # Made where they live: a CPU detour would put its own high-water mark into the baseline.
         tensors = {kind: torch.randn(param.numel(), device=device) for kind in ("param", "exp_avg", "exp_avg_sq")}
-        pieces.append(StatePiece(name, tuple(param.shape), 0, tensors))
+        pieces.append(StatePiece(name, tuple(param.shape), flat_range(0, param.numel()), tensors))
     return pieces
 
 
 class _Backend:
-    primary_copy = True  # what HostStaging asks of a backend: this rank writes its pieces
+    """What HostStaging asks of a backend: the rank's pieces (all first copies, so all written)."""
 
     def __init__(self, pieces) -> None:
         self.pieces = pieces

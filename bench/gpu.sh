@@ -50,7 +50,7 @@ echo "== switches (one process, every variant side by side)"
   2>&1 | grep -v -i "warn" | tee "$OUT/switches.log" | grep -E '^\||^config|"variant"'
 
 echo "== host syncs on CUDA (fp16, an overflow injected at step 2; rows read at steps 1, 4)"
-"$PYTHON" -m harness.train "$CONFIG" train.steps=4 log.every=4 eval.every=0 log.progress=off precision=fp16 \
+"$PYTHON" -m harness train "$CONFIG" train.steps=4 log.every=4 eval.every=0 log.progress=off precision=fp16 \
   debug.count_syncs=true faults.nonfinite_grad_steps=[2] "run.dir=$OUT/syncs" "${SYNC_SHAPE[@]}" >"$OUT/syncs.log" 2>&1
 echo "   exit $?"
 "$PYTHON" -c "

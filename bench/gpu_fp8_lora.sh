@@ -35,7 +35,7 @@ fi
 # One run: NAME, then overrides; prints its row.
 run() {
   local name=$1; shift
-  "$PYTHON" -m harness.train "$CONFIG" "run.dir=$OUT/$name" log.progress=off log.every=1 eval.every=0 \
+  "$PYTHON" -m harness train "$CONFIG" "run.dir=$OUT/$name" log.progress=off log.every=1 eval.every=0 \
     checkpoint.final=false "train.steps=$STEPS" "${EXTRA[@]}" "$@" >"$OUT/$name.log" 2>&1
   local code=$?
   "$PYTHON" bench/run_row.py "$name" "$OUT/$name" "$code" "$@"

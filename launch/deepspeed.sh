@@ -36,7 +36,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   [[ $HAS_RANKS_FLAG -eq 1 ]] || LAUNCHER_ARGS+=(--num_gpus 1)
 fi
 
-"$PYTHON" -m harness.train "$@" --check >/dev/null
+"$PYTHON" -m harness train "$@" --check >/dev/null
 
 if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
   export OMP_NUM_THREADS=1
@@ -44,4 +44,4 @@ fi
 DEEPSPEED="$(dirname "$PYTHON")/deepspeed"
 [[ -x "$DEEPSPEED" ]] || DEEPSPEED=deepspeed
 # --no_local_rank: harness reads LOCAL_RANK from the environment, not from --local_rank.
-exec "$DEEPSPEED" "${LAUNCHER_ARGS[@]}" --no_local_rank --module harness.train "$@"
+exec "$DEEPSPEED" "${LAUNCHER_ARGS[@]}" --no_local_rank --module harness train "$@"

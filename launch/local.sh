@@ -17,7 +17,7 @@ if [[ -x "$ROOT/.venv/bin/python" && -z "${VIRTUAL_ENV:-}" ]]; then
   PYTHON="$ROOT/.venv/bin/python"
 fi
 
-"$PYTHON" -m harness.train "$@" --check --world-size "$NPROC" >/dev/null
+"$PYTHON" -m harness train "$@" --check --world-size "$NPROC" >/dev/null
 
 # One intra-op thread pool per rank, sharing the cores instead of oversubscribing them.
 if [[ -z "${OMP_NUM_THREADS:-}" ]]; then

@@ -2,7 +2,8 @@
 another package's private names, small modules, package __init__ files that only hand names on.
 
 Reads the source (ast), imports nothing: it runs in a blink and fails with the offending edge.
-Imports under `if TYPE_CHECKING:` are annotations only (never executed) and are not edges."""
+Every import is an edge, those under `if TYPE_CHECKING:` and inside functions too: a dependency
+hidden from the interpreter is still one a reader has to follow."""
 
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ PACKAGE = ROOT / "harness"
 # Each concern's floor: a module may import its own package and packages on lower floors only.
 FLOORS = {
     "harness.errors": 0,
-    "harness.parallel.layouts": 0,  # what each layout can do, as data: config validation reads it
     "harness.config": 1,
     "harness.runtime": 2,
     "harness.assets": 3,
@@ -58,21 +58,11 @@ def _resolve(target: str) -> str:
     return target
 
 
-def _runtime_nodes(tree: ast.AST):
-    """Every node except those under `if TYPE_CHECKING:`."""
-    for node in ast.iter_child_nodes(tree):
-        if isinstance(node, ast.If) and getattr(node.test, "id", getattr(node.test, "attr", "")) == "TYPE_CHECKING":
-            yield from (n for orelse in node.orelse for n in [orelse, *_runtime_nodes(orelse)])
-            continue
-        yield node
-        yield from _runtime_nodes(node)
-
-
 def _imports(module: str) -> list[tuple[str, list[str], int]]:
     """(imported module, names taken from it, line) for every harness import, lazy ones included."""
     tree = ast.parse(MODULES[module].read_text())
     found = []
-    for node in _runtime_nodes(tree):
+    for node in ast.walk(tree):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "harness":
             for alias in node.names:
                 submodule = f"{node.module}.{alias.name}"
@@ -90,10 +80,6 @@ def _imports(module: str) -> list[tuple[str, list[str], int]]:
 GRAPH = {module: _imports(module) for module in MODULES}
 
 
-def _is_entry_point(module: str) -> bool:
-    return module.endswith(".__main__")
-
-
 def test_every_module_has_a_floor():
     assert all(_concern(m) for m in MODULES)
     top_level = sorted(m for m in MODULES if m.count(".") == 1 and not MODULES[m].name == "__init__.py")
@@ -103,8 +89,6 @@ def test_every_module_has_a_floor():
 def test_imports_go_down_the_floors():
     upward = []
     for module, imports in GRAPH.items():
-        if _is_entry_point(module):
-            continue  # `python -m harness.x` entry points sit above everything
         mine = _concern(module)
         for target, _, line in imports:
             theirs = _concern(target)
@@ -175,7 +159,7 @@ def test_package_inits_only_hand_names_on():
     assert not doing_work, "\n".join(doing_work)
 
 
-TORCH_FREE = ("harness", "harness.runtime.process", "harness.parallel", "harness.parallel.layouts")
+TORCH_FREE = ("harness", "harness.runtime.process", "harness.parallel", "harness.parallel.preflight")
 """Besides harness.config: what `harness train --check` imports on its way."""
 
 

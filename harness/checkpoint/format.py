@@ -9,12 +9,17 @@ Layout of one checkpoint, `<checkpoint.dir>/step-<N>/`:
     model_config.json                 the Hugging Face model config (for `harness export`)
     rank-<r>-of-<W>.safetensors       what rank r holds: for every parameter piece it owns,
                                       the fp32 master weight and both AdamW moments, as three
-                                      flat tensors plus an index (name, full shape, offset in
-                                      the flattened parameter, length); and its RNG states
+                                      flat tensors plus an index (name, full shape, the piece's
+                                      runs in the flattened parameter, length, where it starts
+                                      in the flat tensors); and its RNG states
 
-Every rank writes only its own pieces; nothing is gathered. Because a piece is "elements
-[offset, offset + length) of the flattened parameter", any backend (FSDP2 dim-0 shards, ZeRO-3
-partitions, ZeRO-1/2 flat-buffer slices) at any world size can find the elements it needs.
+Every rank writes only its own pieces; nothing is gathered. A piece's place in its parameter is a
+list of runs, each [offset, length, count, stride]: `count` stretches of `length` elements,
+`stride` apart, from `offset` of the flattened parameter (harness.parallel.base.Run). One run
+with count 1 is a flat range (an FSDP2 dim-0 shard, a ZeRO-3 partition, a ZeRO-1/2 flat-buffer
+slice); one strided run is a 2-D block; an N-D box is a few strided runs. So any backend at any
+world size and sharding can find the elements it needs. Format 1 (before 2026-12-07) wrote one
+flat range per piece as "offset" and "length"; it still loads.
 
 Atomicity: ranks write into `step-<N>.tmp/`; once every rank reported success, rank 0 writes the
 manifest last and renames the folder. A folder without a valid manifest, or whose files do not
@@ -33,7 +38,9 @@ from typing import Optional
 
 from harness.errors import HarnessError
 
-FORMAT = "harness-checkpoint/1"
+FORMAT = "harness-checkpoint/2"
+READABLE_FORMATS = ("harness-checkpoint/1", FORMAT)
+"""Format 1 differs only in how the index places a piece (one flat range)."""
 MANIFEST = "manifest.json"
 STEP_DIR = re.compile(r"^step-(\d+)$")
 # Settings that define which sequences exist and in what order; a resume that changes them
@@ -120,7 +127,7 @@ def read_manifest(path: Path) -> dict:
     except json.JSONDecodeError:
         raise CheckpointError(f"{path}/{MANIFEST} is not valid JSON: the checkpoint is damaged") from None
     found = manifest.get("format")
-    if found != FORMAT:
+    if found not in READABLE_FORMATS:
         version = found.rsplit("/", 1)[-1] if isinstance(found, str) and found.startswith("harness-checkpoint/") else ""
         if version.isdigit() and int(version) > int(FORMAT.rsplit("/", 1)[-1]):
             raise CheckpointError(f"{path} was written by a newer harness (format {found}; this one reads {FORMAT}): "

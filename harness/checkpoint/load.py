@@ -102,9 +102,9 @@ class ShardReader:
             header, data_start = _safetensors_header(fd)
             self.layouts.append({key: (data_start + entry["data_offsets"][0], entry["dtype"])
                                  for key, entry in header.items() if key != "__metadata__"})
-            for seg in json.loads(header["__metadata__"]["index"]):
-                self.segments.setdefault(seg["name"], []).append((i, seg))
-                self.shapes[seg["name"]] = tuple(seg["shape"])
+            for entry in json.loads(header["__metadata__"]["index"]):
+                self.segments.setdefault(entry["name"], []).extend((i, seg) for seg in _flat_segments(entry))
+                self.shapes[entry["name"]] = tuple(entry["shape"])
 
     def close(self) -> None:
         for fd in self.fds:
@@ -176,6 +176,20 @@ class ShardReader:
             return None
         with safe_open(str(self.path / target), framework="pt") as handle:
             return handle.get_tensor(key) if key in handle.keys() else None
+
+
+def _flat_segments(entry: dict) -> list[dict]:
+    """An index entry as flat segments: elements [offset, offset + length) of the parameter, found
+    from element `at` of the rank's flat tensors. Format 2 places a piece by runs
+    (harness.parallel.base.Run), format 1 by one offset."""
+    if "runs" not in entry:
+        return [{"offset": entry["offset"], "length": entry["length"], "at": entry["at"]}]
+    segments, at = [], entry["at"]
+    for offset, length, count, stride in entry["runs"]:
+        for i in range(count):
+            segments.append({"offset": offset + i * stride, "length": length, "at": at})
+            at += length
+    return segments
 
 
 def read_safetensors_range(path: Path, name: str, dtype: torch.dtype, start: int, count: int) -> torch.Tensor:
@@ -271,9 +285,10 @@ def load_checkpoint(
                     f"{list(piece.shape)} in this model; the model config differs"
                 )
             for kind in kinds:
-                staging = torch.empty(piece.numel, dtype=torch.float32)
-                reader.read_into(piece.name, piece.offset, kind, staging)
-                piece.tensors[kind].copy_(staging.to(piece.tensors[kind].device))
+                for offset, view in piece.flat_views(kind):
+                    staging = torch.empty(view.numel(), dtype=torch.float32)
+                    reader.read_into(piece.name, offset, kind, staging)
+                    view.copy_(staging.to(view.device))
     extra = sorted(set(reader.names()) - _all_model_names(model_names, info))
     if extra:
         raise CheckpointError(f"{path.name} holds parameters this model lacks ({', '.join(extra[:3])}); wrong model?")
@@ -294,7 +309,8 @@ def _reader_for(path: Path, manifest: dict, pieces: list, info: RankInfo) -> Sha
     own = rank_file_name(info.rank, info.world_size)
     if manifest.get("world_size") == info.world_size:
         reader = ShardReader(path, manifest, only=[own])
-        if reader.files and all(reader.covers(p.name, p.offset, p.numel) for p in pieces):
+        if reader.files and all(reader.covers(p.name, offset, view.numel())
+                                for p in pieces for offset, view in p.flat_views()):
             return reader
     return ShardReader(path, manifest)
 

@@ -62,12 +62,12 @@ class HostStaging:
         return buffer
 
     def snapshot(self, backend: ParallelBackend) -> Snapshot:
-        # An HSDP replica other than the first holds copies of the first one's pieces: it writes
-        # only its RNG states, so every element is in the checkpoint exactly once.
-        pieces = backend.state_pieces() if backend.primary_copy else []
+        # A piece that is a copy of another rank's (an HSDP replica's) is not written, so every
+        # element is in the checkpoint exactly once; a rank of copies writes its RNG states only.
+        pieces = [piece for piece in backend.state_pieces() if piece.counted]
         index, at = [], 0
         for piece in pieces:
-            index.append({"name": piece.name, "shape": list(piece.shape), "offset": piece.offset,
+            index.append({"name": piece.name, "shape": list(piece.shape), "runs": [run.as_list() for run in piece.runs],
                           "length": piece.numel, "at": at})
             at += piece.numel
         tensors = {}

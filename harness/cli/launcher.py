@@ -42,7 +42,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # torchrun installs its own handlers for the signals it is told to handle; SIGINT and SIGTERM are ours.
     if "--signals-to-handle" in get_args_parser()._option_string_actions:
         own.append("--signals-to-handle=SIGHUP,SIGQUIT")
-    torchrun_args = parse_args([*own, "--module", "harness.train", *rest])
+    torchrun_args = parse_args([*own, "--module", "harness", "train", *rest])
     elastic_log = logging.getLogger("torch.distributed.elastic")
     elastic_log.setLevel(logging.CRITICAL)
     forwarder = SignalForwarder().install()

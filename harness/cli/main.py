@@ -6,7 +6,7 @@ import sys
 from typing import Callable, Optional, Sequence
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("harness.cli.train", "run one rank of a training job (same as python -m harness.train)"),
+    "train": ("harness.cli.train", "run one rank of a training job (python -m harness train: the same)"),
     "export": ("harness.cli.export", "write a Hugging Face folder from a checkpoint (any backend, any world size)"),
     "report": ("harness.cli.report", "compare runs (e.g. fp32/bf16/fp16): curves, deltas, verdict -> html/png/md"),
     "prepare-data": ("harness.cli.prepare_data", "tokenize a config's corpus into shard files in the shared cache, once"),

@@ -1,4 +1,4 @@
-"""`python -m harness.train CONFIG.yaml [key.sub=value ...]`: run ONE rank of a training job.
+"""`python -m harness train CONFIG.yaml [key.sub=value ...]`: run ONE rank of a training job.
 
 The rank comes from the launcher's environment (torchrun, deepspeed, accelerate, srun); without
 one this process is a world of one. `--check` validates the config and exits, importing no torch,
@@ -16,7 +16,7 @@ from harness.config import help_text, load_config, validate_for_world
 from harness.errors import HarnessError
 from harness.parallel.preflight import check_backend_file
 
-USAGE = "python -m harness.train CONFIG.yaml [key.sub=value ...] [--check [--world-size N]]"
+USAGE = "python -m harness train CONFIG.yaml [key.sub=value ...] [--check [--world-size N]]"
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:

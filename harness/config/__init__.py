@@ -10,6 +10,7 @@ merge.py           what both translators share: adopting values, refusing contra
 slurm.py           the slurm: section harness submit renders into the job script
 fp8.py             the fp8: section (precision=fp8)
 lora.py            the lora: section (adapters on a frozen pretrained base)
+layouts.py         what each sharding layout (fsdp2, zero1-3) can do, as plain data
 """
 
 from harness.config.fp8 import FP8Config, compute_precision

@@ -6,12 +6,10 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal
+from typing import Literal
 
+from harness.config.layouts import Layout
 from harness.errors import ConfigError
-
-if TYPE_CHECKING:
-    from harness.parallel.layouts import Layout
 
 
 @dataclass

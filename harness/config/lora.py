@@ -7,12 +7,9 @@ and frozen. A checkpoint then holds the adapters and names the base they belong 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
+from harness.config.layouts import Layout
 from harness.errors import ConfigError
-
-if TYPE_CHECKING:
-    from harness.parallel.layouts import Layout
 
 
 @dataclass

@@ -5,11 +5,11 @@ from __future__ import annotations
 
 from harness.config import accelerate, deepspeed_json
 from harness.config.fp8 import validate_fp8
+from harness.config.layouts import layout_of
 from harness.config.lora import validate_lora
 from harness.config.schema import Config, DataConfig
 from harness.config.slurm import validate_slurm
 from harness.errors import ConfigError
-from harness.parallel.layouts import layout_of
 
 
 def _require(condition: bool, message: str) -> None:

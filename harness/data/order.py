@@ -159,15 +159,18 @@ class MixtureOrder:
 class BatchShape:
     micro_batch_size: int
     grad_accum: int
-    world_size: int
+    data_ranks: int
+    """Ranks that take different data: the mesh's data-parallel size (harness.parallel.mesh), the
+    world size while every rank is a data-parallel rank."""
 
     @property
     def global_batch(self) -> int:
-        return self.micro_batch_size * self.grad_accum * self.world_size
+        return self.micro_batch_size * self.grad_accum * self.data_ranks
 
 
 class TrainBatches:
-    """This rank's micro-batches for any step, computed from the step number alone.
+    """This rank's micro-batches for any step, computed from the step number alone. `rank` is the
+    data-parallel rank (of shape.data_ranks), from the mesh.
 
     A resumed run starts at (`start_step`, `start_offset`): the step it resumes after and how
     many sequences the run had consumed by then, so the stream continues with no sequence
@@ -266,7 +269,8 @@ class PrefetchedBatches:
 def eval_batches(
     sequences: PackedSequences, count: int, micro_batch_size: int, rank: int, world_size: int
 ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """The first `count` held-out sequences, dealt round-robin to ranks.
+    """The first `count` held-out sequences, dealt round-robin to the data-parallel ranks (`rank`
+    of `world_size`: the mesh's data-parallel coordinates).
 
     Every rank gets the same number of micro-batches (padded with weight-0 rows) because FSDP
     forward passes are collective: a rank that stopped early would hang the others.

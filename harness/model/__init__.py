@@ -17,7 +17,6 @@ from harness.model.build import (
     ModelSpec,
     build_skeleton,
     flops_per_token,
-    full_numel,
     materialize_on,
     model_spec,
     on_meta_device,
@@ -26,6 +25,6 @@ from harness.model.loss import next_token_loss, per_sequence_loss
 from harness.model.weights import InitialWeights, build_model, initial_weights
 
 __all__ = [
-    "InitialWeights", "ModelSpec", "build_model", "build_skeleton", "flops_per_token", "full_numel", "initial_weights",
+    "InitialWeights", "ModelSpec", "build_model", "build_skeleton", "flops_per_token", "initial_weights",
     "materialize_on", "model_spec", "next_token_loss", "on_meta_device", "per_sequence_loss", "transformer_blocks",
 ]

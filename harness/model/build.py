@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ContextManager, Optional, Union
+from typing import Any, Callable, ContextManager, Optional, Union
 
 import torch
 from torch import nn
@@ -211,30 +211,25 @@ def materialize_on(
         module._buffers[leaf] = value.to(buffer_device or device)
 
 
-def flops_per_token(model: nn.Module, seq_len: int) -> float:
+def flops_per_token(model: nn.Module, seq_len: int, numel: Callable[[torch.Tensor], int] = torch.numel) -> float:
     """Training FLOPs per token: 6N for the matmuls of N weights (forward 2N, backward 4N) plus
     12 * layers * hidden * seq_len for attention scores and values (PaLM appendix B).
 
     N leaves out lookup tables (input and position embeddings) since a lookup does no math; a
     tied output head is counted, as it is a real matmul. A frozen weight counts 4 (no weight
-    gradient). Works on skeletons (meta parameters).
+    gradient). Works on skeletons (meta parameters); `numel`: a parameter's full element count
+    (a sharding backend's full_numel, for parameters built partitioned).
     """
     config = getattr(model, "config", None)  # a model that is not from transformers may have none
     # A frozen weight (LoRA's base) costs forward 2N and the input gradient 2N, no weight gradient.
-    total = sum(full_numel(p) * (1.0 if p.requires_grad else 2 / 3) for p in model.parameters())
+    total = sum(numel(p) * (1.0 if p.requires_grad else 2 / 3) for p in model.parameters())
     output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     output_weight = output.weight if output is not None else None
     lookups = sum(
-        full_numel(m.weight) * (1.0 if m.weight.requires_grad else 2 / 3)
+        numel(m.weight) * (1.0 if m.weight.requires_grad else 2 / 3)
         for m in model.modules() if isinstance(m, nn.Embedding) and m.weight is not output_weight
     )
     n = total - lookups
     layers = getattr(config, "num_hidden_layers", 0)
     hidden = getattr(config, "hidden_size", 0)
     return 6.0 * n + 12.0 * layers * hidden * seq_len
-
-
-def full_numel(param: torch.Tensor) -> int:
-    """The full element count, also for ZeRO-3 partitioned parameters (whose data is empty)."""
-    return int(getattr(param, "ds_numel", param.numel()))
-

@@ -38,7 +38,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.distributed as dist
@@ -46,6 +46,18 @@ import torch.distributed as dist
 from harness.config import ScalerConfig
 from harness.numerics.spikes import SpikeGuard
 from harness.observe.step_counter import host_read
+
+
+class GradShard(NamedTuple):
+    """One parameter's gradient as this rank holds it, as a backend hands it to the decision."""
+
+    name: str
+    grad: torch.Tensor
+    """This rank's local part (writable in place)."""
+    counted: bool = True
+    """Whether this part is the first copy of its elements (harness.parallel.mesh decides, per tensor,
+    from its placements): a copy (an HSDP replica's) adds nothing to the global norm, so every
+    element counts once."""
 
 
 class DynamicLossScale:
@@ -299,19 +311,20 @@ class GradScaler:
     def total_skips(self) -> int:
         return host_read(self.total_skips_t)
 
-    def decide(self, named_grads: Sequence[tuple[str, torch.Tensor]], counted: bool = True,
+    def decide(self, shards: Sequence[GradShard],
                loss: Optional[torch.Tensor] = None, loss_and_tokens: Optional[torch.Tensor] = None,
                nominal_tokens: Optional[float] = None, riders: Optional[torch.Tensor] = None) -> DeviceDecision:
-        """Runs on every rank with that rank's local gradient shards (disjoint across ranks, or,
-        with `counted=False`, a copy of another rank's: an HSDP replica). The step's loss, either
+        """Runs on every rank with that rank's local gradient shards (disjoint across ranks where
+        `counted`; a shard that is not counted is a copy of another rank's: an HSDP replica's).
+        The step's loss, either
         `loss` (this rank's mean loss: the step's loss is the mean over ranks), or
         `loss_and_tokens` (this rank's (loss sum, trained tokens): the step's loss is the global
         sum over the global count) with `nominal_tokens` (the global count backward divided by:
         the gradients are rescaled by nominal / trained tokens). `riders`: a vector of this rank's
         values that every rank needs summed (flags), carried by the same all-reduce. Reads the
         gradients only; the backend applies the decision. Nothing is read by the host."""
-        names = tuple(name for name, _ in named_grads)
-        grads = [grad for _, grad in named_grads]
+        names = tuple(shard.name for shard in shards)
+        grads = [shard.grad for shard in shards]
         used_scale = self.scale_tensor
         # fp64 accumulation: an fp32 norm over millions of elements drifts by ~1e-5 relative on
         # CPU, and cannot overflow on large-but-finite gradients.
@@ -319,12 +332,7 @@ class GradScaler:
         local_norms = torch.stack(norms) if norms else torch.zeros(0, dtype=torch.float64, device=self.device)
         # With CPU offload the gradient shards live in host memory; the collective runs on the
         # process group's device (nccl takes no host tensor).
-        sumsq = local_norms.square().sum().to(self.device).reshape(1)
-        if not counted:
-            # A replica's copy adds 0 to the sum, so each element counts once, but a non-finite
-            # value still poisons it (0 * inf = nan): the same decision on every rank. Its loss
-            # and tokens are its own data's and count in full.
-            sumsq = sumsq * 0
+        sumsq = _sum_of_squares(norms, [shard.counted for shard in shards], local_norms).to(self.device).reshape(1)
         riders = torch.zeros(0, dtype=torch.float64, device=self.device) if riders is None else \
             riders.to(device=self.device, dtype=torch.float64).reshape(-1)
         packet = torch.cat([sumsq, self._loss_packet(loss, loss_and_tokens), riders])
@@ -407,6 +415,20 @@ class GradScaler:
         self.loss_scale.load_state_dict(state["loss_scale"])
         self.consecutive_skips_t.fill_(int(state["consecutive_skips"]))
         self.total_skips_t.fill_(int(state["total_skips"]))
+
+
+def _sum_of_squares(norms: list[torch.Tensor], counted: list[bool], local_norms: torch.Tensor) -> torch.Tensor:
+    """The squared norms of the counted shards, summed. A copy adds 0 to the sum, so each element
+    counts once, but a non-finite value in it still poisons the sum (0 * inf = nan): the same
+    decision on every rank. (A replica's loss and tokens are its own data's and count in full.)
+    Selected in Python, not by a mask tensor: a host-built mask would be a copy to the device
+    every step."""
+    if all(counted):
+        return local_norms.square().sum()
+    first = [norm for norm, mine in zip(norms, counted) if mine]
+    copies = [norm for norm, mine in zip(norms, counted) if not mine]
+    copies_sum = torch.stack(copies).square().sum() * 0
+    return torch.stack(first).square().sum() + copies_sum if first else copies_sum
 
 
 def build_grad_scaler(

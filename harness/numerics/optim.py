@@ -7,7 +7,7 @@ same on every rank and after any resume.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Optional
+from typing import Callable, Iterable, Optional
 
 import torch
 from torch import nn
@@ -16,14 +16,16 @@ from harness.config import TrainConfig
 from harness.errors import HarnessError
 
 
-def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Decay matrices (weights of linear layers and embeddings); leave biases and norm gains alone."""
+def param_groups(model: nn.Module, weight_decay: float,
+                 full_shape: Callable[[torch.Tensor], torch.Size] = lambda p: p.shape) -> list[dict]:
+    """Decay matrices (weights of linear layers and embeddings); leave biases and norm gains alone.
+    `full_shape`: a parameter's unsharded shape (the backend's: a ZeRO-3 parameter built
+    partitioned is an empty placeholder)."""
     decay, no_decay = [], []
     for param in model.parameters():
         if not param.requires_grad:
             continue
-        # A ZeRO-3 parameter built under zero.Init is an empty placeholder; ds_shape is its shape.
-        ndim = len(getattr(param, "ds_shape", param.shape))
+        ndim = len(full_shape(param))
         (decay if ndim >= 2 else no_decay).append(param)
     return [
         {"params": decay, "weight_decay": weight_decay},
@@ -63,17 +65,20 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr + (cfg.lr - cfg.min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
-def ensure_adam_state(optimizer: torch.optim.Optimizer, params: Optional[Iterable[torch.Tensor]] = None) -> None:
+def ensure_adam_state(optimizer: torch.optim.Optimizer, params: Optional[Iterable[torch.Tensor]] = None,
+                      steps_in_python: bool = False) -> None:
     """Create AdamW's state (zero moments, step 0) where no step has created it yet, exactly as
     AdamW's first step would, so a checkpoint can be loaded into a fresh optimizer. `params`
-    defaults to the optimizer's param groups (DeepSpeed ZeRO-3 fills those only during step)."""
+    defaults to the optimizer's param groups (DeepSpeed ZeRO-3 fills those only during step).
+    `steps_in_python`: the optimizer counts `step` as a Python int (DeepSpeed's CPU Adam hands it
+    to its C++ kernel), as the backend that built it knows."""
     on_device = optimizer.defaults.get("fused") or optimizer.defaults.get("capturable")
     if params is None:
         params = [p for group in optimizer.param_groups for p in group["params"]]
     for p in params:
         if "exp_avg" in optimizer.state.get(p, {}):
             continue
-        if _counts_steps_in_python(optimizer):
+        if steps_in_python:
             step = 0
         else:
             step = torch.zeros((), dtype=torch.float32, device=p.device) if on_device else torch.tensor(0.0)
@@ -100,8 +105,3 @@ def set_adam_step_count(optimizer: torch.optim.Optimizer, count: int) -> None:
             state["step"].fill_(count)
         else:
             state["step"] = count
-
-
-def _counts_steps_in_python(optimizer: torch.optim.Optimizer) -> bool:
-    """DeepSpeed's CPU Adam keeps `step` as a Python int and hands it to its C++ kernel."""
-    return hasattr(optimizer, "ds_opt_adam")

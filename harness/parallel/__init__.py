@@ -8,19 +8,21 @@ base.py             the interface (wrap model + optimizer, backward, gradient sh
 fsdp2.py            FSDP2: fully_shard per block then the root, one MixedPrecisionPolicy
 deepspeed/          DeepSpeed ZeRO-1/2/3 (backend, optimizer layouts, its private names in one place)
 initial_weights.py  writing the initial weights into whatever pieces a rank owns
-layouts.py          what each layout can do, as plain data (config validation reads it, no torch)
+mesh.py             the job's ranks in named dimensions, built once (data-parallel coordinates,
+                    the mesh FSDP2 shards over, which copy of a tensor counts)
 select.py           the backend a config asks for
 preflight.py        the backend's own checks of a config's files, before any rank starts
 
-Names are handed on lazily, so config validation can read layouts.py without importing torch.
+Names are handed on lazily, so `harness check` reaches preflight.py without importing torch.
+What each layout can do, as torch-free data, is harness.config.layouts.
 """
 
 import importlib
 from typing import Any
 
 _EXPORTS = {"ParallelBackend": "base", "StatePiece": "base", "build_backend": "select", "layout_name": "select",
-            "Layout": "layouts", "layout_of": "layouts",
-            "check_backend_file": "preflight"}
+            "check_backend_file": "preflight", "GradShard": "base", "Run": "base",
+            "ParallelMesh": "mesh", "MeshShape": "mesh", "build_mesh": "mesh"}
 __all__ = sorted(_EXPORTS)
 
 

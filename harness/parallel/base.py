@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import math
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable, ContextManager, Optional
@@ -10,31 +12,96 @@ import torch
 from torch import nn
 
 from harness.config import TrainConfig
-from harness.numerics.grad_scale import DeviceDecision, StepDecision
+from harness.numerics.grad_scale import DeviceDecision, GradShard, StepDecision
 
 STATE_KINDS = ("param", "exp_avg", "exp_avg_sq")
 """What a checkpoint holds per parameter: the fp32 master weight and AdamW's two moments."""
 
 
+@dataclass(frozen=True)
+class Run:
+    """`count` stretches of `length` consecutive elements, `stride` apart, the first at `offset`,
+    in the flattened (row-major) full tensor. One run with count 1 is a flat range (a ZeRO
+    partition, an FSDP2 dim-0 shard); one strided run is a 2-D block (rows a:b, columns c:d)."""
+
+    offset: int
+    length: int
+    count: int = 1
+    stride: int = 0
+
+    @property
+    def numel(self) -> int:
+        return self.length * self.count
+
+    def spans(self) -> list[tuple[int, int]]:
+        """(first element, element count) of each stretch, in order."""
+        return [(self.offset + i * self.stride, self.length) for i in range(self.count)]
+
+    def as_list(self) -> list[int]:
+        return [self.offset, self.length, self.count, self.stride]
+
+
+def flat_range(offset: int, length: int) -> tuple[Run, ...]:
+    return (Run(offset, length),)
+
+
+def box_runs(shape: tuple[int, ...], starts: tuple[int, ...], sizes: tuple[int, ...]) -> tuple[Run, ...]:
+    """The runs of an N-D box [starts, starts + sizes) of a tensor of `shape`, in the row-major
+    order of the box itself (the order of a contiguous local shard): dimensions after the last
+    partial one are contiguous, the one before it becomes the stride, and any further outer
+    dimensions give one run per index."""
+    if not shape:
+        return flat_range(0, 1)
+    partial = [d for d in range(len(shape)) if sizes[d] != shape[d]]
+    if not partial or 0 in sizes:
+        return flat_range(0, math.prod(shape)) if not partial else flat_range(0, 0)
+    last = partial[-1]
+    inner = math.prod(shape[last + 1:])
+    length = sizes[last] * inner
+    if last == 0:
+        return flat_range(starts[0] * inner, length)
+    stride = shape[last] * inner
+    outer_dims = range(last - 1)
+    runs = []
+    for index in itertools.product(*(range(starts[d], starts[d] + sizes[d]) for d in outer_dims)):
+        base = sum(i * math.prod(shape[d + 1:]) for d, i in zip(outer_dims, index))
+        first = base + starts[last - 1] * stride + starts[last] * inner
+        runs.append(Run(first, length, sizes[last - 1], stride))
+    return tuple(runs)
+
+
 @dataclass
 class StatePiece:
-    """This rank's contiguous piece of one parameter, in the parameter's flattened element space.
+    """This rank's block of one parameter: its master weight and moments, as runs of the
+    parameter's flattened element space.
 
-    Every backend's sharding (FSDP2 dim-0 shards, ZeRO-3 per-parameter partitions, ZeRO-1/2
-    slices of a flat buffer) is a set of such pieces, which is what lets a checkpoint written by
-    one backend and world size be read by any other."""
+    Every backend's sharding (FSDP2 shards, ZeRO-3 per-parameter partitions, ZeRO-1/2 slices of a
+    flat buffer, a weight sharded on two dimensions) is a set of such pieces, which is what lets a
+    checkpoint written by one backend and world size be read by any other."""
 
     name: str
     shape: tuple[int, ...]
     """The full (unsharded) shape."""
-    offset: int
-    """Index of this piece's first element in the flattened full tensor."""
+    runs: tuple[Run, ...]
+    """Where this piece's elements sit in the flattened full tensor, in the order of `tensors`."""
     tensors: dict[str, torch.Tensor]
     """STATE_KINDS -> writable 1-D fp32 views of equal length into the live state."""
+    counted: bool = True
+    """Whether this is the first copy of its elements (harness.parallel.mesh.holds_first_copy):
+    only first copies are written to a checkpoint and counted when checking coverage."""
 
     @property
     def numel(self) -> int:
         return self.tensors["param"].numel()
+
+    def flat_views(self, kind: str = "param") -> list[tuple[int, torch.Tensor]]:
+        """(offset in the flattened full tensor, the slice of the live view it starts) per stretch."""
+        views, at, tensor = [], 0, self.tensors[kind]
+        for run in self.runs:
+            for offset, length in run.spans():
+                views.append((offset, tensor.narrow(0, at, length)))
+                at += length
+        return views
 
 
 class ParallelBackend(ABC):
@@ -52,14 +119,17 @@ class ParallelBackend(ABC):
     """Call this for forward passes (it may be a wrapper around the original module)."""
     module: nn.Module
     """The original model (same parameter and module names), for hooks and diagnostics."""
-    primary_copy: bool = True
-    """False on a rank whose state pieces and gradient shards are copies of another rank's (an
-    HSDP replica other than the first): they count once in the global gradient norm, in the
-    initial-weights coverage check, and in a checkpoint (only the first replica writes them)."""
-
     notes: tuple[str, ...] = ()
     """One-line remarks on this configuration that the user should read at start-up (a switch
     known to cost rather than save on this backend, say); printed once by rank 0."""
+
+    def full_shape(self, param: torch.Tensor) -> torch.Size:
+        """A parameter's full (unsharded) shape, for a parameter of the skeleton or of the model
+        this backend wraps."""
+        return param.shape
+
+    def full_numel(self, param: torch.Tensor) -> int:
+        return self.full_shape(param).numel()
 
     def construction_context(self, hidden_size: int) -> Optional[ContextManager]:
         """Where the model's parameters are created; None: on the meta device (no memory), to be
@@ -79,9 +149,9 @@ class ParallelBackend(ABC):
         `last_micro_batch` marks the end of gradient accumulation for this optimizer step."""
 
     @abstractmethod
-    def local_grad_shards(self) -> list[tuple[str, torch.Tensor]]:
-        """(parameter name, this rank's piece of its gradient); pieces are disjoint across ranks,
-        so sums over them add up to the full gradient. Writable in place."""
+    def local_grad_shards(self) -> list[GradShard]:
+        """This rank's part of every gradient, writable in place; the counted parts are disjoint
+        across ranks, so sums over them add up to the full gradient."""
 
 
     def on_weights_changed(self, hook: Callable[[bool], None]) -> None:

@@ -7,35 +7,40 @@ fp32 master weights and fp32 gradient shards.
 
 from __future__ import annotations
 
-import math
 from typing import Optional
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from harness.config import ParallelConfig, TrainConfig
 from harness.model import materialize_on, transformer_blocks
 from harness.model.lora import freeze_in
-from harness.numerics.grad_scale import DeviceDecision
+from harness.numerics.grad_scale import DeviceDecision, GradShard
 from harness.numerics.optim import build_adamw, check_skips_on_device, ensure_adam_state, param_groups
 from harness.numerics.precision import PrecisionPolicy
-from harness.parallel.base import STATE_KINDS, ParallelBackend, StatePiece
+from harness.parallel.base import STATE_KINDS, ParallelBackend, StatePiece, box_runs
+from harness.parallel.mesh import ParallelMesh, holds_first_copy
 
 
 class FSDP2Backend(ParallelBackend):
     name = "fsdp2"
 
-    def __init__(self, cfg: ParallelConfig, policy: PrecisionPolicy, device: torch.device, world_size: int) -> None:
+    def __init__(self, cfg: ParallelConfig, policy: PrecisionPolicy, device: torch.device, mesh: ParallelMesh) -> None:
         self.cfg = cfg
         self.policy = policy
         self.device = device
-        self.world_size = world_size
+        self.mesh = mesh
+        replicas, shards = mesh.shape.replicate, mesh.shape.shard
+        if replicas > 1:
+            # Consecutive ranks shard together, so with one node per group the all-gathers and
+            # reduce-scatters stay inside a node and only the replicas' gradient all-reduce
+            # crosses nodes.
+            self.name = f"fsdp2 HSDP ({replicas} replicas x {shards} shards)"
 
     def setup(self, model: nn.Module, train_cfg: TrainConfig, hidden_size: int) -> None:
-        mesh = self._mesh()
+        mesh = self.mesh.sharding_mesh()
         mp_policy = MixedPrecisionPolicy(
             param_dtype=self.policy.compute_dtype if self.policy.is_mixed else None,
             reduce_dtype=self.policy.reduce_dtype,
@@ -71,20 +76,6 @@ class FSDP2Backend(ParallelBackend):
         if offloaded:
             self.name += " (parameters, gradients and optimizer offloaded to host memory, stepped by torch AdamW)"
 
-    def _mesh(self):
-        """One flat shard group, or HSDP: parallel.replicate groups of world_size / R ranks each
-        holding the whole sharded state (consecutive ranks shard together, so with one node per
-        group the all-gathers and reduce-scatters stay inside a node and only the replicas'
-        gradient all-reduce crosses nodes)."""
-        replicas = self.cfg.replicate
-        if replicas == 1:
-            return init_device_mesh(self.device.type, (self.world_size,))
-        mesh = init_device_mesh(self.device.type, (replicas, self.world_size // replicas),
-                                mesh_dim_names=("replicate", "shard"))
-        self.primary_copy = mesh["replicate"].get_local_rank() == 0
-        self.name = f"fsdp2 HSDP ({replicas} replicas x {self.world_size // replicas} shards)"
-        return mesh
-
     def _set_prefetch(self, blocks: list[nn.Module]) -> None:
         """Explicit prefetch: while block i computes, the all-gathers of the next
         `parallel.prefetch` blocks (in forward) or previous ones (in backward) are already issued,
@@ -111,14 +102,15 @@ class FSDP2Backend(ParallelBackend):
             self.model.set_requires_gradient_sync(last_micro_batch)
         (loss * loss_scale.to(loss.dtype) if loss_scale is not None else loss).backward()
 
-    def local_grad_shards(self) -> list[tuple[str, torch.Tensor]]:
-        return [(name, p.grad.to_local()) for name, p in self.model.named_parameters() if p.grad is not None]
+    def local_grad_shards(self) -> list[GradShard]:
+        return [GradShard(name, p.grad.to_local(), holds_first_copy(p.grad))
+                for name, p in self.model.named_parameters() if p.grad is not None]
 
     def apply_decision(self, decision: DeviceDecision, lr: float) -> None:
         """On the device, never waiting: the gradients are multiplied by the decision's multiplier
         and fused AdamW reads the skip flag as `found_inf` (torch.amp.GradScaler's mechanism),
         leaving weights, moments and its step count untouched on a skipped step."""
-        grads = [grad for _, grad in self.local_grad_shards()]
+        grads = [shard.grad for shard in self.local_grad_shards()]
         shard_device = grads[0].device if grads else self.device
         # Offloaded shards live in host memory: one copy brings both values there.
         multiplier, found_inf = torch.stack([decision.grad_multiplier, decision.skip.double()]).to(shard_device).float()
@@ -136,7 +128,7 @@ class FSDP2Backend(ParallelBackend):
 
 
     def scale_grads(self, multiplier: float) -> None:
-        grads = [grad for _, grad in self.local_grad_shards()]
+        grads = [shard.grad for shard in self.local_grad_shards()]
         if multiplier != 1.0 and grads:
             torch._foreach_mul_(grads, multiplier)
 
@@ -179,6 +171,7 @@ class FSDP2Backend(ParallelBackend):
 
 
 def _piece(name: str, p: torch.Tensor, tensors: dict[str, torch.Tensor]) -> StatePiece:
-    """A dim-0 shard of a DTensor parameter as a piece of its flattened full tensor."""
-    _, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
-    return StatePiece(name, tuple(p.shape), global_offset[0] * math.prod(p.shape[1:]), tensors)
+    """A DTensor parameter's local shard as a block of its full tensor (a dim-0 shard today: one run)."""
+    local_shape, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
+    return StatePiece(name, tuple(p.shape), box_runs(tuple(p.shape), tuple(global_offset), tuple(local_shape)),
+                      tensors, counted=holds_first_copy(p))

@@ -24,7 +24,7 @@ def write_initial_weights(backend: ParallelBackend, source: InitialWeights, full
     trainable = [] if frozen_only else backend.state_pieces(with_optimizer_state=False)
     for piece in trainable + backend.frozen_pieces():
         by_name.setdefault(piece.name, []).append(piece)
-    fill_flat_views({name: [(piece.offset, piece.tensors["param"]) for piece in pieces]
+    fill_flat_views({name: [view for piece in pieces for view in piece.flat_views()]
                      for name, pieces in by_name.items()}, source)
     if frozen_only:
         full_numels = {name: numel for name, numel in full_numels.items() if name in _all_names(by_name)}
@@ -44,9 +44,8 @@ def _all_names(by_name: dict[str, list]) -> set[str]:
 def _check_coverage(by_name: dict[str, list], full_numels: dict[str, int], backend: ParallelBackend) -> None:
     names = sorted(full_numels)
     written = torch.zeros(len(names), dtype=torch.float64, device=backend.device)
-    if backend.primary_copy:  # a replica's pieces are copies: each element counts once
-        for i, name in enumerate(names):
-            written[i] = sum(piece.numel for piece in by_name.get(name, []))
+    for i, name in enumerate(names):  # a copy (an HSDP replica's piece) is not counted: each element counts once
+        written[i] = sum(piece.numel for piece in by_name.get(name, []) if piece.counted)
     if dist.is_initialized():
         dist.all_reduce(written)
     wrong = [(name, int(count)) for name, count in zip(names, written.tolist()) if count != full_numels[name]]

@@ -5,20 +5,22 @@ from __future__ import annotations
 import torch
 
 from harness.config import Config, ParallelConfig
+from harness.config.layouts import layout_of
 from harness.numerics.precision import PrecisionPolicy
 from harness.parallel.base import ParallelBackend
-from harness.parallel.layouts import layout_of
+from harness.parallel.mesh import ParallelMesh
 
 
-def build_backend(cfg: Config, policy: PrecisionPolicy, device: torch.device, world_size: int) -> ParallelBackend:
+def build_backend(cfg: Config, policy: PrecisionPolicy, device: torch.device, mesh: ParallelMesh) -> ParallelBackend:
+    """The backend, handed the job's one mesh (harness.parallel.mesh): it builds no mesh of its own."""
     if cfg.parallel.backend == "fsdp2":
         from harness.parallel.fsdp2 import FSDP2Backend
 
-        return FSDP2Backend(cfg.parallel, policy, device, world_size)
+        return FSDP2Backend(cfg.parallel, policy, device, mesh)
     if cfg.parallel.backend == "deepspeed":
         from harness.parallel.deepspeed.backend import DeepSpeedBackend
 
-        return DeepSpeedBackend(cfg, policy, device, world_size)
+        return DeepSpeedBackend(cfg, policy, device, mesh)
     raise AssertionError(f"config validation let through parallel.backend={cfg.parallel.backend!r}")
 
 

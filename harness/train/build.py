@@ -18,7 +18,7 @@ from harness.data.instruct import INSTRUCTION_FORMATS, describe_dropped, load_ch
 from harness.data.packing import instruction_rows
 from harness.data.user import user_sequences
 from harness.errors import HarnessError
-from harness.model import flops_per_token, full_numel, lora
+from harness.model import flops_per_token, lora
 from harness.model.blocks import compile_blocks
 from harness.model.build import check_tokenizer_fits, generation_eos, model_spec, special_token_ids
 from harness.model.loss import enable_chunked_loss, loss_sum_and_count
@@ -32,7 +32,7 @@ from harness.observe.console import print0
 from harness.observe.metrics import MetricsWriter, device_peak_tflops
 from harness.observe.step_counter import StepCounter
 from harness.observe.tracking import build_tracker
-from harness.parallel import build_backend
+from harness.parallel import build_backend, build_mesh
 from harness.parallel.initial_weights import write_initial_weights
 from harness.runtime.dist import RankInfo
 from harness.runtime.host_memory import peak_gb as host_peak_gb
@@ -195,7 +195,8 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
     source = model_source(cfg.model, data.vocab_size, cfg.train.seq_len, parts.model, parts.blocks, specials, cfg.lora)
     for note in source.notes:
         print0(info.rank, f"note: {note}")
-    backend = build_backend(cfg, policy, device, info.world_size)
+    mesh = build_mesh(cfg.parallel, info.world_size, info.rank, device)
+    backend = build_backend(cfg, policy, device, mesh)
     # The skeleton holds no weights (meta, or ZeRO-3 partitions); setup allocates this rank's
     # shards and the initial weights are written into them, one block at a time.
     model = source.skeleton(backend.construction_context(source.hidden_size))
@@ -203,16 +204,16 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
         check_fp8_device(device, cfg.fp8)
         print0(info.rank, convert_to_fp8(model, cfg.fp8).describe(cfg.fp8.recipe))
     if cfg.lora.enabled:
-        print0(info.rank, lora.describe(model, list(source.lora_targets), cfg.lora, policy.name, full_numel))
+        print0(info.rank, lora.describe(model, list(source.lora_targets), cfg.lora, policy.name, backend.full_numel))
     if cfg.train.loss_chunk_tokens:
         enable_chunked_loss(model)
     if cfg.train.compile:
         compile_blocks(model)
     model_name = type(model).__name__
     model_config_json = source.describe(model)
-    full_numels = {name: full_numel(p) for name, p in model.named_parameters()}
+    full_numels = {name: backend.full_numel(p) for name, p in model.named_parameters()}
     n_params = sum(full_numels.values())
-    fpt = flops_per_token(model, cfg.train.seq_len)
+    fpt = flops_per_token(model, cfg.train.seq_len, backend.full_numel)
     backend.setup(model, cfg.train, source.hidden_size)
     if cfg.precision == "fp8" and cfg.fp8.all_gather:
         backend.on_weights_changed(scale_precompute(backend.module))
@@ -234,20 +235,21 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
     diagnosis = OverflowDiagnosis(
         info.rank, info.world_size, [name for name, _ in backend.module.named_parameters()], probe
     )
-    # Dropout and other training-time randomness differ per rank; the init above did not.
-    torch.manual_seed(cfg.train.seed + 1 + info.rank)
+    # Dropout and other training-time randomness differ per data-parallel rank; the init above did not.
+    torch.manual_seed(cfg.train.seed + 1 + mesh.data_rank)
 
-    shape = BatchShape(cfg.train.micro_batch_size, cfg.train.grad_accum, info.world_size)
+    shape = BatchShape(cfg.train.micro_batch_size, cfg.train.grad_accum, mesh.data_size)
     spikes = SpikeGuard(cfg.train.spike, device)
     scaler = build_grad_scaler(cfg.scaler, policy.uses_loss_scaling, cfg.train.grad_clip, device, spikes=spikes)
-    batches = TrainBatches(data.train, cfg.train.seed, shape, info.rank)
+    batches = TrainBatches(data.train, cfg.train.seed, shape, mesh.data_rank)
     state = RunState(cfg, info, device, backend, scaler, spikes, batches, lora_base)
     start_step = 0
     if resume_path is not None:
         start_step = _resume(state, resume_path, cfg.resume.weights_only)
     eval_data = []
     if cfg.eval.every:
-        eval_data = eval_batches(data.val, cfg.eval.sequences, cfg.train.micro_batch_size, info.rank, info.world_size)
+        eval_data = eval_batches(data.val, cfg.eval.sequences, cfg.train.micro_batch_size, mesh.data_rank,
+                                 mesh.data_size)
 
     # Measured last, once everything a step needs is built: what a node must have before step 1.
     setup_host_peak = [0.0] * info.world_size

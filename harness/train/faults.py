@@ -21,6 +21,7 @@ from torch import nn
 
 from harness.config import FaultsConfig
 from harness.errors import HarnessError
+from harness.numerics.grad_scale import GradShard
 
 _VALUES = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
@@ -125,24 +126,24 @@ class FaultInjector:
             sys.stderr.flush()
             os.kill(os.getpid(), signal.SIGKILL)
 
-    def maybe_corrupt(self, step: int, named_grads: Sequence[tuple[str, torch.Tensor]]) -> Optional[str]:
+    def maybe_corrupt(self, step: int, shards: Sequence[GradShard]) -> Optional[str]:
         """Write the step's value into one element of one local gradient shard.
 
         Returns a description ("inf into <param>") when it did, None otherwise."""
         if step not in self.value_at:
             return None
-        name, grad = self._pick(named_grads)
+        name, grad = self._pick(shards)
         value = self.value_at[step]
         grad.view(-1)[0] = _VALUES[value]
         return f"{value} into the gradient of {name}"
 
-    def _pick(self, named_grads: Sequence[tuple[str, torch.Tensor]]) -> tuple[str, torch.Tensor]:
+    def _pick(self, shards: Sequence[GradShard]) -> tuple[str, torch.Tensor]:
         if self.param is None:
-            for name, grad in named_grads:
+            for name, grad, _ in shards:
                 if grad.numel() > 0:
                     return name, grad
             raise HarnessError("faults: this rank holds no gradient shard to corrupt", rank_local=True)
-        for name, grad in named_grads:
+        for name, grad, _ in shards:
             if name == self.param:
                 if grad.numel() == 0:
                     raise HarnessError(
@@ -150,7 +151,7 @@ class FaultInjector:
                         rank_local=True,
                     )
                 return name, grad
-        known = ", ".join(name for name, _ in list(named_grads)[:5])
+        known = ", ".join(shard.name for shard in list(shards)[:5])
         raise HarnessError(
             f"faults.nonfinite_grad_param={self.param!r} is not a parameter with a gradient (e.g. {known}, ...)"
         )
@@ -167,7 +168,7 @@ class _CorruptedGradients:
     def __getattr__(self, name: str) -> Any:
         return getattr(self._backend, name)
 
-    def local_grad_shards(self) -> list[tuple[str, torch.Tensor]]:
+    def local_grad_shards(self) -> list[GradShard]:
         grads = self._backend.local_grad_shards()
         corrupted = self._faults.maybe_corrupt(self._faults.step, grads)
         if corrupted:

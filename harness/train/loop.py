@@ -312,9 +312,9 @@ class Loop:
         clip, loss spike, the step's loss, and the flags every rank must agree on), on the device."""
         self._phase("decision", step)
         riders = StepAgreement.riders(self.stop.received is not None, self.checkpointer.writing, self.device)
-        return self.scaler.decide(self.backend.local_grad_shards(), counted=self.backend.primary_copy,
-                                  loss_and_tokens=local_loss,
-                                  nominal_tokens=self.nominal_tokens_per_rank * self.info.world_size, riders=riders)
+        return self.scaler.decide(self.backend.local_grad_shards(), loss_and_tokens=local_loss,
+                                  nominal_tokens=self.nominal_tokens_per_rank * self.batches.shape.data_ranks,
+                                  riders=riders)
 
     def evaluate(self, step: int = 0) -> float:
         """Mean loss over the fixed held-out sequences (harness.train.evaluation), after step `step`."""

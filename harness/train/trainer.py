@@ -5,7 +5,7 @@
     summary = harness.Trainer(cfg, model=my_model_fn, data=my_dataset, loss=my_loss).fit()
 
 Run under a launcher (torchrun, srun, the deepspeed launcher) it is one rank of the job, exactly as
-`python -m harness.train` is: the same process group, sharding, loss scaler, checkpoints,
+`python -m harness train` is: the same process group, sharding, loss scaler, checkpoints,
 metrics, watchdog and stop signals. Without a launcher it is a world of one.
 """
 

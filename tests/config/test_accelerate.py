@@ -22,7 +22,7 @@ BIN = Path(sys.executable).parent
 def test_runs_under_accelerate_launch_with_its_fsdp_config(tmp_path):
     result = subprocess.run(
         [str(BIN / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1",
-         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "harness.train",
+         "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "harness", "train",
          "configs/tiny-accelerate-fsdp.yaml", f"run.dir={tmp_path}", "train.steps=3", "log.progress=off"],
         cwd=ROOT, capture_output=True, text=True, timeout=600,
     )
@@ -98,7 +98,7 @@ def test_what_does_not_map_is_a_one_line_error(tmp_path, accelerate, overrides, 
 
 
 def test_missing_file_is_a_clean_cli_error():
-    result = subprocess.run([sys.executable, "-m", "harness.train", "configs/tiny.yaml", "--check",
+    result = subprocess.run([sys.executable, "-m", "harness", "train", "configs/tiny.yaml", "--check",
                              "--from-accelerate-config", "nope.yaml"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
     assert result.stderr.strip() == ("harness: error: parallel.accelerate_config 'nope.yaml' not found; "

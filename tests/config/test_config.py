@@ -176,7 +176,7 @@ def _run(args: list[str]) -> subprocess.CompletedProcess:
 @pytest.mark.parametrize(
     "command",
     [
-        [sys.executable, "-m", "harness.train", "configs/tiny.yaml", "train.stepz=1"],
+        [sys.executable, "-m", "harness", "train", "configs/tiny.yaml", "train.stepz=1"],
         [str(Path(sys.executable).parent / "harness"), "train", "configs/tiny.yaml", "train.stepz=1"],
         ["launch/local.sh", "2", "configs/tiny.yaml", "train.stepz=1"],
     ],
@@ -192,10 +192,10 @@ def test_cli_config_error_is_one_line_exit_2(command):
 
 
 def test_cli_check_and_help():
-    ok = _run([sys.executable, "-m", "harness.train", "configs/demo.yaml", "--check", "--world-size", "2"])
+    ok = _run([sys.executable, "-m", "harness", "train", "configs/demo.yaml", "--check", "--world-size", "2"])
     assert ok.returncode == 0 and "config ok" in ok.stdout
-    helped = _run([sys.executable, "-m", "harness.train", "--help"])
+    helped = _run([sys.executable, "-m", "harness", "train", "--help"])
     assert helped.returncode == 0 and "scaler.growth_interval" in helped.stdout
-    ranks = _run([sys.executable, "-m", "harness.train", "configs/tiny.yaml", "faults.nonfinite_grad_rank=3",
+    ranks = _run([sys.executable, "-m", "harness", "train", "configs/tiny.yaml", "faults.nonfinite_grad_rank=3",
                   "--check", "--world-size", "2"])
     assert ranks.returncode == 2 and "use 0..1" in ranks.stderr

@@ -33,7 +33,7 @@ def _measure(run_root: str) -> dict:
         cfg = load_config(TINY, [f"run.dir={run_root}/{label}", "precision=bf16", "log.progress=off", *extra])
         trainer = build_loop(cfg, info, torch.device("cpu"))
         local_loss = trainer.forward_backward(1, loss_scale=None)
-        grads = sum(g.numel() * g.element_size() for _, g in trainer.backend.local_grad_shards())
+        grads = sum(g.numel() * g.element_size() for _, g, _ in trainer.backend.local_grad_shards())
         trainer.apply_gradients(1, lr_at(1, cfg.train), local_loss)
         optimizer = trainer.backend.torch_optimizer
         master = sum(t.numel() * t.element_size() for t in optimizer.state)  # what AdamW steps on

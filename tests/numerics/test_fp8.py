@@ -209,7 +209,7 @@ def test_kill_and_resume_is_exact_and_checkpoints_move_between_bf16_and_fp8(tmp_
 
 @pytest.mark.spawns
 def test_fp8_on_cpu_without_emulation_is_refused_in_one_line(tmp_path):
-    result = subprocess.run([sys.executable, "-m", "harness.train", FP8, "fp8.emulate=false", f"run.dir={tmp_path / 'r'}"],
+    result = subprocess.run([sys.executable, "-m", "harness", "train", FP8, "fp8.emulate=false", f"run.dir={tmp_path / 'r'}"],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [

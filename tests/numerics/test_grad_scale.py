@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from harness.config import ScalerConfig
-from harness.numerics.grad_scale import DynamicLossScale, GradScaler, build_grad_scaler
+from harness.numerics.grad_scale import DynamicLossScale, GradScaler, GradShard, build_grad_scaler
 
 
 def _schedules():
@@ -116,7 +116,7 @@ def test_unscale_and_clip_fold_into_one_multiplier(world_of_one):
     scaler = _fp16_scaler(init_scale=1024.0)
     true_grads = [torch.tensor([3.0, 0.0]), torch.tensor([[4.0]])]  # global norm 5
     scaled = [g * 1024.0 for g in true_grads]
-    decision = scaler.decide([("a", scaled[0]), ("b", scaled[1])]).read()
+    decision = scaler.decide([GradShard("a", scaled[0]), GradShard("b", scaled[1])]).read()
     assert not decision.skipped
     assert decision.loss_scale == 1024.0
     assert decision.grad_norm == pytest.approx(5.0)
@@ -130,7 +130,7 @@ def test_unscale_and_clip_fold_into_one_multiplier(world_of_one):
 def test_no_clip_below_threshold_and_scale_one_is_untouched(world_of_one):
     scaler = build_grad_scaler(ScalerConfig(), uses_loss_scaling=False, grad_clip=10.0, device=torch.device("cpu"))
     grad = torch.tensor([0.3, 0.4])
-    decision = scaler.decide([("w", grad)]).read()
+    decision = scaler.decide([GradShard("w", grad)]).read()
     assert decision.grad_norm == pytest.approx(0.5) and decision.clip_coef == 1.0
     assert decision.grad_multiplier == 1.0
 
@@ -138,7 +138,7 @@ def test_no_clip_below_threshold_and_scale_one_is_untouched(world_of_one):
 @pytest.mark.parametrize("bad", [float("inf"), float("-inf"), float("nan")])
 def test_nonfinite_skips_names_the_tensor_and_backs_off(world_of_one, bad):
     scaler = _fp16_scaler(init_scale=256.0, hysteresis=1)
-    grads = [("ok", torch.ones(3)), ("broken", torch.tensor([1.0, bad]))]
+    grads = [GradShard("ok", torch.ones(3)), GradShard("broken", torch.tensor([1.0, bad]))]
     decision = scaler.decide(grads).read()
     assert decision.skipped and decision.grad_norm is None
     assert decision.local_nonfinite == (("broken", "nan" if bad != bad else "inf"),)
@@ -148,10 +148,10 @@ def test_nonfinite_skips_names_the_tensor_and_backs_off(world_of_one, bad):
 
 def test_abort_when_scale_is_at_its_floor(world_of_one):
     scaler = _fp16_scaler(init_scale=2.0, min_scale=1.0, hysteresis=1)
-    bad = [("w", torch.tensor([float("inf")]))]
+    bad = [GradShard("w", torch.tensor([float("inf")]))]
     first = scaler.decide(bad).read()
     assert first.abort_reason is None and scaler.scale == 1.0
-    second = scaler.decide([("w", torch.tensor([float("inf")]))]).read()
+    second = scaler.decide([GradShard("w", torch.tensor([float("inf")]))]).read()
     assert second.skipped
     assert "floor" in second.abort_reason and "scaler.min_scale=1" in second.abort_reason
 
@@ -161,7 +161,7 @@ def test_abort_after_too_many_consecutive_skips_in_bf16(world_of_one):
     scaler = build_grad_scaler(cfg, uses_loss_scaling=False, grad_clip=1.0, device=torch.device("cpu"))
     reasons = []
     for _ in range(3):
-        decision = scaler.decide([("w", torch.tensor([float("nan")]))]).read()
+        decision = scaler.decide([GradShard("w", torch.tensor([float("nan")]))]).read()
         assert decision.loss_scale == 1.0
         reasons.append(decision.abort_reason)
     assert reasons[:2] == [None, None]
@@ -169,20 +169,20 @@ def test_abort_after_too_many_consecutive_skips_in_bf16(world_of_one):
     # Below the limit, a clean step resets the count.
     scaler = build_grad_scaler(cfg, uses_loss_scaling=False, grad_clip=1.0, device=torch.device("cpu"))
     for grad in ([float("nan")], [float("nan")], [1.0], [float("nan")], [float("nan")]):
-        assert scaler.decide([("w", torch.tensor(grad))]).read().abort_reason is None
+        assert scaler.decide([GradShard("w", torch.tensor(grad))]).read().abort_reason is None
     assert scaler.consecutive_skips == 2 and scaler.total_skips == 4
 
 
 def test_static_scale_never_moves(world_of_one):
     scaler = _fp16_scaler(init_scale=128.0, dynamic=False)
     for grad in ([float("inf")], [1.0], [float("nan")]):
-        scaler.decide([("w", torch.tensor(grad))]).read()
+        scaler.decide([GradShard("w", torch.tensor(grad))]).read()
     assert scaler.scale == 128.0
 
 
 def test_guard_state_dict_round_trip(world_of_one):
     a = _fp16_scaler(init_scale=64.0, hysteresis=1)
-    a.decide([("w", torch.tensor([float("inf")]))])
+    a.decide([GradShard("w", torch.tensor([float("inf")]))])
     b = _fp16_scaler()
     b.load_state_dict(a.state_dict())
     assert (b.scale, b.total_skips, b.consecutive_skips) == (32.0, 1, 1)
@@ -196,7 +196,7 @@ def test_deciding_reads_nothing_on_the_host(world_of_one):
     counter = StepCounter(torch.device("cpu"))
     with counter:
         for grad in ([1.0], [float("inf")], [2.0]):
-            decision = scaler.decide([("w", torch.tensor(grad) * 1024.0)])
+            decision = scaler.decide([GradShard("w", torch.tensor(grad) * 1024.0)])
     assert counter.take()["host_syncs"] == 0
     assert decision.read().loss_scale == 512.0 and scaler.total_skips == 1
 
@@ -205,10 +205,22 @@ def test_an_abort_latches_and_every_later_step_is_skipped_unchanged(world_of_one
     """The host reads a decision only when it logs: after an abort, the steps issued before that
     read must change nothing (no scale update, no counters), and say no new abort."""
     scaler = _fp16_scaler(init_scale=2.0, min_scale=1.0, hysteresis=1)
-    inf = [("w", torch.tensor([float("inf")]))]
+    inf = [GradShard("w", torch.tensor([float("inf")]))]
     scaler.decide(inf)  # 2 -> 1
     aborting = scaler.decide(inf)  # at the floor: abort
-    later = [scaler.decide([("w", torch.tensor([1.0]))]).read() for _ in range(3)]
+    later = [scaler.decide([GradShard("w", torch.tensor([1.0]))]).read() for _ in range(3)]
     assert "floor" in aborting.read().abort_reason
     assert all(d.skipped and d.abort_reason is None and d.grad_multiplier == 0.0 for d in later)
     assert (scaler.scale, scaler.total_skips, scaler.consecutive_skips) == (1.0, 2, 2)
+
+
+def test_a_copy_adds_nothing_to_the_norm_but_its_nonfinite_value_still_skips(world_of_one):
+    """Per tensor: an HSDP replica's copy of one gradient is left out of the sum, the rank's own
+    first copies count in full, and an inf in a copy still makes the step skip."""
+    scaler = build_grad_scaler(ScalerConfig(), uses_loss_scaling=False, grad_clip=0.0, device=torch.device("cpu"))
+    mine, copy = torch.tensor([3.0, 4.0]), torch.tensor([12.0])
+    decision = scaler.decide([GradShard("mine", mine), GradShard("copy", copy, counted=False)]).read()
+    assert decision.grad_norm == 5.0
+    assert scaler.decide([GradShard("copy", copy, counted=False)]).read().grad_norm == 0.0
+    poisoned = scaler.decide([GradShard("mine", mine), GradShard("copy", torch.tensor([float("inf")]), counted=False)])
+    assert poisoned.read().skipped

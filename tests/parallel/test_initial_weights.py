@@ -25,7 +25,7 @@ GPT2_VOCAB = 50257
 
 
 def train(nproc: int, run_dir: Path, *overrides: str) -> None:
-    cmd = [sys.executable, "-m", "harness.train", TINY] if nproc == 1 else ["launch/local.sh", str(nproc), TINY]
+    cmd = [sys.executable, "-m", "harness", "train", TINY] if nproc == 1 else ["launch/local.sh", str(nproc), TINY]
     result = subprocess.run(cmd + [f"run.dir={run_dir}", "log.progress=off", "eval.every=0", *overrides],
                             cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]

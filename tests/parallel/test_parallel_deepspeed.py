@@ -131,7 +131,7 @@ def _rank_scenarios(run_root: str) -> dict:
             decision = trainer.run_step(step).decision
             pieces = trainer.backend.state_pieces()
             held.append((decision.skipped, adam_step_count(trainer.backend.torch_optimizer),
-                         {(p.name, p.offset, kind): tensor.clone() for p in pieces for kind, tensor in p.tensors.items()}))
+                         {(p.name, p.runs, kind): tensor.clone() for p in pieces for kind, tensor in p.tensors.items()}))
         (_, steps_before, before), (skipped, steps_skipped, after_skip), (_, steps_after, after) = held
         out["skip"][label] = {
             "skipped": [s for s, _, _ in held],

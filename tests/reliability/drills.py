@@ -15,7 +15,7 @@ from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[2]
 TINY = "configs/tiny.yaml"
-HARNESS_TRAIN = [sys.executable, "-m", "harness.train"]
+HARNESS_TRAIN = [sys.executable, "-m", "harness", "train"]
 QUIET = ["log.progress=off", "eval.every=0"]
 BACKENDS = {"fsdp2": ["parallel.backend=fsdp2"], "zero3": ["parallel.backend=deepspeed", "parallel.zero_stage=3"]}
 
@@ -91,7 +91,7 @@ class Job:
                 environ = (entry / "environ").read_bytes().split(b"\0")
             except OSError:
                 continue
-            if b"harness.train" in cmdline and str(self.run_dir).encode() in cmdline and f"RANK={rank}".encode() in environ:
+            if b"\0harness\0train\0" in cmdline and str(self.run_dir).encode() in cmdline and f"RANK={rank}".encode() in environ:
                 return int(entry.name)
         raise AssertionError(f"no process of rank {rank} found")
 

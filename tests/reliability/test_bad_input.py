@@ -22,7 +22,7 @@ from tests.reliability.drills import ROOT, TINY
 
 pytestmark = pytest.mark.spawns
 
-TRAIN = [sys.executable, "-m", "harness.train"]
+TRAIN = [sys.executable, "-m", "harness", "train"]
 FAST = ["train.steps=1", "log.progress=off", "eval.every=0"]
 
 

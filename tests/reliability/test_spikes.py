@@ -33,7 +33,7 @@ def test_guard_flags_a_spike_against_the_running_median_and_keeps_it_out_of_the_
 
 def test_left_out_batches_shift_the_stream_by_one_batch_each():
     sequences = _Sequences(100)
-    shape = BatchShape(micro_batch_size=2, grad_accum=1, world_size=2)
+    shape = BatchShape(micro_batch_size=2, grad_accum=1, data_ranks=2)
     plain = TrainBatches(sequences, 0, shape, rank=0)
     skipping = TrainBatches(sequences, 0, shape, rank=0, skip_steps=[3, 5])
     assert all(np.array_equal(skipping.global_indices(s), plain.global_indices(s)) for s in (1, 2))

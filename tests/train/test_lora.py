@@ -279,7 +279,7 @@ def test_checkpoints_hold_the_adapters_resume_exactly_and_refuse_another_base(ba
     (["lora.r=-1"], "lora.r must be >= 0"),
 ], ids=["no-match", "zero2", "zero1", "negative"])
 def test_bad_lora_settings_are_one_line(base, tmp_path, overrides, message):
-    result = subprocess.run([sys.executable, "-m", "harness.train", TINY, *lora_overrides(base, tmp_path / "r", *overrides)],
+    result = subprocess.run([sys.executable, "-m", "harness", "train", TINY, *lora_overrides(base, tmp_path / "r", *overrides)],
                             cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()

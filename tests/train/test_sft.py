@@ -221,7 +221,7 @@ def test_a_tokenizer_that_is_not_the_models_stops_before_any_data_is_prepared(tm
     import sys
 
     cache = tmp_path / "cache"
-    result = subprocess.run([sys.executable, "-m", "harness.train", SFT, "data.tokenizer=bundled:gpt2",
+    result = subprocess.run([sys.executable, "-m", "harness", "train", SFT, "data.tokenizer=bundled:gpt2",
                              f"data.cache_dir={cache}", f"run.dir={tmp_path / 'run'}"], cwd=ROOT, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 2

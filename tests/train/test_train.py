@@ -1,5 +1,5 @@
 """End to end through the commands users type: launch/local.sh (torchrun, 2 gloo ranks),
-python -m harness.train and the harness console script."""
+python -m harness train and the harness console script."""
 
 from __future__ import annotations
 

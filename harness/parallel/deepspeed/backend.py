@@ -35,28 +35,37 @@ from harness.config import Config, ParallelConfig, TrainConfig
 from harness.config.deepspeed_json import runtime_config
 from harness.errors import HarnessError, first_line
 from harness.model import materialize_on, transformer_blocks
-from harness.numerics.grad_scale import DeviceDecision, StepDecision
+from harness.numerics.grad_scale import DeviceDecision, GradShard, StepDecision
 from harness.numerics.optim import build_adamw, ensure_adam_state, param_groups
 from harness.numerics.precision import PrecisionPolicy
 from harness.observe.step_counter import host_read
 from harness.parallel.base import STATE_KINDS, ParallelBackend, StatePiece
 from harness.parallel.deepspeed.compat import ZERO_3, check_internals, check_zero_section, import_deepspeed
 from harness.parallel.deepspeed.layouts import layout_of
+from harness.parallel.mesh import ParallelMesh
 
 
 class DeepSpeedBackend(ParallelBackend):
     name = "deepspeed"
 
-    def __init__(self, cfg: Config, policy: PrecisionPolicy, device: torch.device, world_size: int) -> None:
+    def __init__(self, cfg: Config, policy: PrecisionPolicy, device: torch.device, mesh: ParallelMesh) -> None:
+        # ZeRO partitions over DeepSpeed's data-parallel group, which without an mpu is the world:
+        # right while every dimension of the mesh is a data-parallel one.
+        if mesh.data_size != mesh.shape.world:
+            raise AssertionError(f"config validation let a {mesh.describe()} mesh through to DeepSpeed")
         self.cfg = cfg
         self.policy = policy
         self.device = device
-        self.world_size = world_size
+        self.data_ranks = mesh.data_size
         self.stage = cfg.parallel.zero_stage
         self._grad_multiplier = 1.0
         self._host_loss_scale: Optional[float] = None
         """The loss scale DeepSpeed's backward multiplies by, known on the host from the last
         decision read (DeepSpeed takes it as a Python float)."""
+
+    def full_shape(self, param: torch.Tensor) -> torch.Size:
+        # A ZeRO-3 parameter built under zero.Init is an empty placeholder; ds_shape is its shape.
+        return torch.Size(param.ds_shape) if hasattr(param, "ds_shape") else param.shape
 
     def construction_context(self, hidden_size: int) -> Optional[ContextManager]:
         if self.stage != 3:
@@ -82,7 +91,7 @@ class DeepSpeedBackend(ParallelBackend):
         if self._frozen and self.stage != 3:  # LoRA's base: validate_lora refuses ZeRO-1/2
             raise AssertionError(f"config validation let {len(self._frozen)} frozen parameters through to ZeRO-{self.stage}")
         ds_config = self._runtime_config(hidden_size)
-        groups = param_groups(model, train_cfg.weight_decay)
+        groups = param_groups(model, train_cfg.weight_decay, self.full_shape)
         offload = self.cfg.parallel.offload
         if offload == "none":
             optimizer = build_adamw(groups, train_cfg)
@@ -90,6 +99,8 @@ class DeepSpeedBackend(ParallelBackend):
             optimizer, adam = host_adamw(groups, train_cfg, self.cfg.parallel.offload_adam)
             # DeepSpeed otherwise insists on its own CPU Adam for offloaded state.
             ds_config["zero_force_ds_cpu_optimizer"] = not isinstance(optimizer, torch.optim.AdamW)
+        # DeepSpeed's CPU Adam counts its steps as a Python int (its C++ kernel takes one).
+        self._steps_in_python = not isinstance(optimizer, torch.optim.AdamW)
         if self.stage == 3:
             _flag_leaf_blocks(model, self.cfg.parallel)
         self.engine, _, _, _ = deepspeed.initialize(
@@ -114,7 +125,7 @@ class DeepSpeedBackend(ParallelBackend):
 
     def _runtime_config(self, hidden_size: int) -> dict:
         # Page-locked host buffers speed up GPU<->host copies; on a CPU run they only cost memory.
-        ds_config = runtime_config(self.cfg, self.world_size, hidden_size=hidden_size, pin_memory=self.device.type == "cuda")
+        ds_config = runtime_config(self.cfg, self.data_ranks, hidden_size=hidden_size, pin_memory=self.device.type == "cuda")
         check_zero_section(ds_config, self.cfg.parallel.deepspeed_config or "parallel.* (DeepSpeed)")
         return ds_config
 
@@ -128,7 +139,7 @@ class DeepSpeedBackend(ParallelBackend):
         # harness already divided the loss by the number of micro-batches.
         self.engine.backward(loss, scale_wrt_gas=False)
 
-    def local_grad_shards(self) -> list[tuple[str, torch.Tensor]]:
+    def local_grad_shards(self) -> list[GradShard]:
         return self.layout.grad_shards(self._names)
 
     @property
@@ -138,7 +149,7 @@ class DeepSpeedBackend(ParallelBackend):
     def state_pieces(self, with_optimizer_state: bool = True) -> list[StatePiece]:
         kinds = STATE_KINDS if with_optimizer_state else STATE_KINDS[:1]
         if with_optimizer_state:
-            ensure_adam_state(self.zero.optimizer, self.layout.fp32_flats())
+            ensure_adam_state(self.zero.optimizer, self.layout.fp32_flats(), steps_in_python=self._steps_in_python)
         return self.layout.pieces(kinds, self._names)
 
     def frozen_pieces(self) -> list[StatePiece]:
@@ -182,9 +193,9 @@ class DeepSpeedBackend(ParallelBackend):
             # DeepSpeed's step() decides by its own overflow check here (offload, BF16_Optimizer).
             # A skip harness decided on finite gradients (a loss spike) must look like an overflow
             # to it: one non-finite element on each rank that holds any (its check is global too).
-            for _, grad in self.local_grad_shards():
-                if grad.numel():
-                    grad.view(-1)[0] = float("inf")
+            for shard in self.local_grad_shards():
+                if shard.grad.numel():
+                    shard.grad.view(-1)[0] = float("inf")
                     break
         self.layout.before_skip()
         self.engine.step()

@@ -11,8 +11,8 @@ that is public API, so a DeepSpeed release may rename any of it. Three guards:
    step `assert_called` fails if DeepSpeed's step() no longer calls one (a silent bypass of
    harness's decision would otherwise go unnoticed).
 
-Attributes of partitioned ZeRO-3 parameters (`ds_numel`, `ds_shape`) are read with a fallback
-in harness.model.build.full_numel and harness.numerics.optim; they are listed here too.
+Attributes of partitioned ZeRO-3 parameters (`ds_numel`, `ds_shape`) are read by this backend
+only (DeepSpeedBackend.full_shape answers the rest of harness); they are listed here too.
 """
 
 from __future__ import annotations

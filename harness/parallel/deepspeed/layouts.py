@@ -12,8 +12,8 @@ from typing import Optional
 import torch
 from torch import nn
 
-from harness.numerics.grad_scale import StepDecision
-from harness.parallel.base import StatePiece
+from harness.numerics.grad_scale import GradShard, StepDecision
+from harness.parallel.base import StatePiece, flat_range
 from harness.parallel.deepspeed.compat import (
     BF16_ZERO_1,
     FRAGMENT_MAPPING,
@@ -85,7 +85,7 @@ class _ZeroLayout:
         """The fp32 master partitions AdamW steps on (one per parameter group / ZeRO-3 sub-group)."""
         return list(self.zero.single_partition_of_fp32_groups)
 
-    def grad_shards(self, names: dict[int, str]) -> list[tuple[str, torch.Tensor]]:
+    def grad_shards(self, names: dict[int, str]) -> list[GradShard]:
         # This rank's slices of the flat gradient partition, one per parameter it (partly) owns,
         # kept in `averaged_gradients` (aligned with `params_in_partition`) until step().
         return _indexed_grads(self.zero.params_in_partition, self.zero.averaged_gradients, names)
@@ -100,7 +100,8 @@ class _ZeroLayout:
                     continue
                 start, length = fragment.hp_fragment_address.start, fragment.hp_fragment_address.numel
                 tensors = _narrowed(self.zero.optimizer, flats[fragment.param_group_index], start, length, kinds)
-                pieces.append(StatePiece(names[id(p)], tuple(p.shape), fragment.lp_fragment_address.start, tensors))
+                runs = flat_range(fragment.lp_fragment_address.start, length)
+                pieces.append(StatePiece(names[id(p)], tuple(p.shape), runs, tensors))
         return pieces
 
     def refresh_working_copy(self) -> None:
@@ -136,7 +137,7 @@ class _Zero3Layout(_ZeroLayout):
     def expected_checks(self, precision: str) -> tuple[str, ...]:
         return ("_get_norm_groups",) + (("has_overflow",) if precision == "fp16" else ())
 
-    def grad_shards(self, names: dict[int, str]) -> list[tuple[str, torch.Tensor]]:
+    def grad_shards(self, names: dict[int, str]) -> list[GradShard]:
         return _indexed_grads(self.zero.fp16_groups, self.zero.averaged_gradients, names)
 
     def pieces(self, kinds: tuple[str, ...], names: dict[int, str]) -> list[StatePiece]:
@@ -148,7 +149,7 @@ class _Zero3Layout(_ZeroLayout):
                 offset = z._get_param_partition_rank(p) * partition_numel
                 length = max(0, min(partition_numel, p.ds_numel - offset))
                 tensors = _narrowed(z.optimizer, z.fp32_partitioned_groups_flat[group_idx], start, length, kinds)
-                pieces.append(StatePiece(names[id(p)], tuple(p.ds_shape), offset, tensors))
+                pieces.append(StatePiece(names[id(p)], tuple(p.ds_shape), flat_range(offset, length), tensors))
         return pieces
 
     def frozen_pieces(self, frozen: list[tuple[str, nn.Parameter]]) -> list[StatePiece]:
@@ -159,7 +160,8 @@ class _Zero3Layout(_ZeroLayout):
             partition = p.partition_numel()
             offset = torch.distributed.get_rank(group=p.ds_process_group) * partition
             length = max(0, min(partition, p.ds_numel - offset))
-            pieces.append(StatePiece(name, tuple(p.ds_shape), offset, {"param": p.ds_tensor.view(-1).narrow(0, 0, length)}))
+            pieces.append(StatePiece(name, tuple(p.ds_shape), flat_range(offset, length),
+                                     {"param": p.ds_tensor.view(-1).narrow(0, 0, length)}))
         return pieces
 
     def after_frozen_write(self, frozen: list[tuple[str, nn.Parameter]]) -> None:
@@ -188,7 +190,7 @@ class _Bf16Zero1Layout(_ZeroLayout):
     def fp32_flats(self) -> list[torch.Tensor]:
         return list(self.zero.fp32_groups_flat_partition)
 
-    def grad_shards(self, names: dict[int, str]) -> list[tuple[str, torch.Tensor]]:
+    def grad_shards(self, names: dict[int, str]) -> list[GradShard]:
         return _fragment_slices(self._groups(), self.zero.fp32_groups_gradient_flat_partition, names)
 
     def set_loss_scale(self, scale: float) -> None:
@@ -219,7 +221,7 @@ class _OffloadedZeroLayout(_OffloadedSkip, _ZeroLayout):
     """ZeRO-1/2 with offload_optimizer: the reduced fp32 gradient partition is the `.grad` of the
     host-side fp32 master partition."""
 
-    def grad_shards(self, names: dict[int, str]) -> list[tuple[str, torch.Tensor]]:
+    def grad_shards(self, names: dict[int, str]) -> list[GradShard]:
         grads = [flat.grad for flat in self.zero.single_partition_of_fp32_groups]
         return _fragment_slices(self._groups(), grads, names)
 
@@ -228,7 +230,7 @@ class _OffloadedZero3Layout(_OffloadedSkip, _Zero3Layout):
     """ZeRO-3 with offload_optimizer: each parameter's gradient partition sits at its grad_position
     in the `.grad` of its sub-group's host-side fp32 flat."""
 
-    def grad_shards(self, names: dict[int, str]) -> list[tuple[str, torch.Tensor]]:
+    def grad_shards(self, names: dict[int, str]) -> list[GradShard]:
         z = self.zero
         shards = []
         for group in z.fp16_groups:
@@ -237,7 +239,7 @@ class _OffloadedZero3Layout(_OffloadedSkip, _Zero3Layout):
                 length = max(0, min(partition_numel, p.ds_numel - z._get_param_partition_rank(p) * partition_numel))
                 grad = z.fp32_partitioned_groups_flat[group_idx].grad
                 if length and grad is not None:
-                    shards.append((names[id(p)], grad.narrow(0, start, length)))
+                    shards.append(GradShard(names[id(p)], grad.narrow(0, start, length)))
         return shards
 
 
@@ -267,7 +269,7 @@ def layout_of(optimizer) -> _ZeroLayout:
     return layout
 
 
-def _fragment_slices(groups, flat_grads, names: dict[int, str]) -> list[tuple[str, torch.Tensor]]:
+def _fragment_slices(groups, flat_grads, names: dict[int, str]) -> list[GradShard]:
     """Each parameter's slice of its group's flat gradient partition (where this rank owns one)."""
     shards = []
     for group in groups:
@@ -276,17 +278,17 @@ def _fragment_slices(groups, flat_grads, names: dict[int, str]) -> list[tuple[st
             if fragment is None:
                 continue
             address = fragment.hp_fragment_address
-            shards.append((names[id(p)], flat_grads[fragment.param_group_index].narrow(0, address.start, address.numel)))
+            shards.append(GradShard(names[id(p)], flat_grads[fragment.param_group_index].narrow(0, address.start, address.numel)))
     return shards
 
 
-def _indexed_grads(groups, grads, names: dict[int, str]) -> list[tuple[str, torch.Tensor]]:
+def _indexed_grads(groups, grads, names: dict[int, str]) -> list[GradShard]:
     shards = []
     for i, params in enumerate(groups):
         group_grads = grads.get(i) if isinstance(grads, dict) else (grads[i] if i < len(grads) else None)
         if group_grads is None:
             continue
-        shards += [(names.get(id(p), f"group{i}.param{j}"), g) for j, (p, g) in enumerate(zip(params, group_grads))]
+        shards += [GradShard(names.get(id(p), f"group{i}.param{j}"), g) for j, (p, g) in enumerate(zip(params, group_grads))]
     return shards
 
 
