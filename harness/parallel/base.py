@@ -50,11 +50,11 @@ def box_runs(shape: tuple[int, ...], starts: tuple[int, ...], sizes: tuple[int, 
     order of the box itself (the order of a contiguous local shard): dimensions after the last
     partial one are contiguous, the one before it becomes the stride, and any further outer
     dimensions give one run per index."""
-    if not shape:
-        return flat_range(0, 1)
+    if 0 in sizes:
+        return flat_range(0, 0)
     partial = [d for d in range(len(shape)) if sizes[d] != shape[d]]
-    if not partial or 0 in sizes:
-        return flat_range(0, math.prod(shape)) if not partial else flat_range(0, 0)
+    if not partial:  # the whole tensor (a 0-dim one too)
+        return flat_range(0, math.prod(shape))
     last = partial[-1]
     inner = math.prod(shape[last + 1:])
     length = sizes[last] * inner

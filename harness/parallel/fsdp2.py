@@ -70,6 +70,9 @@ class FSDP2Backend(ParallelBackend):
         shard_device = torch.device("cpu") if offloaded else self.device
         materialize_on(model, shard_device, buffer_device=self.device)
         self.model = self.module = model
+        # Which parameters this rank holds the first copy of is fixed by their placements (their
+        # gradients share them): decided once, not on every step's read of the shards.
+        self._first_copy = {name: holds_first_copy(p) for name, p in model.named_parameters()}
         self._reshard()
         self.optimizer = build_adamw(param_groups(model, train_cfg.weight_decay), train_cfg)
         check_skips_on_device(self.optimizer)
@@ -103,7 +106,7 @@ class FSDP2Backend(ParallelBackend):
         (loss * loss_scale.to(loss.dtype) if loss_scale is not None else loss).backward()
 
     def local_grad_shards(self) -> list[GradShard]:
-        return [GradShard(name, p.grad.to_local(), holds_first_copy(p.grad))
+        return [GradShard(name, p.grad.to_local(), self._first_copy[name])
                 for name, p in self.model.named_parameters() if p.grad is not None]
 
     def apply_decision(self, decision: DeviceDecision, lr: float) -> None:
@@ -161,17 +164,17 @@ class FSDP2Backend(ParallelBackend):
             if with_optimizer_state:
                 state = self.optimizer.state[p]
                 tensors.update({kind: state[kind].to_local().view(-1) for kind in STATE_KINDS[1:]})
-            pieces.append(_piece(name, p, tensors))
+            pieces.append(_piece(name, p, tensors, self._first_copy[name]))
         return pieces
 
     def frozen_pieces(self) -> list[StatePiece]:
         self._reshard()
-        return [_piece(name, p, {"param": p.to_local().view(-1)})
+        return [_piece(name, p, {"param": p.to_local().view(-1)}, self._first_copy[name])
                 for name, p in self.model.named_parameters() if not p.requires_grad]
 
 
-def _piece(name: str, p: torch.Tensor, tensors: dict[str, torch.Tensor]) -> StatePiece:
+def _piece(name: str, p: torch.Tensor, tensors: dict[str, torch.Tensor], first_copy: bool) -> StatePiece:
     """A DTensor parameter's local shard as a block of its full tensor (a dim-0 shard today: one run)."""
     local_shape, global_offset = compute_local_shape_and_global_offset(p.shape, p.device_mesh, p.placements)
     return StatePiece(name, tuple(p.shape), box_runs(tuple(p.shape), tuple(global_offset), tuple(local_shape)),
-                      tensors, counted=holds_first_copy(p))
+                      tensors, counted=first_copy)

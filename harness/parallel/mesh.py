@@ -67,7 +67,6 @@ class ParallelMesh:
 
     def __init__(self, shape: MeshShape, device_type: str, rank: int) -> None:
         self.shape = shape
-        self.rank = rank
         self.coordinates = shape.coordinates(rank)
         self.sharding_dims = tuple(dim for dim in ("replicate", "shard") if dim == "shard" or shape.size(dim) > 1)
         """The dimensions FSDP2 shards and replicates over: 1-D (shard), or 2-D for HSDP."""

@@ -179,6 +179,7 @@ def test_resume_on_another_world_size_continues_the_curve(runs, tmp_path):
 def _as_format_1(checkpoint: Path, out: Path) -> Path:
     """A copy of `checkpoint` as harness wrote it before 2026-12-07 (format 1): each index entry
     places its piece by one flat range ("offset", "length") instead of runs; hashes redone."""
+    from safetensors import safe_open
     from safetensors.torch import load_file, save_file
 
     from harness.checkpoint.format import sha256_of
@@ -189,8 +190,6 @@ def _as_format_1(checkpoint: Path, out: Path) -> Path:
     for entry in manifest["files"]:
         path = out / entry["file"]
         if path.suffix == ".safetensors":
-            from safetensors import safe_open
-
             with safe_open(str(path), "pt") as handle:
                 metadata = handle.metadata()
             index = []
