@@ -21,6 +21,7 @@ _EXPORTS = {
     "Config": "harness.config",
     "load_config": "harness.config",
     "HarnessError": "harness.errors",
+    "RunFinished": "harness.errors",
     "exit_process": "harness.runtime.process",
     "stopped_exit_code": "harness.runtime.preemption",
 }

@@ -12,12 +12,15 @@ file lock, so every rank on a node (or many jobs) can ask for them at the same t
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import os
 import shutil
+import socket
 from pathlib import Path
 from typing import Callable
+from urllib.parse import urlparse
 
 from harness.errors import HarnessError, first_line
 from harness.runtime.locks import file_lock
@@ -83,6 +86,34 @@ def resolve_model(ref: str) -> str:
     return str(prepared("models/smollm2-135m", _convert_smollm2))
 
 
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+@functools.lru_cache(maxsize=None)
+def hub_reachable() -> bool:
+    """Whether the hub's host answers a TCP connection within a few seconds. Where it does not
+    (a compute node without a route out), a hub id is looked up in the local cache only: the
+    hub client would otherwise retry for ~30 s before failing the same way. HF_HUB_OFFLINE=1 says
+    so up front; behind a proxy the direct probe proves nothing, so the hub is assumed reachable."""
+    if os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes"):
+        return False
+    if any(os.environ.get(name) for name in ("HTTPS_PROXY", "https_proxy", "ALL_PROXY", "all_proxy")):
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT") or "https://huggingface.co").hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=HUB_PROBE_TIMEOUT_S).close()
+        return True
+    except OSError:
+        return False
+
+
+def unreachable_hub_fix(ref: str) -> str:
+    """What to say when a hub id is needed and the hub cannot be reached."""
+    return (f"model.pretrained {ref!r} is not a local folder, the hub cannot be reached from this machine and its "
+            "cache has no copy; point model.pretrained at a local folder with the model's config.json (all that "
+            "harness estimate and check read; training also needs its safetensors), or run where the hub is reachable")
+
+
 def local_model_dir(ref: str) -> str:
     """The local folder holding a model's config and weights: the path itself, or a hub id's
     snapshot (config, safetensors and their index only) in the Hugging Face cache."""
@@ -91,8 +122,11 @@ def local_model_dir(ref: str) -> str:
     try:
         from huggingface_hub import snapshot_download
 
-        return snapshot_download(ref, allow_patterns=["*.json", "*.safetensors"])
+        online = hub_reachable()
+        return snapshot_download(ref, allow_patterns=["*.json", "*.safetensors"], local_files_only=not online)
     except Exception as exc:  # any hub failure (offline, unknown id, no access) is the user's to fix
+        if not hub_reachable():
+            raise HarnessError(unreachable_hub_fix(ref)) from None
         raise HarnessError(f"model.pretrained {ref!r} is not a local folder and could not be fetched ({first_line(exc)}); "
                            "point it at a local Hugging Face folder") from None
 

@@ -27,6 +27,15 @@ class HarnessError(Exception):
         self.rank_local = rank_local
 
 
+def report_line(exc: HarnessError, rank: int) -> "str | None":
+    """The one line a rank prints for `exc` (None: rank 0 speaks for every rank)."""
+    if rank != 0 and not exc.rank_local:
+        return None
+    prefix = f"[rank {rank}] " if exc.rank_local else ""
+    heading = f"{exc.heading}: " if exc.heading else ""
+    return f"{prefix}harness: {heading}{exc}"
+
+
 class ConfigError(HarnessError):
     """The config (file or CLI overrides) is invalid."""
 
@@ -35,3 +44,11 @@ class TrainingAborted(HarnessError):
     """Training cannot continue (e.g. the fp16 loss scale hit its floor). Not bad input: exit 3."""
 
     exit_code = 3
+
+
+class RunFinished(HarnessError):
+    """The run folder already holds the finished run (its newest checkpoint reached train.steps):
+    nothing to train and nothing wrong, so the exit code is 0."""
+
+    exit_code = 0
+    heading = None

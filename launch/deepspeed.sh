@@ -36,7 +36,7 @@ if ! command -v nvidia-smi >/dev/null 2>&1; then
   [[ $HAS_RANKS_FLAG -eq 1 ]] || LAUNCHER_ARGS+=(--num_gpus 1)
 fi
 
-"$PYTHON" -m harness train "$@" --check >/dev/null
+"$PYTHON" -m harness train "$@" --config-only
 
 if [[ -z "${OMP_NUM_THREADS:-}" ]]; then
   export OMP_NUM_THREADS=1

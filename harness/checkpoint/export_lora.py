@@ -60,10 +60,9 @@ def export_adapter(checkpoint: Path, out_dir: Path, dtype_name: str) -> int:
 
 
 def _base_reference(manifest: dict, run_config: dict) -> str:
-    """The base as from_pretrained finds it: a bundled model's local folder, else the reference given."""
-    folder = pretrained_folder(run_config)
-    given = manifest["lora_base"]["pretrained"]
-    return str(folder) if given.startswith("bundled:") and folder is not None else given
+    """The base as the run named it (a hub id, the user's folder, bundled:smollm2-135m), never the
+    cache folder it was read from on the training machine, which another machine does not have."""
+    return manifest["lora_base"]["pretrained"]
 
 
 def export_merged(checkpoint: Path, out_dir: Path, dtype_name: str, verify: bool, shard_gb: float) -> int:

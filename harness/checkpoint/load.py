@@ -37,9 +37,10 @@ def _verify_together(path: Path, info: RankInfo) -> Optional[str]:
 
 
 def choose_resume(cfg: Config, info: RankInfo) -> Optional[Path]:
-    """The checkpoint to resume from; every rank takes part and gets the same answer."""
+    """The checkpoint to resume from; every rank takes part and gets the same answer. With
+    run.fresh=true, resume=auto starts afresh (the earlier run is moved aside, history.py)."""
     wanted = cfg.resume.path
-    if wanted == "none":
+    if wanted in ("never", "none") or (wanted == "auto" and cfg.run.fresh):
         return None
     if wanted != "auto":
         path = Path(wanted)
@@ -55,17 +56,17 @@ def choose_resume(cfg: Config, info: RankInfo) -> Optional[Path]:
     dist.broadcast_object_list(box, src=0)  # one listing, so every rank walks the same candidates
     candidates = [Path(p) for p in box[0]]
     if not candidates:
-        print0(info.rank, f"resume=auto: no checkpoint in {root}; starting from step 0")
         return None
     for path in reversed(candidates):
         problem = _verify_together(path, info)
         if problem is None:
-            print0(info.rank, f"resume=auto: resuming from {path}")
+            print0(info.rank, f"resume=auto: resuming from {path}, the newest intact checkpoint of this run "
+                              "(run.fresh=true starts afresh instead, moving this run aside)")
             return path
         print0(info.rank, f"resume=auto: skipping damaged checkpoint {path.name}: {problem}")
     raise CheckpointError(
-        f"resume=auto: every checkpoint in {root} is damaged (see above); move them away to start over, "
-        "or set resume=none"
+        f"resume=auto: every checkpoint in {root} is damaged (see above); set run.fresh=true to move them "
+        "aside and start over"
     )
 
 
@@ -239,8 +240,8 @@ def check_compatible(path: Path, manifest: dict, cfg: Config, global_batch: int)
         if before != after:
             raise CheckpointError(
                 f"the checkpoint was written with {key}={before!r} and this run has {after!r}: the data position "
-                "cannot carry over; restore the setting, or set resume.weights_only=true to start a new run "
-                "from these weights"
+                "cannot carry over; restore the setting, set resume.weights_only=true to start a new run "
+                "from these weights, or run.fresh=true to move the earlier run aside and start over"
             )
     saved_batch = manifest["trainer_state"]["global_batch"]
     if saved_batch != global_batch and not cfg.resume.allow_new_global_batch:

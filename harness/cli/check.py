@@ -32,7 +32,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="harness check", description=__doc__.split("\n\n")[1])
     parser.add_argument("config", help="YAML config")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides")
-    parser.add_argument("--world-size", type=int, required=True, help="ranks (GPUs) of the job")
+    parser.add_argument("--world-size", type=int, default=1, help="ranks (GPUs) of the job (default 1)")
     parser.add_argument("--nodes", type=int, default=None, help="nodes the ranks spread over (default: 8 per node)")
     parser.add_argument("--gpu", choices=sorted(GPUS), default="h100", help="GPU model: memory, peak FLOPs, fabric")
     parser.add_argument("--device-gb", type=float, default=None, help="GPU memory per rank in GiB (default: the --gpu's)")
@@ -91,7 +91,7 @@ def preflight(cfg, args: argparse.Namespace) -> tuple[list[str], str]:
     found = Findings()
     tokenizer = found.run(lambda: _tokenizer(cfg))
     spec = found.run(lambda: _model(cfg, tokenizer))
-    data_note = found.run(lambda: _data(cfg, args.world_size)) or ""
+    data_note = found.run(lambda: _data(cfg, args.world_size, tokenizer, found)) or ""
     found.run(lambda: _resume(cfg))
     found.run(lambda: check_backend_file(cfg, args.world_size))
     summary = ""
@@ -120,18 +120,23 @@ def _model(cfg, tokenizer):
     return model_spec(cfg.model, vocab, cfg.train.seq_len, special_token_ids(tokenizer) if tokenizer else None)
 
 
-def _data(cfg, world_size: int) -> str:
-    """Every source resolves (a hub name through the hub, or its local cache), and the data holds
-    at least one global batch: tokens for text (about 4 bytes each), examples for instruction rows
-    (rows are counted; packed rows are estimated from their bytes). Returns what the run reads of
-    it, for the summary ("" where the size is unknown until the job prepares it)."""
+def _data(cfg, world_size: int, tokenizer, found: Findings) -> str:
+    """Every source resolves (a hub name through the hub, or its local cache), every instruction row
+    is one training can read (all of local files, the first HUB_SAMPLE_ROWS of a hub dataset: each
+    bad row a finding), and the data holds at least one global batch: tokens for text (about 4
+    bytes each), examples for instruction rows (rows are counted; packed rows are estimated from
+    their bytes). Returns what the run reads of it, for the summary ("" where the size is unknown
+    until the job prepares it)."""
     from harness.data.instruct import INSTRUCTION_FORMATS, instruction_source
     from harness.data.sources import find_source
     from harness.data.stream import open_token_file
 
     d = cfg.data
+    read_note, rows_read = "", None
     if d.format in INSTRUCTION_FORMATS:
         sources = [instruction_source(d)]
+        if tokenizer is not None:
+            read_note, rows_read = _check_instruction_rows(cfg, tokenizer, found)
     elif d.format == "tokens":
         if not Path(d.path).expanduser().is_file():
             raise HarnessError(f"data.path {d.path!r} does not exist; point it at the token file (data.format=tokens)")
@@ -145,7 +150,7 @@ def _data(cfg, world_size: int) -> str:
     global_batch = cfg.train.micro_batch_size * cfg.train.grad_accum * world_size
     run_rows = cfg.train.steps * global_batch
     if d.format in INSTRUCTION_FORMATS and not d.pack:
-        counts = [_local_rows(s) for s in local] + hub_rows
+        counts = [rows_read] if rows_read is not None else [_local_rows(s) for s in local] + hub_rows
         if None in counts:
             return ""
         examples = sum(counts) * (1 - d.val_fraction)
@@ -153,16 +158,34 @@ def _data(cfg, world_size: int) -> str:
             raise HarnessError(f"data.path {d.path!r} holds {examples:,.0f} training examples, fewer than one global "
                                f"batch of {global_batch} unpacked rows; add data, set data.pack=true, or lower "
                                "train.micro_batch_size")
-        return f"data {examples:,.0f} examples, {run_rows / examples:,.1f} epoch(s)"
+        return f"data {examples:,.0f} examples, {run_rows / examples:,.1f} epoch(s){read_note}"
     if hub_rows:
-        return ""  # a hub dataset's tokens are known once the job prepares it
+        return read_note.lstrip("; ")  # a hub dataset's tokens are known once the job prepares it
     tokens = sum(s.total_bytes() for s in local) / 4 * (1 - d.val_fraction)
     needed = global_batch * (cfg.train.seq_len + 1)
     if tokens < needed:
         raise HarnessError(f"data.path {d.path!r} holds about {tokens:,.0f} training tokens, fewer than one global batch "
                            f"({global_batch} x {cfg.train.seq_len + 1} = {needed:,}); add data or lower "
                            "train.micro_batch_size / train.seq_len")
-    return f"data ~{tokens:,.0f} tokens, ~{run_rows * (cfg.train.seq_len + 1) / tokens:,.1f} epoch(s)"
+    return f"data ~{tokens:,.0f} tokens, ~{run_rows * (cfg.train.seq_len + 1) / tokens:,.1f} epoch(s){read_note}"
+
+
+HUB_SAMPLE_ROWS = 1000
+"""Rows of a hub dataset harness check reads (streamed); local files are read whole."""
+
+
+def _check_instruction_rows(cfg, tokenizer, found: Findings) -> tuple[str, Optional[int]]:
+    """Every row as training prepares it; each bad row a finding. Returns the summary's note and
+    the rows of the data (None when only a sample was read)."""
+    from harness.data.instruct import check_rows, load_chat_template
+
+    if cfg.data.format == "chat" or cfg.data.chat_template:
+        load_chat_template(tokenizer, cfg.data.chat_template, cfg.data.tokenizer)
+    checked = check_rows(cfg.data, tokenizer, cfg.train.seq_len, HUB_SAMPLE_ROWS)
+    for problem in checked.problems:
+        found.add(problem)
+    read = f"the first {checked.rows:,} rows (a hub dataset: a sample)" if checked.sampled else f"all {checked.rows:,} rows"
+    return f"; {read} read as training reads them", None if checked.sampled else checked.rows
 
 
 def _local_rows(source) -> int | None:
@@ -202,10 +225,14 @@ def _hub_rows(source) -> int | None:
 
 
 def _resume(cfg) -> None:
+    """The resume folder verifies, and the run folder's history allows this start (history.py)."""
     from harness.checkpoint import verify
+    from harness.checkpoint.history import refuse_never, survey
 
     path = cfg.resume.path
-    if path in ("none", "auto"):
+    if path in ("never", "none") and not cfg.run.fresh:
+        refuse_never(survey(Path(cfg.run.dir), Path(cfg.checkpoint.dir)), f"resume={path}")
+    if path in ("never", "none", "auto"):
         return
     if not Path(path).expanduser().is_dir():
         raise HarnessError(f"resume={path} does not exist; point it at a step-<N> checkpoint folder, or use resume=auto")

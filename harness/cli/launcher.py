@@ -1,4 +1,5 @@
 """`python -m harness.cli.launcher NPROC CONFIG.yaml [overrides]`: NPROC ranks on this node via torchrun.
+`... NPROC SCRIPT.py [args]` starts a script of the Python API (harness.Trainer) the same way.
 
 What it adds to torchrun:
 - **Signals.** SIGINT (Ctrl-C) and SIGTERM go to every rank, once, and the launcher waits: the
@@ -32,7 +33,8 @@ FORWARDED_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if len(args) < 2 or not args[0].isdigit():
-        print("usage: python -m harness.cli.launcher NPROC CONFIG.yaml [key.sub=value ...]", file=sys.stderr)
+        print("usage: python -m harness.cli.launcher NPROC CONFIG.yaml [key.sub=value ...] | NPROC SCRIPT.py [args]",
+              file=sys.stderr)
         return 2
     nproc, rest = args[0], args[1:]
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
@@ -42,7 +44,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     # torchrun installs its own handlers for the signals it is told to handle; SIGINT and SIGTERM are ours.
     if "--signals-to-handle" in get_args_parser()._option_string_actions:
         own.append("--signals-to-handle=SIGHUP,SIGQUIT")
-    torchrun_args = parse_args([*own, "--module", "harness", "train", *rest])
+    target = rest if rest[0].endswith(".py") else ["--module", "harness", "train", *rest]
+    torchrun_args = parse_args([*own, *target])
     elastic_log = logging.getLogger("torch.distributed.elastic")
     elastic_log.setLevel(logging.CRITICAL)
     forwarder = SignalForwarder().install()
@@ -171,10 +174,10 @@ def _newest_checkpoint(rest: Sequence[str]) -> str:
         cfg = load_config(rest[0], [a for a in rest[1:] if "=" in a and not a.startswith("-")])
         newest = complete_checkpoints(Path(cfg.checkpoint.dir))
     except Exception:
-        return "Run again with resume=auto to continue from the newest checkpoint."
+        return "Run the same command again to continue from the newest checkpoint."
     if not newest:
         return f"No checkpoint was saved yet (checkpoint.dir={cfg.checkpoint.dir})."
-    return f"Newest checkpoint: {newest[-1]}; run again with resume=auto to continue from it."
+    return f"Newest checkpoint: {newest[-1]}; run the same command again to continue from it."
 
 
 if __name__ == "__main__":

@@ -36,6 +36,10 @@ def load_config(path: str | os.PathLike, overrides: list[str] = ()) -> Config:
         _set_dotted(raw, key, value)
     if isinstance(raw.get("resume"), str):
         raw["resume"] = {"path": raw["resume"]}  # resume=auto is short for resume.path=auto
+    slurm = raw.get("slurm")
+    if isinstance(slurm, dict) and isinstance(slurm.get("container_mounts"), str):
+        # pyxis's own form: --container-mounts=/lustre:/lustre,/scratch:/scratch
+        slurm["container_mounts"] = [m for m in slurm["container_mounts"].split(",") if m]
     cfg = _build(Config, raw, prefix="")
     _fill_defaults(cfg, Path(path))
     explicit = set(_leaf_keys(raw))

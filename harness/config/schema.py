@@ -28,6 +28,8 @@ class RunConfig:
     """Run name. Default: the config file's name without `.yaml`."""
     dir: str = ""
     """Folder for config.yaml, metrics.jsonl, ranks/ and checkpoints/. Default: runs/<run.name>."""
+    fresh: bool = False
+    """Start afresh at step 0 even though run.dir holds a run: the earlier run (checkpoints, metrics, summary) is moved aside into run.dir/previous-<n>/, never deleted. Without it a rerun continues (resume=auto)."""
 
 
 @dataclass
@@ -87,7 +89,7 @@ class EvalConfig:
     sequences: int = 64
     """Held-out sequences per evaluation (the same ones every time, whatever the world size); instruction data: held-out examples."""
     prompts: list[Union[str, list[dict[str, Any]]]] = field(default_factory=list)
-    """Prompts the model completes greedily at every evaluation (printed, appended to run.dir/completions.jsonl, logged to wandb as a table): strings (one user turn through the chat template, raw text without one) or lists of {role, content} messages."""
+    """Prompts the model completes greedily at every evaluation (printed, appended to run.dir/completions.jsonl, logged to wandb as a table): strings (one user turn through the chat template, raw text without one) or lists of {role, content} messages. They belong to the config's data: replace them when you point data.path at your own. eval.every=0 turns them off with the loss."""
     max_new_tokens: int = 64
     """Tokens generated per eval.prompts completion at most (it stops earlier at an end-of-turn token)."""
 
@@ -183,7 +185,9 @@ class DataConfig:
     completion_field: str = "completion"
     """data.format=prompt_completion: the column holding the completion (a string, or a list of messages)."""
     chat_template: str = ""
-    """A Jinja chat template file, for a tokenizer without one or to replace its own (data.format=chat)."""
+    """A Jinja chat template file, for a tokenizer without one or to replace its own (data.format=chat, and prompt_completion)."""
+    prompt_template: Literal["chat", "none"] = "chat"
+    """data.format=prompt_completion with string prompts: chat renders the prompt as one user turn and the completion as the assistant turn with the tokenizer's chat template (as the model is prompted at inference), when it has one; none joins them as plain text (prompt, completion, EOS)."""
     train_on: Literal["assistant", "all"] = "assistant"
     """Instruction data: which tokens carry loss. assistant: only the assistant turns (with their end-of-turn token), or only the completion; every other token is context. all: every token."""
     pack: bool = True
@@ -320,8 +324,8 @@ class CheckpointConfig:
 
 @dataclass
 class ResumeConfig:
-    path: str = "none"
-    """auto: the newest complete checkpoint in checkpoint.dir (falling back past damaged ones); none; or a step-<N> folder. `resume=auto` is short for resume.path=auto."""
+    path: str = "auto"
+    """auto: continue from the newest intact checkpoint in checkpoint.dir (falling back past damaged ones), from step 0 when there is none; never (or none): always start at step 0, refused when run.dir holds a run (run.fresh=true moves it aside); or a step-<N> folder (what came after it moves aside). `resume=X` is short for resume.path=X."""
     weights_only: bool = False
     """Load only the model weights and start a new run from step 0 (fresh optimizer, scaler and data order)."""
     allow_new_global_batch: bool = False
@@ -359,7 +363,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     """Sharded checkpoints."""
     resume: ResumeConfig = field(default_factory=ResumeConfig)
-    """Where to resume from (resume=auto|none|PATH)."""
+    """Where to resume from (resume=auto|never|PATH)."""
     slurm: SlurmConfig = field(default_factory=SlurmConfig)
     """Resources and node setup for harness submit (training ignores them)."""
 

@@ -36,7 +36,7 @@ class SlurmConfig:
     container_image: str = ""
     """Run every rank in this container (pyxis: srun --container-image), e.g. nvcr.io#nvidia/pytorch:25.01-py3 or /shared/images/harness.sqsh. The checkout is mounted at its own path and is the working directory."""
     container_mounts: list[str] = field(default_factory=list)
-    """More mounts into the container, each SRC:DST[:FLAGS] as pyxis takes them (e.g. /scratch:/scratch)."""
+    """More mounts into the container, each SRC:DST[:FLAGS] as pyxis takes them: a list ([/lustre:/lustre, /scratch:/scratch]) or pyxis's comma-separated form (slurm.container_mounts=/lustre:/lustre,/scratch:/scratch)."""
     python: str = ""
     """The Python that runs the ranks. Default: the one running harness submit; with slurm.setup or slurm.container_image, the `python` on the job's PATH after them."""
     signal_seconds: int = 120

@@ -59,8 +59,6 @@ def _eval(cfg: Config) -> None:
             f"eval.prompts[{i}] must be a string or a list of {{role, content}} messages with roles "
             f"system/user/assistant/tool (got {str(prompt)[:60]!r})")
     _require(cfg.eval.max_new_tokens >= 1, f"eval.max_new_tokens must be >= 1 (got {cfg.eval.max_new_tokens})")
-    _require(not cfg.eval.prompts or cfg.eval.every > 0,
-             "eval.prompts are completed at each evaluation: set eval.every > 0, or remove eval.prompts")
     _require(cfg.eval.every >= 0, f"eval.every must be >= 0 (0 disables evaluation; got {cfg.eval.every})")
     _require(cfg.eval.sequences >= 1, f"eval.sequences must be >= 1 (got {cfg.eval.sequences})")
     _require(
@@ -192,7 +190,11 @@ def _checkpoint(cfg: Config) -> None:
     c = cfg.checkpoint
     _require(c.every >= 0, f"checkpoint.every must be >= 0 (0: only at the last step; got {c.every})")
     _require(c.keep_last >= 1, f"checkpoint.keep_last must be >= 1 (got {c.keep_last})")
-    _require(bool(cfg.resume.path), "resume must be auto, none or a checkpoint folder (got an empty string)")
+    _require(bool(cfg.resume.path), "resume must be auto, never or a checkpoint folder (got an empty string)")
+    continues = cfg.resume.path not in ("auto", "never", "none") and not cfg.resume.weights_only
+    _require(not (cfg.run.fresh and continues),
+             f"run.fresh=true starts at step 0 but resume={cfg.resume.path} continues that checkpoint's run; drop "
+             "one of them (resume.weights_only=true starts afresh from its weights)")
 
 
 def _parallel(cfg: Config) -> None:

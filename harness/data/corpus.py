@@ -4,6 +4,7 @@ the sequences (one source, or a weighted mixture) the trainer draws from."""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Optional
 
 from harness import assets
@@ -67,9 +68,17 @@ def load_tokenizer(ref: str):
 
     ref = ref or "bundled:gpt2"
     resolved = assets.resolve_tokenizer(ref)
+    if resolved.startswith((".", "/", "~")) and not Path(resolved).expanduser().is_dir():
+        raise HarnessError(f"data.tokenizer {ref!r} could not be loaded: no such folder; point it at a tokenizer "
+                           "folder, bundled:gpt2 or a hub id")
+    offline = not Path(resolved).expanduser().is_dir() and not assets.hub_reachable()
     try:
-        return AutoTokenizer.from_pretrained(resolved)
+        return AutoTokenizer.from_pretrained(resolved, local_files_only=offline)
     except (OSError, ValueError) as exc:
+        if offline:
+            raise HarnessError(f"data.tokenizer {ref!r} is not a local folder, the hub cannot be reached from this "
+                               "machine and its cache has no copy; point data.tokenizer (or model.pretrained) at a "
+                               "local folder with the tokenizer's files") from None
         raise HarnessError(
             f"data.tokenizer {ref!r} could not be loaded ({first_line(exc)}); use bundled:gpt2 or a local folder"
         ) from None

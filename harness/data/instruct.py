@@ -10,8 +10,11 @@ turn (with the generation prompt) and through it: the difference is the turn, wh
 template's markup, so no {% generation %} marks are needed.
 
 data.format=prompt_completion: rows hold `prompt` and `completion` (data.prompt_field,
-data.completion_field): strings (the prompt tokenized as the tokenizer does, the completion
-after it, then EOS), or lists of messages (rendered as a conversation).
+data.completion_field): lists of messages (rendered as a conversation, trained on the
+completion's turns), or strings. With data.prompt_template=chat (the default) and a tokenizer
+that has a chat template, string prompts are one user turn and completions the assistant's, so
+training sees what inference sends; with none (or no template), the prompt as the tokenizer
+encodes text, the completion right after it, then EOS.
 
 On disk (a folder per cache key): tokens.bin, trained.bin (one byte per token), ends.bin (int64:
 where each example ends) and index.json with what was truncated or dropped.
@@ -33,7 +36,7 @@ import numpy as np
 from harness.config import DataConfig
 from harness.data.prepare import cache_dir, remove_stale, token_dtype
 from harness.data.sources import Source, find_source, stream_rows
-from harness.errors import HarnessError
+from harness.errors import HarnessError, first_line
 from harness.runtime.locks import file_lock
 
 INSTRUCTION_FORMATS = ("chat", "prompt_completion")
@@ -80,8 +83,30 @@ def load_chat_template(tokenizer: Any, template_file: str, tokenizer_ref: str) -
                            "Jinja file (the template of the model you fine-tune)")
 
 
-def _render(tokenizer: Any, messages: list, generation_prompt: bool) -> str:
-    return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+def _render(tokenizer: Any, messages: list, generation_prompt: bool, where: str) -> str:
+    """The template's text; a template that cannot render the row (its own raise_exception, a
+    field it needs) is a one-line error about that row, not a Jinja traceback."""
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as exc:  # jinja2's TemplateError and whatever the template's own code raises
+        raise HarnessError(f"{where}: the chat template cannot render this conversation ({first_line(exc)}); fix the "
+                           "row, or use a template that accepts it (data.chat_template)") from None
+
+
+def check_message(message: Any, where: str, number: int) -> None:
+    """One message: {role, content} with a known role and string content (an assistant message
+    that calls tools may leave content empty)."""
+    if not isinstance(message, dict) or "role" not in message:
+        raise HarnessError(f"{where}: message {number} must be a {{role, content}} object, got {str(message)[:60]!r}")
+    role = message["role"]
+    if role not in ROLES:
+        raise HarnessError(f"{where}: message {number} has unknown role {role!r}; roles are {', '.join(ROLES)}")
+    content = message.get("content")
+    if isinstance(content, str) or (content is None and role == "assistant" and message.get("tool_calls")):
+        return
+    what = "no 'content'" if "content" not in message else \
+        f"content that is {'null' if content is None else type(content).__name__}, not a string"
+    raise HarnessError(f"{where}: message {number} ({role}) has {what}; give every message a string content")
 
 
 @dataclass
@@ -115,21 +140,18 @@ def chat_example(tokenizer: Any, messages: Any, train_on: str, where: str, first
     With a `budget`, only the tokens a row can hold (and one more, to tell it was cut) are made.
     Bad rows are one-line errors naming `where`."""
     if not isinstance(messages, list) or not messages:
-        raise HarnessError(f"{where}: messages must be a non-empty list of {{role, content}}, got "
-                           f"{type(messages).__name__}")
-    for message in messages:
-        if not isinstance(message, dict) or "role" not in message:
-            raise HarnessError(f"{where}: each message must be a {{role, content}} object, got {str(message)[:60]!r}")
-        if message["role"] not in ROLES:
-            raise HarnessError(f"{where}: unknown role {message['role']!r}; roles are {', '.join(ROLES)}")
+        got = "an empty list" if isinstance(messages, list) else "null" if messages is None else type(messages).__name__
+        raise HarnessError(f"{where}: messages must be a non-empty list of {{role, content}}, got {got}")
+    for number, message in enumerate(messages, 1):
+        check_message(message, where, number)
     turns = [i for i, message in enumerate(messages) if message["role"] == "assistant" and i >= first_trained]
     if train_on == "assistant" and not turns:
         return None
-    text = _render(tokenizer, messages, generation_prompt=False)
+    text = _render(tokenizer, messages, False, where)
     spans = []
     for i in turns:
-        before = _render(tokenizer, messages[:i], generation_prompt=True)
-        through = _render(tokenizer, messages[:i + 1], generation_prompt=False)
+        before = _render(tokenizer, messages[:i], True, where)
+        through = _render(tokenizer, messages[:i + 1], False, where)
         if not (text.startswith(through) and through.startswith(before)) or len(through) == len(before):
             raise HarnessError(f"{where}: the chat template renders no assistant span for turn {i + 1} (rendering the "
                                "conversation up to a turn is not a prefix of rendering all of it); use a template "
@@ -144,9 +166,14 @@ def chat_example(tokenizer: Any, messages: Any, train_on: str, where: str, first
 
 
 def prompt_completion_example(tokenizer: Any, prompt: Any, completion: Any, train_on: str, where: str,
-                              budget: Optional[Budget] = None) -> tuple[list[int], list[bool]]:
-    """Strings: the prompt as the tokenizer encodes text (its BOS, if any), the completion and EOS.
-    Lists of messages: the conversation prompt + completion, trained on the completion's turns."""
+                              budget: Optional[Budget] = None,
+                              template: str = "chat") -> tuple[list[int], list[bool]]:
+    """Lists of messages: the conversation prompt + completion, trained on the completion's turns.
+    Strings with template=chat and a tokenizer that has a chat template: the prompt as one user
+    turn and the completion as the assistant's, as the model is prompted at inference
+    (apply_chat_template with the generation prompt). Otherwise (template=none, or no chat
+    template): the prompt as the tokenizer encodes text (its BOS, if any), the completion right
+    after it, then EOS."""
     if isinstance(prompt, list) and isinstance(completion, list):
         if not getattr(tokenizer, "chat_template", None):
             raise HarnessError(f"{where}: prompt and completion are messages but the tokenizer has no chat template; "
@@ -157,13 +184,22 @@ def prompt_completion_example(tokenizer: Any, prompt: Any, completion: Any, trai
         return example
     if not isinstance(prompt, str) or not isinstance(completion, str):
         raise HarnessError(f"{where}: prompt and completion must both be strings (or both lists of messages), got "
-                           f"{type(prompt).__name__} and {type(completion).__name__}")
+                           f"{_kind(prompt)} and {_kind(completion)}")
+    if template == "chat" and getattr(tokenizer, "chat_template", None):
+        turns = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+        example = chat_example(tokenizer, turns, train_on, where, first_trained=1, budget=budget)
+        assert example is not None  # the assistant turn is there to train on
+        return example
     prompt_ids = tokenizer(budget.cut(prompt) if budget else prompt)["input_ids"]
     completion_ids = tokenizer(budget.cut(completion) if budget else completion, add_special_tokens=False)["input_ids"]
     if tokenizer.eos_token_id is not None:
         completion_ids = completion_ids + [tokenizer.eos_token_id]
     trained = [train_on == "all"] * len(prompt_ids) + [True] * len(completion_ids)
     return prompt_ids + completion_ids, trained
+
+
+def _kind(value: Any) -> str:
+    return "null" if value is None else type(value).__name__
 
 
 # --------------------------------------------------------------------------------------------
@@ -182,9 +218,8 @@ def instruction_source(cfg: DataConfig) -> Source:
 
 
 def _rows(source: Source) -> Iterator[tuple[str, dict]]:
-    """(where, row) in the source's order, streamed."""
-    for i, row in enumerate(stream_rows(source)):
-        yield f"row {i + 1} of data.path {source.path!r}", row
+    """(where, row) in the source's order, streamed; `where` names the file and row."""
+    yield from stream_rows(source)
 
 
 def _example(cfg: DataConfig, tokenizer: Any, where: str, row: dict,
@@ -199,7 +234,41 @@ def _example(cfg: DataConfig, tokenizer: Any, where: str, row: dict,
             raise HarnessError(f"{where} has no {name!r} (columns: {', '.join(row)}); data.format=prompt_completion "
                                "reads data.prompt_field and data.completion_field")
     return prompt_completion_example(tokenizer, row[cfg.prompt_field], row[cfg.completion_field], cfg.train_on, where,
-                                     budget)
+                                     budget, cfg.prompt_template)
+
+
+@dataclass
+class RowCheck:
+    """What harness check found reading instruction rows as training would."""
+
+    rows: int
+    problems: list[str]
+    sampled: bool
+    """Only the first rows were read (a hub dataset)."""
+
+
+def check_rows(cfg: DataConfig, tokenizer: Any, seq_len: int, hub_sample: int, max_problems: int = 10) -> RowCheck:
+    """Every row of local files (the first `hub_sample` of a hub dataset) through the code that
+    prepares them, collecting up to `max_problems` bad rows, each in its one line."""
+    source = instruction_source(cfg)
+    budget = token_budget(tokenizer, seq_len)
+    problems: list[str] = []
+    rows = 0
+    try:
+        for where, row in _rows(source):
+            if not source.is_local and rows >= hub_sample:
+                return RowCheck(rows, problems, sampled=True)
+            rows += 1
+            try:
+                _example(cfg, tokenizer, where, row, budget)
+            except HarnessError as exc:
+                problems.append(str(exc))
+                if len(problems) >= max_problems:
+                    problems.append(f"(stopped after {max_problems} bad rows; there may be more)")
+                    break
+    except HarnessError as exc:  # the file itself (not JSON, not an object) stops the reading
+        problems.append(str(exc))
+    return RowCheck(rows, problems, sampled=False)
 
 
 # --------------------------------------------------------------------------------------------
@@ -207,7 +276,8 @@ def _example(cfg: DataConfig, tokenizer: Any, where: str, row: dict,
 
 
 def examples_key(cfg: DataConfig, source: Source, tokenizer: Any, seq_len: int) -> str:
-    fields = [cfg.format, cfg.messages_field, cfg.prompt_field, cfg.completion_field, cfg.train_on, cfg.overlong]
+    fields = [cfg.format, cfg.messages_field, cfg.prompt_field, cfg.completion_field, cfg.train_on, cfg.overlong,
+              cfg.prompt_template]
     blob = json.dumps([VERSION, source.identity(), tokenizer.name_or_path, len(tokenizer),
                        getattr(tokenizer, "chat_template", None), fields, seq_len], default=str)
     return "examples-" + hashlib.sha256(blob.encode()).hexdigest()[:20]

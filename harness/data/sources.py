@@ -1,10 +1,15 @@
 """Where the text comes from, read as a stream of documents in a fixed order, in bounded memory.
 
-A source is local files (text, json/jsonl, parquet), the bundled plays, or a `datasets` hub
-dataset. Documents are what the tokenizer sees as one unit, each followed by EOS in the token
-stream: a whole text file (as `datasets`' text builder with sample_by=document reads it:
-UTF-8, universal newlines), or one row's text field (json, parquet, hub; read with `datasets` in
-streaming mode, so no row group or file is held whole).
+A source is local files (text, json/jsonl, parquet, arrow), a folder written by `datasets`'
+`save_to_disk` (a Dataset, or a DatasetDict and its data.split), the bundled plays, or a
+`datasets` hub dataset. Documents are what the tokenizer sees as one unit, each followed by EOS in
+the token stream: a whole text file (as `datasets`' text builder with sample_by=document reads it:
+UTF-8, universal newlines), or one row's text field.
+
+Rows are read one file at a time, so every bad row is named by its file and number: JSON Lines
+and JSON arrays with Python's json (line by line; pyarrow's reader fails a whole file on one bad
+line and names no row), parquet and arrow files with `datasets` in streaming mode (no row group
+or file held whole), hub datasets likewise.
 
 A document (a text file, or a row's text) larger than PIECE_CHARS is handed over in pieces cut at
 a pre-token boundary of the tokenizer (pretoken_cutter), which byte-level BPE tokenizers (GPT-2's,
@@ -19,6 +24,7 @@ from __future__ import annotations
 import codecs
 import glob
 import io
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,7 +34,11 @@ from harness import assets
 from harness.config import DataConfig
 from harness.errors import HarnessError, first_line
 
-FORMATS = {".txt": "text", ".md": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+FORMATS = {".txt": "text", ".md": "text", ".text": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet",
+           ".arrow": "arrow"}
+SAVED_DATASET = ("state.json", "dataset_info.json")
+"""The files `Dataset.save_to_disk` writes beside its .arrow files."""
+SAVED_DATASET_DICT = "dataset_dict.json"
 PIECE_CHARS = 256 << 10
 _READ_CHARS = 1 << 20
 _CUT_WINDOW = 1 << 14
@@ -39,7 +49,7 @@ _INVALID_UTF8 = "harness-count-invalid-utf8"
 @dataclass(frozen=True)
 class Source:
     builder: str
-    """text | json | parquet, or a hub dataset name."""
+    """text | json | parquet | arrow, or a hub dataset name."""
     files: tuple[str, ...]
     path: str
     """data.path as the user wrote it (for messages)."""
@@ -73,12 +83,16 @@ def find_source(cfg: DataConfig, path: str | None = None, fmt: str | None = None
     if assets.is_bundled(path):
         files = tuple(str(f) for f in assets.bundled_text_files(path))
         return Source("text", files, path)
+    saved = saved_dataset_files(path, cfg.split)
+    if saved is not None:  # what the folder is, whatever data.format says of its rows
+        return Source("arrow", saved, path, text_field=field_name)
     files = local_files(path)
     if files is None:
-        if fmt not in ("auto", "hub"):
+        if fmt not in ("auto", "hub", "chat", "prompt_completion"):
             raise HarnessError(f"data.path {path!r} does not exist; point it at a local {fmt} file or folder")
         return Source(path, (), path, hub_name=cfg.name, split=cfg.split, text_field=field_name)
-    builder = fmt if fmt != "auto" else format_of(files, path)
+    by_name = fmt in ("auto", "chat", "prompt_completion") or all(f.endswith(".arrow") for f in files)
+    builder = format_of(files, path) if by_name else fmt  # .arrow files are arrow whatever data.format says
     for f in files:
         if os.stat(f).st_size == 0:
             raise HarnessError(f"data file {f} is empty; remove it or point data.path elsewhere")
@@ -106,11 +120,36 @@ def local_files(path: str) -> list[str] | None:
     return None
 
 
+def saved_dataset_files(path: str, split: str) -> tuple[str, ...] | None:
+    """The .arrow files of a folder written by `Dataset.save_to_disk` (or of data.split's folder of
+    a `DatasetDict.save_to_disk` one), in the dataset's row order; None for any other path."""
+    folder = Path(os.path.expanduser(path))
+    if not folder.is_dir():
+        return None
+    if (folder / SAVED_DATASET_DICT).is_file():
+        splits = json.loads((folder / SAVED_DATASET_DICT).read_text()).get("splits", [])
+        if split not in splits:
+            raise HarnessError(f"data.path {path!r} is a saved DatasetDict without a {split!r} split (it has "
+                               f"{', '.join(splits) or 'none'}); set data.split")
+        folder = folder / split
+    if not all((folder / name).is_file() for name in SAVED_DATASET):
+        return None
+    state = json.loads((folder / "state.json").read_text())
+    files = tuple(str(folder / entry["filename"]) for entry in state.get("_data_files", []))
+    missing = [f for f in files if not os.path.isfile(f)]
+    if not files or missing:
+        raise HarnessError(f"data.path {path!r} is a saved dataset whose state.json names "
+                           f"{'no data files' if not files else 'missing ' + missing[0]}; save it again "
+                           "(Dataset.save_to_disk)")
+    return files
+
+
 def format_of(files: list[str], path: str) -> str:
     formats = {FORMATS.get(Path(f).suffix.lower()) for f in files}
     if None in formats:
         odd = next(f for f in files if Path(f).suffix.lower() not in FORMATS)
-        raise HarnessError(f"data.path {path!r}: cannot tell the format of {odd}; set data.format=text|json|parquet")
+        raise HarnessError(f"data.path {path!r}: cannot tell the format of {odd} by its name; give the files one of "
+                           f"the endings {', '.join(sorted(FORMATS))}")
     if len(formats) > 1:
         raise HarnessError(f"data.path {path!r} mixes formats {sorted(formats)}; point it at one kind of file")
     return formats.pop()
@@ -236,42 +275,116 @@ def pretoken_cutter(tokenizer) -> Optional[Callable[[str], int]]:
     return cut
 
 
-def stream_rows(source: Source) -> Iterator[dict]:
-    """The rows of a json/parquet/hub source, in order, read with `datasets` in streaming mode (no
-    row group or file held whole); an unreadable file is a one-line error."""
+def stream_rows(source: Source) -> Iterator[tuple[str, dict]]:
+    """(where, row) for every row of a json/parquet/arrow/hub source, in order; `where` names the
+    file and the row's number in it (the line, in JSON Lines), for one-line errors. A row that is
+    no object, a line that is no JSON, an unreadable file: each a one-line error."""
+    if not source.is_local:
+        yield from _hub_rows(source)
+        return
+    for path in source.files:
+        if source.builder == "json":
+            yield from _json_rows(path)
+        else:
+            yield from _dataset_file_rows(source.builder, path)
+
+
+def _row_object(row: Any, where: str) -> dict:
+    if isinstance(row, dict):
+        return row
+    what = "null" if row is None else f"a JSON {type(row).__name__}"
+    raise HarnessError(f"{where} is {what}, not an object of columns; fix or remove that row")
+
+
+def _json_rows(path: str) -> Iterator[tuple[str, dict]]:
+    """JSON Lines (one object a line; blank lines skipped), or one JSON array of objects."""
+    with open(path, "rb") as handle:
+        head = handle.read(4096).lstrip()
+    if head.startswith(b"["):
+        yield from _json_array_rows(path)
+        return
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, 1):
+            where = f"data file {path}, line {number}"
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                raise HarnessError(f"{where} is not valid UTF-8 ({first_line(exc)}); fix or remove that line") from None
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except ValueError as exc:
+                if number == 1 and head.startswith(b"{") and _is_one_object(path):
+                    raise HarnessError(f"data file {path} holds one JSON object, not rows; write JSON Lines (one "
+                                       "object per line) or a JSON array of objects") from None
+                raise HarnessError(f"{where} is not JSON ({first_line(exc)}); fix or remove that line") from None
+            yield where, _row_object(row, where)
+
+
+def _is_one_object(path: str) -> bool:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            return isinstance(json.load(handle), dict)
+    except (ValueError, UnicodeDecodeError):
+        return False
+
+
+def _json_array_rows(path: str) -> Iterator[tuple[str, dict]]:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            rows = json.load(handle)
+    except UnicodeDecodeError as exc:
+        raise HarnessError(f"data file {path} is not valid UTF-8 ({first_line(exc)}); fix the file") from None
+    except ValueError as exc:
+        raise HarnessError(f"data file {path} is not valid JSON ({first_line(exc)}); fix the file") from None
+    for i, row in enumerate(rows):
+        where = f"data file {path}, row {i + 1}"
+        yield where, _row_object(row, where)
+
+
+def _dataset_file_rows(builder: str, path: str) -> Iterator[tuple[str, dict]]:
+    """A parquet or arrow file, streamed by `datasets`."""
     import datasets
 
     try:
-        if source.is_local:
-            rows = datasets.load_dataset(source.builder, data_files=list(source.files), split="train", streaming=True)
-        else:
-            kwargs = {"name": source.hub_name} if source.hub_name else {}
-            rows = datasets.load_dataset(source.builder, split=source.split, streaming=True, **kwargs)
-        yield from rows
+        rows = datasets.load_dataset(builder, data_files=[path], split="train", streaming=True)
+        for i, row in enumerate(rows):
+            yield f"data file {path}, row {i + 1}", row
     except HarnessError:
         raise
     except Exception as exc:  # datasets/pyarrow raise many types for unreadable files
-        raise HarnessError(
-            f"data.path {source.path!r} could not be read ({first_line(exc)}); "
-            "check the file (a corrupt parquet/json file?) or point data.path elsewhere"
-        ) from None
+        raise HarnessError(f"data file {path} could not be read as {builder} ({first_line(exc)}); check the file "
+                           "(corrupt, or written by another tool?) or point data.path elsewhere") from None
+
+
+def _hub_rows(source: Source) -> Iterator[tuple[str, dict]]:
+    import datasets
+
+    kwargs = {"name": source.hub_name} if source.hub_name else {}
+    try:
+        rows = datasets.load_dataset(source.builder, split=source.split, streaming=True, **kwargs)
+        for i, row in enumerate(rows):
+            yield f"row {i + 1} of hub dataset {source.path!r} ({source.split})", row
+    except HarnessError:
+        raise
+    except Exception as exc:
+        raise HarnessError(f"data.path {source.path!r} could not be read ({first_line(exc)}); check the name and "
+                           "split, or point data.path at local files") from None
 
 
 def _row_pieces(source: Source, stats: ReadStats) -> Iterator[Piece]:
     field_name = source.text_field
-    for i, row in enumerate(stream_rows(source)):
-        if i == 0 and field_name not in row:
-            raise HarnessError(
-                f"data.text_field={field_name!r} is not a column of {source.path!r}; columns: {', '.join(row)}"
-            )
+    for where, row in stream_rows(source):
+        if field_name not in row:
+            raise HarnessError(f"{where} has no column data.text_field={field_name!r} (columns: {', '.join(row)}); "
+                               "set data.text_field")
         text = row[field_name]
         if text is None:
             stats.skipped_rows += 1
             continue
         if not isinstance(text, str):
-            raise HarnessError(
-                f"data.text_field={field_name!r} of {source.path!r} holds {type(text).__name__}, not text; "
-                "point data.text_field at a string column"
-            )
+            raise HarnessError(f"{where}: data.text_field={field_name!r} holds {type(text).__name__}, not text; "
+                               "point data.text_field at a string column")
         yield Piece(text, True, True)
     stats.bytes_read = source.total_bytes()

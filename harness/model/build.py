@@ -52,9 +52,13 @@ def model_spec(cfg: ModelConfig, vocab_size: int, seq_len: Optional[int] = None,
         if _looks_like_a_path(path) and not Path(path).expanduser().is_dir():
             raise HarnessError(f"model.pretrained {cfg.pretrained!r} does not exist; point it at a local Hugging Face "
                                "folder (config.json and safetensors), a hub id, or bundled:smollm2-135m")
+        local = Path(path).expanduser().is_dir()
         try:
-            hf_config = AutoConfig.from_pretrained(path, **cfg.config)
+            hf_config = AutoConfig.from_pretrained(path, local_files_only=not local and not assets.hub_reachable(),
+                                                   **cfg.config)
         except (OSError, ValueError) as exc:
+            if not local and not assets.hub_reachable():
+                raise HarnessError(assets.unreachable_hub_fix(cfg.pretrained)) from None
             raise HarnessError(
                 f"model.pretrained {cfg.pretrained!r} could not be loaded ({first_line(exc)}); "
                 "use a local Hugging Face folder or bundled:smollm2-135m"

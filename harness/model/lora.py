@@ -252,4 +252,4 @@ def check_same_base(saved: Optional[dict], now: dict, checkpoint: str) -> None:
         raise HarnessError(
             f"{checkpoint}'s adapters were trained on {saved.get('pretrained')!r} (weights {saved.get('fingerprint')}), "
             f"but model.pretrained is {now['pretrained']!r} (weights {now['fingerprint']}): resume against the same "
-            "base model, or start a new run (resume=none)")
+            "base model, or start a new run (run.fresh=true moves the earlier one aside)")

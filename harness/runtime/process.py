@@ -20,6 +20,15 @@ def quiet_imports_without_gpus() -> None:
     logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
 
 
+def env_rank() -> int:
+    """This process's rank as the launcher's environment says (0 without one), read without
+    torch: for deciding which rank prints a one-line error."""
+    for name in ("RANK", "SLURM_PROCID"):
+        if os.environ.get(name, "").isdigit():
+            return int(os.environ[name])
+    return 0
+
+
 def exit_process(code: int) -> None:
     """Flush and leave without running gloo's static destructors: they abort intermittently at
     interpreter exit (pytorch #190489), which would turn a clean run into a crash report."""

@@ -11,7 +11,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from harness.checkpoint import Checkpointer, choose_resume
+from harness.checkpoint import Checkpointer, checkpoint_step, choose_resume
+from harness.checkpoint.history import Held, refuse_finished, refuse_never, settle, survey
 from harness.config import Config, dump_yaml
 from harness.data import BatchShape, PrefetchedBatches, TrainBatches, eval_batches, load_corpus, load_tokenizer
 from harness.data.instruct import INSTRUCTION_FORMATS, describe_dropped, load_chat_template
@@ -116,9 +117,9 @@ def build_loop(cfg: Config, info: RankInfo, device: torch.device, parts: Optiona
     policy = precision_policy(cfg.precision)
     check_device_supports(policy, device)
     run_dir = Path(cfg.run.dir)
-    claimed = _claim_run_dir(run_dir, info)
+    claimed, held = _claim_run_dir(cfg, info)
     try:
-        return _build(cfg, info, device, policy, run_dir, parts, stop or StopRequest(), watchdog, claimed)
+        return _build(cfg, info, device, policy, run_dir, parts, stop or StopRequest(), watchdog, claimed, held)
     except BaseException:
         if claimed is not None:
             claimed.abandon()
@@ -134,21 +135,48 @@ def _check_parts(cfg: Config, parts: Parts) -> None:
                            "(held-out items), or set eval.every=0")
 
 
-def _claim_run_dir(run_dir: Path, info: RankInfo) -> Optional[Claim]:
-    """Rank 0 claims the folder; every rank learns the outcome, so all stop together on a refusal."""
-    claimed, problem = None, None
+def _claim_run_dir(cfg: Config, info: RankInfo) -> tuple[Optional[Claim], Optional[Held]]:
+    """Rank 0 claims the folder and reads what earlier attempts left in it (harness.checkpoint.history),
+    refusing a start that would lose it; every rank learns the outcome, so all stop together."""
+    claimed, held, problem = None, None, None
     if info.is_main:
         try:
-            claimed = claim(run_dir)
+            claimed = claim(Path(cfg.run.dir))
+            held = survey(Path(cfg.run.dir), Path(cfg.checkpoint.dir))
+            if cfg.resume.path in ("never", "none") and not cfg.run.fresh:
+                refuse_never(held, f"resume={cfg.resume.path}")
         except HarnessError as exc:
-            problem = str(exc)
+            problem = exc
+            if claimed is not None:
+                claimed.release()
     if dist.is_initialized() and info.world_size > 1:
         box = [problem]
         dist.broadcast_object_list(box, src=0)
         problem = box[0]
     if problem is not None:
+        raise problem
+    return claimed, held
+
+
+def _settle_history(cfg: Config, info: RankInfo, held: Optional[Held], resume_path: Optional[Path]) -> None:
+    """Once setup has succeeded: rank 0 moves aside what this attempt would overwrite (the steps
+    after the checkpoint it continues from, or the whole earlier run when it starts afresh)."""
+    message, problem = "", None
+    if info.is_main and held is not None:
+        same_folder = resume_path is not None and resume_path.parent.resolve() == held.checkpoint_dir.resolve()
+        continues_after = checkpoint_step(resume_path) if same_folder and not cfg.resume.weights_only else None
+        try:
+            message = settle(held, continues_after).message
+        except HarnessError as exc:
+            problem = str(exc)
+    if dist.is_initialized() and info.world_size > 1:
+        box = [problem]
+        dist.broadcast_object_list(box, src=0)  # no rank writes into the folder while it is being moved
+        problem = box[0]
+    if problem is not None:
         raise HarnessError(problem)
-    return claimed
+    if message:
+        print0(info.rank, message)
 
 
 def _data(cfg: Config, info: RankInfo, parts: Parts) -> _Data:
@@ -183,7 +211,7 @@ def _data(cfg: Config, info: RankInfo, parts: Parts) -> _Data:
 
 
 def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: Path, parts: Parts,
-           stop: StopRequest, watchdog: Optional[Watchdog], claimed: Optional[Claim]) -> Loop:
+           stop: StopRequest, watchdog: Optional[Watchdog], claimed: Optional[Claim], held: Optional[Held]) -> Loop:
     faults = FaultInjector(cfg.faults, info.rank)
     faults.enter("setup", 0)  # the drill of a rank that never finishes setting up
     if parts.model is None and cfg.model.pretrained:  # before any data is tokenized (and cached) with it
@@ -219,6 +247,8 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
         backend.on_weights_changed(scale_precompute(backend.module))
     lora_base = lora.base_identity(cfg.model.pretrained, source.spec.pretrained_dir) if cfg.lora.enabled else None
     resume_path = choose_resume(cfg, info)
+    if resume_path is not None and not cfg.resume.weights_only:
+        refuse_finished(run_dir, resume_path, cfg.train.steps)
     if resume_path is None:  # a checkpoint, weights-only ones too, overwrites every master piece
         write_initial_weights(backend, source.initial_weights(cfg.train.seed), full_numels)
     elif cfg.lora.enabled:  # ... but holds no frozen base
@@ -251,6 +281,8 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
         eval_data = eval_batches(data.val, cfg.eval.sequences, cfg.train.micro_batch_size, mesh.data_rank,
                                  mesh.data_size)
 
+    _settle_history(cfg, info, held, resume_path)
+
     # Measured last, once everything a step needs is built: what a node must have before step 1.
     setup_host_peak = [0.0] * info.world_size
     dist.all_gather_object(setup_host_peak, round(host_peak_gb(), 4))
@@ -272,7 +304,7 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
         loss=faults.wrap_loss(parts.loss or (lambda model, batch: loss_sum_and_count(model, batch, chunk))),
         eval_loss=parts.loss,
         eval_data=eval_data,
-        prompts=_prompts(cfg) if cfg.eval.prompts else None,
+        prompts=_prompts(cfg) if cfg.eval.prompts and cfg.eval.every else None,
         metrics=MetricsWriter(run_dir, info.rank, cfg.log.per_rank, resume_step=start_step if resume_path else None),
         tracker=tracker,
         callbacks=tuple(parts.callbacks),

@@ -13,19 +13,20 @@ from __future__ import annotations
 
 import re
 import signal
+import sys
 from typing import Any, Callable, Optional, Sequence
 
 import torch
 from torch import nn
 
 from harness.config import Config, validate_for_world
-from harness.errors import HarnessError, first_line
+from harness.errors import HarnessError, first_line, report_line
 from harness.model.source import BlocksOf
 from harness.observe.console import RunSummary
 from harness.runtime import dist
 from harness.runtime.host_memory import setup_allocations_returned_to_os
 from harness.runtime.preemption import STOP_SIGNALS, StopRequest
-from harness.runtime.process import quiet_imports_without_gpus
+from harness.runtime.process import env_rank, exit_process, quiet_imports_without_gpus
 from harness.runtime.watchdog import EXIT_HUNG, Watchdog, backstop_timeout_s, interval_for, store_factory
 from harness.train.build import Parts, build_loop
 from harness.train.callbacks import Callback, LossFn
@@ -67,6 +68,7 @@ class Trainer:
         the same summary. Joins the process group unless one exists, and leaves what it joined."""
         cfg = self.cfg
         quiet_imports_without_gpus()
+        report_user_errors_in_one_line()
         previous_handlers = {sig: signal.getsignal(sig) for sig in STOP_SIGNALS}
         stop = StopRequest().install()  # before anything slow: a signal during start-up counts too
         joined = False
@@ -122,6 +124,28 @@ class Trainer:
         finally:
             if loop.watchdog is not None:
                 loop.watchdog.stop(wait=finished)
+
+
+def report_user_errors_in_one_line() -> None:
+    """A HarnessError a script leaves uncaught (harness.Trainer(...).fit() under torchrun) is what
+    the CLI makes of it: one line from rank 0 (or from the rank it concerns) and the error's exit
+    code (2 for a user mistake), not a traceback from every rank. Any other exception keeps the
+    interpreter's report. Installed once, by the first fit()."""
+    previous = sys.excepthook
+    if getattr(previous, "harness_one_line", False):
+        return
+
+    def hook(kind, exc, traceback) -> None:
+        if not isinstance(exc, HarnessError):
+            previous(kind, exc, traceback)
+            return
+        line = report_line(exc, env_rank())
+        if line is not None:  # the real stderr: torch's own hook (init_process_group) wraps this one in a buffer
+            print(line, file=sys.__stderr__, flush=True)
+        exit_process(exc.exit_code)
+
+    hook.harness_one_line = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
 
 
 def _start_watchdog(cfg: Config, info: dist.RankInfo) -> Optional[Watchdog]:

@@ -101,7 +101,7 @@ def test_missing_file_is_a_clean_cli_error():
     result = subprocess.run([sys.executable, "-m", "harness", "train", "configs/tiny.yaml", "--check",
                              "--from-accelerate-config", "nope.yaml"], cwd=ROOT, capture_output=True, text=True)
     assert result.returncode == 2
-    assert result.stderr.strip() == ("harness: error: parallel.accelerate_config 'nope.yaml' not found; "
+    assert result.stderr.strip() == ("harness: check: parallel.accelerate_config 'nope.yaml' not found; "
                                      "point it at an `accelerate config` YAML")
 
 

@@ -16,6 +16,14 @@ def test_a_config_carries_its_site_resources():
     assert (cfg.slurm.mem, cfg.slurm.cpus_per_task, cfg.slurm.time) == ("480G", 12, "1-00:00:00")
 
 
+def test_container_mounts_take_pyxis_comma_separated_form_too():
+    image = "slurm.container_image=img.sqsh"
+    for given in ("slurm.container_mounts=/lustre:/lustre,/scratch:/scratch:ro",
+                  "slurm.container_mounts=[/lustre:/lustre, /scratch:/scratch:ro]"):
+        cfg = load_config("configs/tiny.yaml", [image, given])
+        assert cfg.slurm.container_mounts == ["/lustre:/lustre", "/scratch:/scratch:ro"]
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"time": "soon"}, "slurm.time 'soon' is not a Slurm time"),
     ({"mem": "1.5T"}, "slurm.mem '1.5T' is not a Slurm memory size"),

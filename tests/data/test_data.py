@@ -106,6 +106,42 @@ def _write_corpus(tmp_path, kind: str):
     return folder, texts
 
 
+def _saved(tmp_path, rows: list[dict], kind: str) -> str:
+    """rows as `datasets` saves them: a Dataset folder, a DatasetDict folder (split train), or
+    the .arrow file inside a Dataset folder."""
+    import datasets
+
+    dataset = datasets.Dataset.from_list(rows)
+    folder = tmp_path / f"saved-{kind}"
+    if kind == "dataset_dict":
+        datasets.DatasetDict({"train": dataset, "test": dataset.select(range(1))}).save_to_disk(str(folder))
+        return str(folder)
+    dataset.save_to_disk(str(folder))
+    if kind == "arrow_file":
+        (arrow,) = folder.glob("*.arrow")
+        return str(arrow)
+    return str(folder)
+
+
+@pytest.mark.parametrize("kind", ["dataset", "dataset_dict", "arrow_file"])
+def test_a_save_to_disk_folder_and_its_arrow_files_are_read_as_rows(tmp_path, kind):
+    """data.format=text over saved rows reads their text column, as for jsonl (the chat and
+    prompt/completion formats: tests/data/test_instruct.py)."""
+    folder, texts = _write_corpus(tmp_path, "jsonl")
+    saved = _saved(tmp_path, [{"body": t, "other": 1} for t in texts], kind)
+    want = load_corpus(DataConfig(path=str(folder), text_field="body", val_fraction=0.1, cache_dir=str(tmp_path / "a")))
+    for fmt in ("auto", "text"):
+        got = load_corpus(DataConfig(path=saved, format=fmt, text_field="body", val_fraction=0.1,
+                                     cache_dir=str(tmp_path / f"b-{fmt}")))
+        assert np.concatenate([got.train, got.val]).tolist() == np.concatenate([want.train, want.val]).tolist()
+
+
+def test_a_saved_dataset_dict_without_the_split_names_its_splits(tmp_path):
+    saved = _saved(tmp_path, [{"text": "a b c"}] * 4, "dataset_dict")
+    with pytest.raises(HarnessError, match="without a 'validation' split \\(it has train, test\\); set data.split"):
+        load_corpus(DataConfig(path=saved, split="validation", cache_dir=str(tmp_path / "c")))
+
+
 @pytest.mark.parametrize("kind", ["text", "jsonl", "parquet"])
 def test_local_files_tokenize_with_eos_between_documents(tmp_path, kind):
     from harness.data import load_tokenizer
@@ -141,7 +177,7 @@ def test_bundled_shakespeare_is_the_default(tmp_path):
         (dict(path="./no/such/dir"), "does not exist"),
         (dict(path="/tmp/*.nothing-matches-this"), "matches no files"),
         (dict(path="bundled:poetry"), "unknown 'bundled:poetry'"),
-        (dict(text_field="content"), "data.text_field='content' is not a column"),
+        (dict(text_field="content"), "line 1 has no column data.text_field='content' (columns: body)"),
         (dict(tokenizer="./missing-tokenizer"), "data.tokenizer './missing-tokenizer' could not be loaded"),
     ],
 )

@@ -213,7 +213,8 @@ def _bad(tmp_path: Path, case: str) -> tuple[DataConfig, str]:
         return DataConfig(path=str(folder), cache_dir=cache), f"data file {folder / 'b.txt'} is empty"
     if case == "missing column":
         (folder / "d.jsonl").write_text(json.dumps({"body": "text"}) + "\n")
-        return DataConfig(path=str(folder), cache_dir=cache), "data.text_field='text' is not a column"
+        return (DataConfig(path=str(folder), cache_dir=cache),
+                f"data file {folder / 'd.jsonl'}, line 1 has no column data.text_field='text' (columns: body)")
     if case == "invalid utf-8":
         (folder / "a.txt").write_bytes(b"Good line.\nBad \xff\xfe bytes.\n")
         return (DataConfig(path=str(folder), cache_dir=cache, invalid_utf8="fail"),

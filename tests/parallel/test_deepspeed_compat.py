@@ -125,13 +125,17 @@ def test_a_zero_section_deepspeed_would_reject_is_one_line_naming_the_key(tmp_pa
     with pytest.raises(HarnessError, match=r"z3.json: zero_optimization.reduce_bucket_size=0 is rejected by DeepSpeed "
                                            r"0\.19\.8 \(Input should be greater than 0\)"):
         compat.check_zero_section({"zero_optimization": {"stage": 3, "reduce_bucket_size": 0}}, "z3.json")
-    # transformers' own tests/deepspeed/ds_config_zero3.json does this; --check refuses it before any rank starts.
+    # transformers' own tests/deepspeed/ds_config_zero3.json does this; the launch scripts' config check
+    # (--config-only) refuses it before any rank starts, in one line, and --check (harness check) finds it.
     bad = tmp_path / "ds_config_zero3.json"
     bad.write_text(json.dumps({"zero_optimization": {"stage": 3, "reduce_bucket_size": 0,
                                                      "stage3_prefetch_bucket_size": "auto"},
                                "train_micro_batch_size_per_gpu": "auto"}))
     tiny = str(Path(__file__).resolve().parents[2] / "configs" / "tiny.yaml")
-    assert main([tiny, "parallel.backend=deepspeed", f"parallel.deepspeed_config={bad}", "--check",
+    assert main([tiny, "parallel.backend=deepspeed", f"parallel.deepspeed_config={bad}", "--config-only",
                  "--world-size", "2"]) == 2
     err = capsys.readouterr().err
     assert "zero_optimization.reduce_bucket_size=0 is rejected" in err and err.strip().count("\n") == 0
+    assert main([tiny, "parallel.backend=deepspeed", f"parallel.deepspeed_config={bad}", "--check",
+                 "--world-size", "2"]) == 2
+    assert "harness: check: " in capsys.readouterr().err

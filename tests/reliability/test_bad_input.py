@@ -99,6 +99,11 @@ def assets(tmp_path_factory) -> dict:
             num_processes: 8
             """),
         "accelerate_tpu": _write(base / "accelerate-tpu.yaml", "distributed_type: TPU\nnum_processes: 1\n"),
+        # Issue 38: a message without content was ~120 lines of Jinja traceback from both ranks.
+        "chat_no_content": _write(base / "chat-no-content.jsonl", """\
+            {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+            {"messages": [{"role": "user"}, {"role": "assistant", "content": "Hello"}]}
+            """),
     }
 
 
@@ -135,6 +140,9 @@ CASES: list[tuple[str, object, str, int]] = [
     ("spike factor below one", ["train.spike.factor=0.5"], "train.spike.factor must be > 1", 1),
     ("fault rank outside the world", ["faults.hang_at_step=2", "faults.hang_rank=5"], "faults.hang_rank=5", 2),
     ("wandb without a login", ["log.wandb=true", "log.wandb_mode=online"], "wandb login", 1),
+    ("chat row without content", lambda a: [f"data.path={a['chat_no_content']}", "data.format=chat",
+                                            "data.tokenizer=bundled:smollm2-135m", "data.cache_dir=" + str(a['chat_no_content'].parent / "cache")],
+     "chat-no-content.jsonl, line 2: message 1 (user) has no 'content'", 2),
 ]
 
 

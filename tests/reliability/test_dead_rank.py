@@ -30,7 +30,7 @@ def test_a_killed_rank_ends_the_job_and_resume_matches_the_uninterrupted_run(bac
     assert killed.returncode != 0
     assert killed.seconds < 60
     assert "rank 1" in killed.last_line and "SIGKILL" in killed.last_line, killed.output[-2000:]
-    assert "resume=auto" in killed.last_line
+    assert "run the same command again to continue" in killed.last_line
     assert "Traceback" not in killed.output, killed.output[-3000:]
     assert no_process_left(tmp_path / "drill")
     checkpoints = complete_checkpoints(tmp_path / "drill" / "checkpoints")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -78,3 +79,55 @@ def test_a_custom_dataset_and_loss_resume_exactly(tmp_path):
     _run([*TORCHRUN, example, f"run.dir={resumed}", "train.steps=4", "eval.every=2",
           f"resume={whole / 'checkpoints' / 'step-00000002'}", *QUIET])
     assert _numbers(_rows(resumed)) == _numbers(_rows(whole))[2:]
+
+
+def _python_blocks(markdown: Path) -> list[str]:
+    """The ```python blocks of a document, as written."""
+    text, blocks = markdown.read_text(), []
+    while "```python\n" in text:
+        text = text.split("```python\n", 1)[1]
+        block, text = text.split("```", 1)
+        blocks.append(block)
+    return blocks
+
+
+def _in_a_checkout(tmp_path: Path, source: str) -> Path:
+    """The snippet as train.py in a folder with the repo's configs/ (it names configs/tiny.yaml and
+    writes runs/<name>, as in a checkout), so the suite's runs stay out of the real runs/."""
+    shutil.copytree(ROOT / "configs", tmp_path / "configs")
+    (tmp_path / "train.py").write_text(source)
+    return tmp_path / "train.py"
+
+
+def _spawn(cmd: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=300, env=env)
+
+
+@pytest.mark.parametrize("document", ["README.md", "docs/api.md"])
+def test_the_documented_api_snippet_runs_as_written_under_torchrun(tmp_path, document):
+    blocks = _python_blocks(ROOT / document)
+    assert blocks, f"{document} shows no Python"
+    script = _in_a_checkout(tmp_path, blocks[0])
+    result = _spawn([*TORCHRUN, str(script)], tmp_path)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
+    (run_dir,) = (tmp_path / "runs").iterdir()
+    assert [row["step"] for row in _rows(run_dir)] == list(range(1, 21))
+
+
+def test_a_user_mistake_through_the_api_is_one_line_from_one_rank(tmp_path):
+    """The README's snippet without its eval.every=0 (tiny.yaml evaluates every 4 steps, and
+    data= brings no eval_data=): one line, from rank 0, exit 2 on every rank; under
+    launch/local.sh that line is the whole output and the job's exit code."""
+    readme = _python_blocks(ROOT / "README.md")[0]
+    assert '"eval.every=0", ' in readme
+    script = _in_a_checkout(tmp_path, readme.replace('"eval.every=0", ', ""))
+    under_torchrun = _spawn([*TORCHRUN, str(script)], tmp_path)
+    said = [line for line in (under_torchrun.stdout + under_torchrun.stderr).splitlines() if "harness: error:" in line]
+    assert said == ["harness: error: eval.every=4 with harness.Trainer(data=...) needs eval_data=... (held-out items), "
+                    "or set eval.every=0"], under_torchrun.stderr[-3000:]
+    assert "exitcode  : 2" in under_torchrun.stderr and "exitcode  : 1" not in under_torchrun.stderr
+    assert 'File "' + str(script) not in under_torchrun.stderr  # no rank printed a traceback
+    launched = _spawn([str(ROOT / "launch" / "local.sh"), "2", str(script)], tmp_path)
+    assert launched.returncode == 2
+    assert [line for line in (launched.stdout + launched.stderr).splitlines() if line.strip()] == said

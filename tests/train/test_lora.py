@@ -259,17 +259,20 @@ def test_checkpoints_hold_the_adapters_resume_exactly_and_refuse_another_base(ba
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert losses(tmp_path / "killed")[-3:] == losses(tmp_path / "whole")[-3:]
 
-    if not backend:  # a new run from these adapters
-        weights = launch(tmp_path / "new", base, f"resume={checkpoint}", "resume.weights_only=true")
-        assert weights.returncode == 0 and "resume: weights from" in weights.stdout, weights.stderr[-2000:]
-        assert losses(tmp_path / "new")[0] < losses(tmp_path / "whole")[0]  # step 1 starts from trained adapters
+    if backend:
+        return
+    # What follows reads the checkpoint before any backend does: once, on FSDP2.
+    weights = launch(tmp_path / "new", base, f"resume={checkpoint}", "resume.weights_only=true")  # a new run from these adapters
+    assert weights.returncode == 0 and "resume: weights from" in weights.stdout, weights.stderr[-2000:]
+    assert losses(tmp_path / "new")[0] < losses(tmp_path / "whole")[0]  # step 1 starts from trained adapters
 
     other = write_base(tmp_path / "other-base", seed=12)
-    refused = launch(tmp_path / "killed", other, f"resume={checkpoint}", *backend)
+    refused = launch(tmp_path / "killed", other, f"resume={checkpoint}")
     assert refused.returncode == 2
     assert refused.stderr.strip().splitlines()[-1].startswith(
         f"harness: error: step-00000003's adapters were trained on {str(base)!r} (weights ")
-    assert "resume against the same base model, or start a new run (resume=none)" in refused.stderr
+    assert "resume against the same base model, or start a new run (run.fresh=true moves the earlier one aside)" \
+        in refused.stderr
 
 
 @pytest.mark.parametrize("overrides, message", [
@@ -313,6 +316,8 @@ def test_the_smollm2_lora_config_learns_and_its_adapter_export_generates_what_it
 
     from harness import assets
 
+    # The adapter names its base as the run did, not by this machine's cache folder.
+    assert json.loads((out / "adapter_config.json").read_text())["base_model_name_or_path"] == "bundled:smollm2-135m"
     base = AutoModelForCausalLM.from_pretrained(assets.resolve_model("bundled:smollm2-135m"), dtype=torch.float32)
     model = PeftModel.from_pretrained(base, out)
     tokenizer = AutoTokenizer.from_pretrained(out)
