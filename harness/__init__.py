@@ -6,7 +6,7 @@ The Python API (the CLI is a thin door onto it):
     cfg = harness.load_config("configs/tiny.yaml", overrides=["train.steps=20"])
     summary = harness.Trainer(cfg, model=..., data=..., loss=...).fit()
 
-Names are handed on lazily: `import harness` imports no torch, so `harness train --check` stays fast.
+Names are handed on lazily: `import harness` imports no torch, so the launch scripts' config check stays fast.
 """
 
 import importlib

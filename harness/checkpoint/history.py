@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from harness.checkpoint.format import STEP_DIR, checkpoint_step, complete_checkpoints
+from harness.checkpoint.format import STEP_DIR, complete_checkpoints
 from harness.errors import HarnessError, RunFinished, first_line
 
 KEPT_IN_PLACE = (".lock", ".lock.held", "logs")
@@ -80,10 +80,10 @@ def _last_row(path: Path) -> Optional[int]:
     return last
 
 
-def refuse_finished(run_dir: Path, checkpoint: Path, steps: int) -> None:
-    """Continuing from `checkpoint` (verified) with train.steps=`steps` would train nothing: say
-    so, and change nothing (exit 0)."""
-    if checkpoint_step(checkpoint) >= steps:
+def refuse_finished(run_dir: Path, checkpoint: Path, step: int, steps: int) -> None:
+    """Continuing from `checkpoint` (verified; it holds step `step`) with train.steps=`steps`
+    would train nothing: say so, and change nothing (exit 0)."""
+    if step >= steps:
         raise RunFinished(
             f"run.dir {run_dir} already holds the finished run ({checkpoint.name}, train.steps={steps}): nothing to "
             "train; raise train.steps to train on, or set run.fresh=true to start over (the finished run moves aside)"

@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from harness.checkpoint import Checkpointer, checkpoint_step, choose_resume
+from harness.checkpoint import Checkpointer, choose_resume, read_manifest
 from harness.checkpoint.history import Held, refuse_finished, refuse_never, settle, survey
 from harness.config import Config, dump_yaml
 from harness.data import BatchShape, PrefetchedBatches, TrainBatches, eval_batches, load_corpus, load_tokenizer
@@ -158,13 +158,15 @@ def _claim_run_dir(cfg: Config, info: RankInfo) -> tuple[Optional[Claim], Option
     return claimed, held
 
 
-def _settle_history(cfg: Config, info: RankInfo, held: Optional[Held], resume_path: Optional[Path]) -> None:
+def _settle_history(cfg: Config, info: RankInfo, held: Optional[Held], resume_path: Optional[Path],
+                    start_step: int) -> None:
     """Once setup has succeeded: rank 0 moves aside what this attempt would overwrite (the steps
-    after the checkpoint it continues from, or the whole earlier run when it starts afresh)."""
+    after `start_step`, the step of the checkpoint it continues from, or the whole earlier run
+    when it starts afresh)."""
     message, problem = "", None
     if info.is_main and held is not None:
         same_folder = resume_path is not None and resume_path.parent.resolve() == held.checkpoint_dir.resolve()
-        continues_after = checkpoint_step(resume_path) if same_folder and not cfg.resume.weights_only else None
+        continues_after = start_step if same_folder and not cfg.resume.weights_only else None
         try:
             message = settle(held, continues_after).message
         except HarnessError as exc:
@@ -247,8 +249,8 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
         backend.on_weights_changed(scale_precompute(backend.module))
     lora_base = lora.base_identity(cfg.model.pretrained, source.spec.pretrained_dir) if cfg.lora.enabled else None
     resume_path = choose_resume(cfg, info)
-    if resume_path is not None and not cfg.resume.weights_only:
-        refuse_finished(run_dir, resume_path, cfg.train.steps)
+    if resume_path is not None and cfg.resume.path == "auto":  # a rerun of a run that already finished
+        refuse_finished(run_dir, resume_path, read_manifest(resume_path)["step"], cfg.train.steps)
     if resume_path is None:  # a checkpoint, weights-only ones too, overwrites every master piece
         write_initial_weights(backend, source.initial_weights(cfg.train.seed), full_numels)
     elif cfg.lora.enabled:  # ... but holds no frozen base
@@ -281,7 +283,7 @@ def _build(cfg: Config, info: RankInfo, device: torch.device, policy, run_dir: P
         eval_data = eval_batches(data.val, cfg.eval.sequences, cfg.train.micro_batch_size, mesh.data_rank,
                                  mesh.data_size)
 
-    _settle_history(cfg, info, held, resume_path)
+    _settle_history(cfg, info, held, resume_path, start_step)
 
     # Measured last, once everything a step needs is built: what a node must have before step 1.
     setup_host_peak = [0.0] * info.world_size
