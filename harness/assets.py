@@ -42,6 +42,11 @@ def is_bundled(ref: str) -> bool:
     return ref.startswith(BUNDLED)
 
 
+def looks_like_a_path(ref: str) -> bool:
+    """A hub id is `name` or `org/name`; anything absolute, relative or deeper is a path."""
+    return ref.startswith(("/", ".", "~")) or ref.count("/") > 1
+
+
 def _bundled_name(ref: str, kinds: tuple[str, ...]) -> str:
     name = ref[len(BUNDLED) :]
     if name not in kinds:

@@ -25,12 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from harness.checkpoint.format import STEP_DIR, complete_checkpoints
+from harness.checkpoint.format import STEP_DIR, checkpoint_step, complete_checkpoints
 from harness.errors import HarnessError, RunFinished, first_line
 
 KEPT_IN_PLACE = (".lock", ".lock.held", "logs")
 """Never moved aside: the lock of the live job, and the Slurm job's own logs (being written now)."""
-METRICS_FILES = ("metrics.jsonl",)
 ASIDE_PREFIX = "previous-"
 
 
@@ -60,7 +59,7 @@ class Held:
 
 
 def survey(run_dir: Path, checkpoint_dir: Path) -> Held:
-    steps = tuple(int(STEP_DIR.match(p.name).group(1)) for p in complete_checkpoints(checkpoint_dir))
+    steps = tuple(checkpoint_step(p) for p in complete_checkpoints(checkpoint_dir))
     return Held(run_dir, checkpoint_dir, steps, _last_row(run_dir / "metrics.jsonl"))
 
 
@@ -151,8 +150,8 @@ def _move_whole_run(held: Held) -> Settled:
 
 
 def _move_after(held: Held, step: int) -> Settled:
-    later = [p for p in held.checkpoint_dir.iterdir() if _step_of(p) is not None and _step_of(p) > step] \
-        if held.checkpoint_dir.is_dir() else []
+    folders = held.checkpoint_dir.iterdir() if held.checkpoint_dir.is_dir() else ()
+    later = [p for p in folders if (n := _step_of(p)) is not None and n > step]
     rows_after = held.last_row is not None and held.last_row > step
     if not later and not rows_after:
         return Settled(None, "")
@@ -164,9 +163,8 @@ def _move_after(held: Held, step: int) -> Settled:
         target.mkdir(parents=True, exist_ok=True)
         for path in sorted(later, key=_step_of):
             path.rename(target / path.name)
-    for name in METRICS_FILES:  # copies: the live files keep their rows up to `step`
-        if (held.run_dir / name).is_file():
-            shutil.copy2(held.run_dir / name, aside / name)
+    if (held.run_dir / "metrics.jsonl").is_file():  # copies: the live files keep their rows up to `step`
+        shutil.copy2(held.run_dir / "metrics.jsonl", aside / "metrics.jsonl")
     if (held.run_dir / "ranks").is_dir():
         shutil.copytree(held.run_dir / "ranks", aside / "ranks")
     what = []

@@ -40,7 +40,7 @@ def choose_resume(cfg: Config, info: RankInfo) -> Optional[Path]:
     """The checkpoint to resume from; every rank takes part and gets the same answer. With
     run.fresh=true, resume=auto starts afresh (the earlier run is moved aside, history.py)."""
     wanted = cfg.resume.path
-    if wanted in ("never", "none") or (wanted == "auto" and cfg.run.fresh):
+    if cfg.resume.never or (wanted == "auto" and cfg.run.fresh):
         return None
     if wanted != "auto":
         path = Path(wanted)

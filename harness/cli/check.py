@@ -177,11 +177,9 @@ HUB_SAMPLE_ROWS = 1000
 def _check_instruction_rows(cfg, tokenizer, found: Findings) -> tuple[str, Optional[int]]:
     """Every row as training prepares it; each bad row a finding. Returns the summary's note and
     the rows of the data (None when only a sample was read)."""
-    from harness.data.instruct import check_rows, load_chat_template
+    from harness.data.instruct import check_rows, with_instruction_template
 
-    if cfg.data.format == "chat" or cfg.data.chat_template:
-        load_chat_template(tokenizer, cfg.data.chat_template, cfg.data.tokenizer)
-    checked = check_rows(cfg.data, tokenizer, cfg.train.seq_len, HUB_SAMPLE_ROWS)
+    checked = check_rows(cfg.data, with_instruction_template(tokenizer, cfg.data), cfg.train.seq_len, HUB_SAMPLE_ROWS)
     for problem in checked.problems:
         found.add(problem)
     read = f"the first {checked.rows:,} rows (a hub dataset: a sample)" if checked.sampled else f"all {checked.rows:,} rows"
@@ -230,9 +228,9 @@ def _resume(cfg) -> None:
     from harness.checkpoint.history import refuse_never, survey
 
     path = cfg.resume.path
-    if path in ("never", "none") and not cfg.run.fresh:
+    if cfg.resume.never and not cfg.run.fresh:
         refuse_never(survey(Path(cfg.run.dir), Path(cfg.checkpoint.dir)), f"resume={path}")
-    if path in ("never", "none", "auto"):
+    if cfg.resume.checkpoint is None:
         return
     if not Path(path).expanduser().is_dir():
         raise HarnessError(f"resume={path} does not exist; point it at a step-<N> checkpoint folder, or use resume=auto")

@@ -331,6 +331,16 @@ class ResumeConfig:
     allow_new_global_batch: bool = False
     """Allow resuming with a different global batch (micro_batch_size x grad_accum x world size); the data position carries on from the sequences already consumed."""
 
+    @property
+    def never(self) -> bool:
+        """resume=never (or its older name, none): always start at step 0."""
+        return self.path in ("never", "none")
+
+    @property
+    def checkpoint(self) -> Optional[str]:
+        """The step-<N> folder resume=PATH names (None for auto and never)."""
+        return None if self.never or self.path == "auto" else self.path
+
 
 @dataclass
 class Config:

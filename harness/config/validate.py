@@ -191,7 +191,7 @@ def _checkpoint(cfg: Config) -> None:
     _require(c.every >= 0, f"checkpoint.every must be >= 0 (0: only at the last step; got {c.every})")
     _require(c.keep_last >= 1, f"checkpoint.keep_last must be >= 1 (got {c.keep_last})")
     _require(bool(cfg.resume.path), "resume must be auto, never or a checkpoint folder (got an empty string)")
-    continues = cfg.resume.path not in ("auto", "never", "none") and not cfg.resume.weights_only
+    continues = cfg.resume.checkpoint is not None and not cfg.resume.weights_only
     _require(not (cfg.run.fresh and continues),
              f"run.fresh=true starts at step 0 but resume={cfg.resume.path} continues that checkpoint's run; drop "
              "one of them (resume.weights_only=true starts afresh from its weights)")

@@ -68,7 +68,7 @@ def load_tokenizer(ref: str):
 
     ref = ref or "bundled:gpt2"
     resolved = assets.resolve_tokenizer(ref)
-    if resolved.startswith((".", "/", "~")) and not Path(resolved).expanduser().is_dir():
+    if assets.looks_like_a_path(resolved) and not Path(resolved).expanduser().is_dir():
         raise HarnessError(f"data.tokenizer {ref!r} could not be loaded: no such folder; point it at a tokenizer "
                            "folder, bundled:gpt2 or a hub id")
     offline = not Path(resolved).expanduser().is_dir() and not assets.hub_reachable()

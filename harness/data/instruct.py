@@ -83,6 +83,14 @@ def load_chat_template(tokenizer: Any, template_file: str, tokenizer_ref: str) -
                            "Jinja file (the template of the model you fine-tune)")
 
 
+def with_instruction_template(tokenizer: Any, cfg: DataConfig) -> Any:
+    """The tokenizer with the chat template cfg's instruction rows render with: needed for
+    data.format=chat, and data.chat_template replaces the tokenizer's own for any format."""
+    if cfg.format == "chat" or cfg.chat_template:
+        load_chat_template(tokenizer, cfg.chat_template, cfg.tokenizer)
+    return tokenizer
+
+
 def _render(tokenizer: Any, messages: list, generation_prompt: bool, where: str) -> str:
     """The template's text; a template that cannot render the row (its own raise_exception, a
     field it needs) is a one-line error about that row, not a Jinja traceback."""

@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from harness.config import DataConfig
-from harness.data.instruct import Examples, load_chat_template, prepare_examples
+from harness.data.instruct import Examples, prepare_examples, with_instruction_template
 from harness.data.order import GlobalOrder
 
 IGNORE = -100
@@ -138,9 +138,7 @@ def instruction_rows(cfg: DataConfig, seq_len: int, eval_examples: int, log=prin
     prepared examples."""
     from harness.data.corpus import load_tokenizer
 
-    tokenizer = load_tokenizer(cfg.tokenizer)
-    if cfg.format == "chat" or cfg.chat_template:
-        load_chat_template(tokenizer, cfg.chat_template, cfg.tokenizer)
+    tokenizer = with_instruction_template(load_tokenizer(cfg.tokenizer), cfg)
     examples = prepare_examples(cfg, tokenizer, seq_len, log)
     count = len(examples)
     held_out = min(count - 1, max(1, int(count * cfg.val_fraction))) if cfg.val_fraction > 0 else 0

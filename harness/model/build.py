@@ -49,7 +49,7 @@ def model_spec(cfg: ModelConfig, vocab_size: int, seq_len: Optional[int] = None,
 
     if cfg.pretrained:
         path = assets.resolve_model(cfg.pretrained)
-        if _looks_like_a_path(path) and not Path(path).expanduser().is_dir():
+        if assets.looks_like_a_path(path) and not Path(path).expanduser().is_dir():
             raise HarnessError(f"model.pretrained {cfg.pretrained!r} does not exist; point it at a local Hugging Face "
                                "folder (config.json and safetensors), a hub id, or bundled:smollm2-135m")
         local = Path(path).expanduser().is_dir()
@@ -91,11 +91,6 @@ def model_spec(cfg: ModelConfig, vocab_size: int, seq_len: Optional[int] = None,
             "set model.config.vocab_size or use the model's own tokenizer (data.tokenizer)"
         )
     return ModelSpec(hf_config, pretrained_dir, cfg.checkpointing_mode(), cfg.selective_ac, notes)
-
-
-def _looks_like_a_path(ref: str) -> bool:
-    """A hub id is `name` or `org/name`; anything absolute, relative or deeper is a path."""
-    return ref.startswith(("/", ".", "~")) or ref.count("/") > 1
 
 
 def special_token_ids(tokenizer: Any) -> dict[str, Optional[int]]:

@@ -143,7 +143,7 @@ def _claim_run_dir(cfg: Config, info: RankInfo) -> tuple[Optional[Claim], Option
         try:
             claimed = claim(Path(cfg.run.dir))
             held = survey(Path(cfg.run.dir), Path(cfg.checkpoint.dir))
-            if cfg.resume.path in ("never", "none") and not cfg.run.fresh:
+            if cfg.resume.never and not cfg.run.fresh:
                 refuse_never(held, f"resume={cfg.resume.path}")
         except HarnessError as exc:
             problem = exc
